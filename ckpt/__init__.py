@@ -1,0 +1,40 @@
+"""ckpt: distributed checkpointing for PyTorch, stored parallelism-agnostic.
+
+Public API only; see docs/ARCHITECTURE.md for how the pieces fit.
+"""
+
+__version__ = "0.1.0"
+
+from .describe import Sharded  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptChunkError,
+    SaveAbortedError,
+    StateDictMismatchError,
+    UnsupportedValueError,
+)
+from .format import Manifest  # noqa: E402
+from .load import LoadOptions, load  # noqa: E402
+from .regions import Box  # noqa: E402
+from .save import SaveOptions, save  # noqa: E402
+
+__all__ = [
+    "Box",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CorruptChunkError",
+    "LoadOptions",
+    "Manifest",
+    "SaveAbortedError",
+    "SaveOptions",
+    "Sharded",
+    "StateDictMismatchError",
+    "UnsupportedValueError",
+    "load",
+    "save",
+]

@@ -1,0 +1,226 @@
+"""State dict -> flat entries: each tensor becomes a set of pieces of a global tensor.
+
+This is the one place that knows about DTensor placements and the explicit
+shard descriptors (``Sharded``) of frameworks that do not use DTensor. Past it,
+everything is a region of a global tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .errors import UnsupportedValueError
+from .regions import Box, Shape, flat_range_to_boxes
+
+JSON_SCALARS = (bool, int, float, str, type(None))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A box of the global tensor and where it sits in the local tensor.
+
+    ``local`` is either n-d offsets into the local tensor (the box is the slice
+    starting there) or an int: a flat offset into the contiguous local tensor,
+    whose next ``box.numel`` elements are the box in row-major order.
+    """
+
+    box: Box
+    local: tuple[int, ...] | int
+
+
+@dataclass
+class Sharded:
+    """A local tensor that holds part of a global tensor, for code without DTensor.
+
+    Build it with :meth:`box` (Megatron TP), :meth:`flat` (ZeRO / distributed
+    optimizer partitions) or :meth:`pieces` (fused QKV / gate-up under TP).
+    ``ckpt.load`` writes into ``tensor`` in place.
+    """
+
+    tensor: torch.Tensor
+    global_shape: Shape
+    parts: tuple[Piece, ...]
+
+    @classmethod
+    def box(cls, tensor: torch.Tensor, global_shape: Sequence[int], offsets: Sequence[int]) -> Sharded:
+        """``tensor`` is ``global[offsets : offsets + tensor.shape]``."""
+        return cls(tensor, tuple(global_shape), (Piece(Box(tuple(offsets), tuple(tensor.shape)), (0,) * tensor.dim()),))
+
+    @classmethod
+    def flat(cls, tensor: torch.Tensor, global_shape: Sequence[int], start: int) -> Sharded:
+        """``tensor`` (1-D) is ``global.flatten()[start : start + tensor.numel()]``."""
+        if tensor.dim() != 1:
+            raise ValueError(f"a flat shard must be 1-D, got shape {tuple(tensor.shape)}")
+        parts, at = [], 0
+        for b in flat_range_to_boxes(start, start + tensor.numel(), tuple(global_shape)):
+            parts.append(Piece(b, at))
+            at += b.numel
+        return cls(tensor, tuple(global_shape), tuple(parts))
+
+    @classmethod
+    def pieces(
+        cls,
+        tensor: torch.Tensor,
+        global_shape: Sequence[int],
+        pieces: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    ) -> Sharded:
+        """Several boxes in one local tensor: ``(global_offsets, local_offsets, sizes)`` each."""
+        return cls(
+            tensor,
+            tuple(global_shape),
+            tuple(Piece(Box(tuple(g), tuple(s)), tuple(loc)) for g, loc, s in pieces),
+        )
+
+
+@dataclass
+class TensorEntry:
+    key: str
+    local: torch.Tensor
+    global_shape: Shape
+    pieces: tuple[Piece, ...]
+    layout: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+
+def local_view(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The part of ``tensor`` that holds ``piece.box``, shaped like the box."""
+    if isinstance(piece.local, int):
+        return tensor.view(-1)[piece.local : piece.local + piece.box.numel].view(piece.box.sizes)
+    return tensor[Box(piece.local, piece.box.sizes).slices()]
+
+
+def describe_tensor(key: str, value: Any) -> TensorEntry:
+    if isinstance(value, DTensor):
+        return _describe_dtensor(key, value)
+    if isinstance(value, Sharded):
+        entry = TensorEntry(key, value.tensor, value.global_shape, value.parts, "sharded")
+        _check_pieces(entry)
+        return entry
+    if value.is_nested or value.is_sparse or value.layout != torch.strided:
+        raise UnsupportedValueError(f"{key}: {value.layout} tensors cannot be stored; convert to dense first")
+    shape = tuple(value.shape)
+    return TensorEntry(key, value, shape, (Piece(Box.full(shape), (0,) * len(shape)),), "replicated")
+
+
+def _describe_dtensor(key: str, dt: DTensor) -> TensorEntry:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in dt.placements:
+        if not isinstance(p, (Shard, Replicate)) or type(p) not in (Shard, Replicate):
+            raise UnsupportedValueError(
+                f"{key}: placement {p} is not supported; redistribute to Shard/Replicate before saving"
+            )
+    shape = tuple(dt.shape)
+    local_shape, offsets = compute_local_shape_and_global_offset(shape, dt.device_mesh, dt.placements)
+    local = dt.to_local()
+    if tuple(local.shape) != tuple(local_shape):
+        raise UnsupportedValueError(f"{key}: local shape {tuple(local.shape)} does not match its placements")
+    layout = f"DTensor(mesh={tuple(dt.device_mesh.shape)}, placements={tuple(dt.placements)})"
+    piece = Piece(Box(tuple(offsets), tuple(local_shape)), (0,) * len(shape))
+    return TensorEntry(key, local, shape, (piece,), layout)
+
+
+def _check_pieces(entry: TensorEntry) -> None:
+    for p in entry.pieces:
+        if not p.box.fits_in(entry.global_shape):
+            raise ValueError(f"{entry.key}: shard {p.box} lies outside global shape {entry.global_shape}")
+        if isinstance(p.local, int):
+            if not entry.local.is_contiguous():
+                raise ValueError(f"{entry.key}: a flat shard must be contiguous")
+            if p.local + p.box.numel > entry.local.numel():
+                raise ValueError(f"{entry.key}: flat shard of {entry.local.numel()} elements is too short")
+        elif len(p.local) != entry.local.dim() or any(
+            o + s > n for o, s, n in zip(p.local, p.box.sizes, entry.local.shape)
+        ):
+            raise ValueError(f"{entry.key}: piece {p.box} does not fit local shape {tuple(entry.local.shape)}")
+
+
+def is_tensor_like(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, Sharded))
+
+
+def _holds_tensors(v: Any) -> bool:
+    if is_tensor_like(v):
+        return True
+    if isinstance(v, dict):
+        return any(_holds_tensors(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensors(x) for x in v)
+    return False
+
+
+@dataclass
+class Slot:
+    """Where a leaf sits in the caller's nested structure (to assign on load)."""
+
+    container: Any
+    key: Any
+
+
+def walk(state_dict: Any) -> Iterator[tuple[str, Any, Slot | None]]:
+    """Yield (flat key, leaf, slot) for every leaf.
+
+    Dicts are always entered; lists and tuples only when they hold tensors
+    (a list of ints is one JSON leaf, as in DCP). Keys are joined with '.'.
+    """
+    if not isinstance(state_dict, dict):
+        raise UnsupportedValueError(f"a state dict must be a dict, got {type(state_dict).__name__}")
+    seen: set[str] = set()
+    stack: list[tuple[str, Any]] = [("", state_dict)]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise UnsupportedValueError(f"{prefix or '<root>'}: key {k!r} must be a str or int")
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if (isinstance(v, dict) and v) or (isinstance(v, (list, tuple)) and _holds_tensors(v)):
+                stack.append((key, v))
+            else:
+                if key in seen:
+                    raise UnsupportedValueError(f"{key}: two entries flatten to the same key")
+                seen.add(key)
+                yield key, v, Slot(node, k)
+
+
+def check_json_value(key: str, v: Any) -> None:
+    """Raise, naming the key, for anything JSON cannot hold exactly."""
+    if isinstance(v, JSON_SCALARS):
+        return
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            check_json_value(f"{key}.{i}", x)
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise UnsupportedValueError(f"{key}: dict key {k!r} inside a value must be a str")
+            check_json_value(f"{key}.{k}", x)
+        return
+    raise UnsupportedValueError(
+        f"{key}: {type(v).__module__}.{type(v).__qualname__} cannot be saved without pickle; "
+        "store tensors, ints, floats, bools, str, None, lists and dicts"
+    )
+
+
+def flatten(state_dict: dict) -> tuple[dict[str, TensorEntry], dict[str, Any], dict[str, Slot]]:
+    """Split a state dict into tensor entries, JSON values and their slots."""
+    tensors: dict[str, TensorEntry] = {}
+    values: dict[str, Any] = {}
+    slots: dict[str, Slot] = {}
+    for key, leaf, slot in walk(state_dict):
+        slots[key] = slot
+        if is_tensor_like(leaf):
+            tensors[key] = describe_tensor(key, leaf)
+        else:
+            check_json_value(key, leaf)
+            values[key] = leaf
+    return tensors, values, slots

@@ -1,0 +1,247 @@
+"""Persistence: frame chunks as safetensors, checksum, write, and commit through storage.
+
+The commit protocol needs nothing but storage, so the same code runs in a
+trainer, in a daemon, or split between them:
+
+1. every rank writes its data object (durable), then ``_staging/<save_id>/rank-NNNNN.json``
+   listing its chunks; a rank that fails writes ``rank-NNNNN.error`` instead;
+2. the committer (rank 0) waits for every rank's index, writes ``manifest.json``
+   in one atomic step, then removes the staging files and any objects of the
+   checkpoint it replaced;
+3. the other ranks wait until their index is gone (committed) or ``ABORT`` appears.
+
+Until step 2 the location holds no manifest (or the previous one), so a crash at
+any point leaves nothing loadable that was not fully written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import xxhash
+
+from .errors import SaveAbortedError
+from .format import (
+    DATA_DIR,
+    MANIFEST,
+    STAGING_DIR,
+    Chunk,
+    Manifest,
+    TensorRecord,
+    dtype_from_name,
+    safetensors_code,
+)
+from .regions import Box
+from .storage import Storage
+
+
+@dataclass
+class StagedChunk:
+    """Host bytes of one chunk, ready to persist."""
+
+    key: str
+    box: Box
+    dtype: torch.dtype
+    data: torch.Tensor  # uint8, contiguous, on CPU
+
+
+def checksum(buf: memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(buf)
+
+
+def block_checksums(buf: memoryview, block_bytes: int) -> tuple[str, ...]:
+    if len(buf) == 0:
+        return (checksum(buf),)
+    return tuple(checksum(buf[i : i + block_bytes]) for i in range(0, len(buf), block_bytes))
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def safetensors_header(chunks: list[StagedChunk], save_id: str) -> bytes:
+    """A safetensors header listing the chunks back to back, padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "ckpt", "save_id": save_id}}
+    at = 0
+    for c in chunks:
+        n = c.data.numel()
+        name = f"{c.key}@{','.join(map(str, c.box.offsets))}"
+        header[name] = {"dtype": safetensors_code(c.dtype), "shape": list(c.box.sizes), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def frame_order(chunks: Iterable[StagedChunk]) -> list[StagedChunk]:
+    """Widest dtypes first: with an 8-aligned header every chunk then starts at a
+    multiple of its item size, so readers can view it in place."""
+    return sorted(chunks, key=lambda c: -c.dtype.itemsize)
+
+
+def write_object(storage: Storage, rel: str, chunks: list[StagedChunk], save_id: str, block_bytes: int) -> list[Chunk]:
+    """Write one data object; return where each chunk landed and its checksums."""
+    header = safetensors_header(chunks, save_id)
+    records = []
+    at = len(header)
+    with storage.open_write(rel) as f:
+        _write_all(f, memoryview(header))
+        for c in chunks:
+            buf = as_bytes(c.data) if c.data.numel() else memoryview(b"")
+            records.append(Chunk(c.box, rel, at, len(buf), block_checksums(buf, block_bytes)))
+            _write_all(f, buf)
+            at += len(buf)
+    return records
+
+
+def _write_all(f, buf: memoryview) -> None:
+    while len(buf):
+        n = f.write(buf)
+        if n is None or n == len(buf):
+            return
+        buf = buf[n:]
+
+
+def object_name(save_id: str, rank: int) -> str:
+    return f"{DATA_DIR}/{save_id}-r{rank:05d}.safetensors"
+
+
+def staging_name(save_id: str, name: str) -> str:
+    return f"{STAGING_DIR}/{save_id}/{name}"
+
+
+def rank_index_name(save_id: str, rank: int) -> str:
+    return staging_name(save_id, f"rank-{rank:05d}.json")
+
+
+def write_rank(
+    storage: Storage,
+    save_id: str,
+    rank: int,
+    chunks: list[StagedChunk],
+    block_bytes: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Persist this rank's chunks and then its index (the durability marker)."""
+    index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
+    if chunks:
+        rel = object_name(save_id, rank)
+        records = write_object(storage, rel, frame_order(chunks), save_id, block_bytes)
+        index["objects"][rel] = records[-1].offset + records[-1].length
+        for c, rec in zip(frame_order(chunks), records):
+            index["chunks"].setdefault(c.key, []).append(rec.to_json())
+    if extra:
+        index.update(extra)
+    storage.put_atomic(rank_index_name(save_id, rank), json.dumps(index).encode())
+
+
+def report_failure(storage: Storage, save_id: str, rank: int, error: BaseException) -> None:
+    """Tell the committer this rank will not finish (best effort)."""
+    try:
+        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), f"{type(error).__name__}: {error}".encode())
+    except Exception:
+        pass
+
+
+def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:
+    """Wait for every rank's index, then write the manifest (the commit point)."""
+    names = [f"rank-{r:05d}.json" for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        storage.invalidate()
+        present = set(storage.listdir(f"{STAGING_DIR}/{save_id}"))
+        errors = sorted(n for n in present if n.endswith(".error"))
+        if errors:
+            reasons = "; ".join(
+                f"{n[:-6]}: {storage.read_bytes(staging_name(save_id, n)).decode(errors='replace')}" for n in errors
+            )
+            _abort(storage, save_id, f"rank failure: {reasons}")
+        missing = [n for n in names if n not in present]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            waiting = ", ".join(m[:-5] for m in missing)
+            _abort(storage, save_id, f"timed out after {timeout_s:.0f}s waiting for {waiting}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+    indexes = [json.loads(storage.read_bytes(staging_name(save_id, n))) for n in names]
+    head = indexes[0]
+    objects: dict[str, int] = {}
+    chunks: dict[str, list[Chunk]] = {}
+    for idx in indexes:
+        objects.update(idx["objects"])
+        for key, recs in idx["chunks"].items():
+            chunks.setdefault(key, []).extend(Chunk.from_json(r) for r in recs)
+    tensors = {
+        key: TensorRecord(
+            tuple(meta["shape"]),
+            dtype_from_name(meta["dtype"]),
+            sorted(chunks.get(key, []), key=lambda c: c.box.offsets),
+            meta.get("layout", ""),
+        )
+        for key, meta in head["tensors"].items()
+    }
+    manifest = Manifest(
+        save_id=save_id,
+        tensors=tensors,
+        values=head["values"],
+        objects=objects,
+        block_bytes=head["block_bytes"],
+        step=head.get("step"),
+        metrics=head.get("metrics") or {},
+        metadata=head.get("metadata") or {},
+        topology=head.get("topology") or {},
+        library_version=head.get("library_version", ""),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.validate(storage.describe(MANIFEST))
+    previous = _committed_objects(storage)
+    storage.put_atomic(MANIFEST, manifest.to_json_bytes())
+    for rel in sorted(previous - set(objects)):
+        storage.delete(rel)
+    storage.delete(f"{STAGING_DIR}/{save_id}", recursive=True)
+    if not storage.listdir(STAGING_DIR):
+        storage.delete(STAGING_DIR, recursive=True)
+    return manifest
+
+
+def _committed_objects(storage: Storage) -> set[str]:
+    if not storage.exists(MANIFEST):
+        return set()
+    try:
+        return set(json.loads(storage.read_bytes(MANIFEST))["objects"])
+    except (ValueError, KeyError, TypeError):
+        return set()
+
+
+def _abort(storage: Storage, save_id: str, reason: str) -> None:
+    storage.put_atomic(staging_name(save_id, "ABORT"), reason.encode())
+    raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
+
+
+def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float) -> None:
+    """On a non-committing rank: return once the committer has committed."""
+    mine = rank_index_name(save_id, rank)
+    abort = staging_name(save_id, "ABORT")
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        storage.invalidate()
+        if storage.exists(abort):
+            reason = storage.read_bytes(abort).decode(errors="replace")
+            raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
+        if not storage.exists(mine):
+            return
+        if time.monotonic() > deadline:
+            raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

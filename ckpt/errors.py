@@ -1,0 +1,39 @@
+"""Exceptions users can catch by kind."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint at the given location."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already exists where a save was asked to write."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The manifest or a data object is not what the format says it must be."""
+
+
+class CorruptChunkError(CheckpointError):
+    """Bytes read back do not match the checksum recorded at save time."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """The state dict to load into does not match the checkpoint (lists every problem)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) loading the checkpoint:\n  " + "\n  ".join(problems))
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A state-dict value that cannot be stored without pickle."""
+
+
+class SaveAbortedError(CheckpointError):
+    """A save did not commit because a rank failed or did not finish in time."""

@@ -1,0 +1,224 @@
+"""The on-disk format: manifest schema, dtype names, validation.
+
+docs/FORMAT.md is the normative description; this module is its reader and
+writer. The manifest is plain JSON (no pickle), written last, and validated on
+read so that a damaged or foreign file fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CheckpointFormatError
+from .regions import Box
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+STAGING_DIR = "_staging"
+CHECKSUM_ALGORITHM = "xxh3-64"
+
+# torch dtype <-> (manifest name, safetensors code)
+_DTYPES: dict[torch.dtype, tuple[str, str]] = {
+    torch.float64: ("float64", "F64"),
+    torch.float32: ("float32", "F32"),
+    torch.float16: ("float16", "F16"),
+    torch.bfloat16: ("bfloat16", "BF16"),
+    torch.float8_e4m3fn: ("float8_e4m3fn", "F8_E4M3"),
+    torch.float8_e5m2: ("float8_e5m2", "F8_E5M2"),
+    torch.float8_e4m3fnuz: ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    torch.float8_e5m2fnuz: ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    torch.int64: ("int64", "I64"),
+    torch.int32: ("int32", "I32"),
+    torch.int16: ("int16", "I16"),
+    torch.int8: ("int8", "I8"),
+    torch.uint64: ("uint64", "U64"),
+    torch.uint32: ("uint32", "U32"),
+    torch.uint16: ("uint16", "U16"),
+    torch.uint8: ("uint8", "U8"),
+    torch.bool: ("bool", "BOOL"),
+    torch.complex64: ("complex64", "C64"),
+}
+_BY_NAME = {name: dt for dt, (name, _) in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype, key: str = "") -> str:
+    try:
+        return _DTYPES[dtype][0]
+    except KeyError:
+        raise TypeError(f"{key or 'tensor'}: dtype {dtype} cannot be stored") from None
+
+
+def safetensors_code(dtype: torch.dtype) -> str:
+    return _DTYPES[dtype][1]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest") from None
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A box of a global tensor stored row-major at ``[offset, offset+length)`` of ``object``.
+
+    ``checksums`` has one xxh3-64 digest per ``block_bytes`` block of the chunk
+    (the last one shorter), so a reader that needs part of a chunk verifies the
+    blocks it reads without reading the rest.
+    """
+
+    box: Box
+    object: str
+    offset: int
+    length: int
+    checksums: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {
+            **self.box.to_json(),
+            "object": self.object,
+            "offset": self.offset,
+            "length": self.length,
+            "checksums": list(self.checksums),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Chunk:
+        return cls(
+            Box(tuple(d["offsets"]), tuple(d["sizes"])),
+            d["object"],
+            int(d["offset"]),
+            int(d["length"]),
+            tuple(d["checksums"]),
+        )
+
+
+@dataclass
+class TensorRecord:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: list[Chunk]
+    layout: str = ""  # how it was sharded at save time; informational
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "chunks": [c.to_json() for c in self.chunks],
+        }
+        if self.layout:
+            d["layout"] = self.layout
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorRecord:
+        return cls(
+            tuple(d["shape"]),
+            dtype_from_name(d["dtype"]),
+            [Chunk.from_json(c) for c in d["chunks"]],
+            d.get("layout", ""),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass
+class Manifest:
+    save_id: str
+    tensors: dict[str, TensorRecord]
+    values: dict[str, Any]
+    objects: dict[str, int]  # object path -> size in bytes
+    block_bytes: int
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    topology: dict[str, Any] = field(default_factory=dict)
+    library_version: str = ""
+    created: str = ""
+
+    def to_json_bytes(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "save_id": self.save_id,
+            "library_version": self.library_version,
+            "created": self.created,
+            "step": self.step,
+            "metrics": self.metrics,
+            "metadata": self.metadata,
+            "topology": self.topology,
+            "checksum": CHECKSUM_ALGORITHM,
+            "block_bytes": self.block_bytes,
+            "objects": self.objects,
+            "values": self.values,
+            "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())},
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json_bytes(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise CheckpointFormatError(f"{where}: not a ckpt manifest")
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{where}: format version {version} is not supported (this library reads {FORMAT_VERSION})"
+            )
+        if doc.get("checksum") != CHECKSUM_ALGORITHM:
+            raise CheckpointFormatError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
+        try:
+            tensors = {k: TensorRecord.from_json(v) for k, v in doc["tensors"].items()}
+            manifest = cls(
+                save_id=doc["save_id"],
+                tensors=tensors,
+                values=doc["values"],
+                objects={k: int(v) for k, v in doc["objects"].items()},
+                block_bytes=int(doc["block_bytes"]),
+                step=doc.get("step"),
+                metrics=doc.get("metrics") or {},
+                metadata=doc.get("metadata") or {},
+                topology=doc.get("topology") or {},
+                library_version=doc.get("library_version", ""),
+                created=doc.get("created", ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest.validate(where)
+        return manifest
+
+    def validate(self, where: str) -> None:
+        """Structural checks that make later reads safe: chunks inside their
+        tensor and their object, checksum counts that match the block size."""
+        if self.block_bytes <= 0:
+            raise CheckpointFormatError(f"{where}: block_bytes must be positive")
+        for key, rec in self.tensors.items():
+            size = itemsize(rec.dtype)
+            for i, c in enumerate(rec.chunks):
+                if not c.box.fits_in(rec.shape):
+                    raise CheckpointFormatError(f"{where}: {key} chunk {i} {c.box} lies outside shape {rec.shape}")
+                if c.length != c.box.numel * size:
+                    raise CheckpointFormatError(f"{where}: {key} chunk {i} length {c.length} != box bytes")
+                if c.object not in self.objects or c.offset + c.length > self.objects[c.object]:
+                    raise CheckpointFormatError(
+                        f"{where}: {key} chunk {i} bytes [{c.offset}, {c.offset + c.length}) outside object {c.object}"
+                    )
+                if len(c.checksums) != max(1, -(-c.length // self.block_bytes)):
+                    raise CheckpointFormatError(f"{where}: {key} chunk {i} has a wrong number of checksums")

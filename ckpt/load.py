@@ -1,0 +1,195 @@
+"""``ckpt.load``: match the caller's state dict to the manifest, read only the bytes
+each local shard needs, verify them, and copy them in place."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .describe import TensorEntry, flatten, local_view
+from .engine import as_bytes, checksum
+from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
+from .format import MANIFEST, Manifest, TensorRecord, itemsize
+from .readplan import Need, Read, ReadSettings, Segment, intersect_chunks, plan_reads
+from .regions import Box, span_view
+from .storage import Storage
+
+
+@dataclass
+class LoadOptions:
+    """How a load reads.
+
+    strict: missing and unexpected keys are errors (shape mismatches always are).
+    allow_dtype_cast: load a stored dtype into a target of another dtype.
+    verify: check every byte read against its block checksum.
+    max_gap_bytes / max_read_bytes: coalescing of neighbouring ranges into one request.
+    io_threads: concurrent reads.
+    """
+
+    strict: bool = True
+    allow_dtype_cast: bool = False
+    verify: bool = True
+    max_gap_bytes: int = 1 << 20
+    max_read_bytes: int = 64 << 20
+    io_threads: int = 4
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def read_manifest(storage: Storage) -> Manifest:
+    where = storage.describe(MANIFEST)
+    try:
+        raw = storage.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        hint = " (it holds uncommitted or partial data)" if storage.exists("") else ""
+        raise CheckpointNotFoundError(f"{storage.uri}: no committed checkpoint{hint}") from None
+    return Manifest.from_json_bytes(raw, where)
+
+
+def load(
+    state_dict: dict,
+    uri: str,
+    *,
+    strict: bool | None = None,
+    allow_dtype_cast: bool | None = None,
+    options: LoadOptions | None = None,
+) -> Manifest:
+    """Load a checkpoint into ``state_dict`` in place, whatever its sharding.
+
+    Tensors (plain, DTensor, ``Sharded``) are filled in place; JSON values are
+    assigned into their containers. Returns the manifest (step, metrics, ...).
+    """
+    options = options or LoadOptions()
+    if strict is not None:
+        options.strict = strict
+    if allow_dtype_cast is not None:
+        options.allow_dtype_cast = allow_dtype_cast
+    storage = Storage(uri, **options.storage_options)
+    manifest = read_manifest(storage)
+    tensors, values, slots = flatten(state_dict)
+    _check_match(manifest, tensors, values, options)
+    read_tensors(storage, manifest, {k: e for k, e in tensors.items() if k in manifest.tensors}, options)
+    for key in values:
+        if key in manifest.values:
+            _assign(slots[key], manifest.values[key])
+    return manifest
+
+
+def _check_match(manifest: Manifest, tensors: dict[str, TensorEntry], values: dict[str, Any], options: LoadOptions):
+    problems = []
+    for key, e in tensors.items():
+        rec = manifest.tensors.get(key)
+        if rec is None:
+            if key in manifest.values:
+                problems.append(f"{key}: the checkpoint holds a value here, not a tensor")
+            elif options.strict:
+                problems.append(f"{key}: missing from the checkpoint")
+            continue
+        if tuple(rec.shape) != tuple(e.global_shape):
+            problems.append(f"{key}: shape {list(e.global_shape)} here, {list(rec.shape)} in the checkpoint")
+        if rec.dtype != e.dtype and not options.allow_dtype_cast:
+            problems.append(
+                f"{key}: dtype {e.dtype} here, {rec.dtype} in the checkpoint (allow_dtype_cast=True to cast)"
+            )
+    for key in values:
+        if key in manifest.tensors:
+            problems.append(f"{key}: the checkpoint holds a tensor here, not a value")
+        elif key not in manifest.values and options.strict:
+            problems.append(f"{key}: missing from the checkpoint")
+    if options.strict:
+        unexpected = sorted((set(manifest.tensors) | set(manifest.values)) - set(tensors) - set(values))
+        problems.extend(f"{key}: in the checkpoint but not in the state dict" for key in unexpected)
+    if problems:
+        raise StateDictMismatchError(problems)
+
+
+def _assign(slot, value: Any) -> None:
+    if isinstance(slot.container, tuple):
+        raise StateDictMismatchError([f"{slot.key}: cannot assign a value inside a tuple"])
+    old = slot.container[slot.key]
+    slot.container[slot.key] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
+
+
+def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], options: LoadOptions) -> None:
+    """Fill each target's pieces from the stored chunks that intersect them."""
+    needs: list[Need] = []
+    for key, entry in targets.items():
+        rec = manifest.tensors[key]
+        size = itemsize(rec.dtype)
+        for i, piece in enumerate(entry.pieces):
+            got, covered = intersect_chunks(key, i, piece.box, rec.chunks, size, options.max_gap_bytes)
+            if covered != piece.box.numel:
+                raise CorruptChunkError(
+                    f"{storage.uri}: {key}: stored chunks cover {covered} "
+                    f"of the {piece.box.numel} elements of {piece.box}"
+                )
+            needs.extend(got)
+    settings = ReadSettings(manifest.block_bytes, options.verify, options.max_gap_bytes, options.max_read_bytes)
+
+    def direct_ok(n: Need) -> bool:
+        entry = targets[n.key]
+        if entry.dtype != manifest.tensors[n.key].dtype or entry.local.device.type != "cpu":
+            return False
+        return _target_view(entry, n.piece, n.chunk.box).is_contiguous()
+
+    reads = plan_reads(needs, settings, direct_ok)
+    worker = _ReadWorker(storage, manifest, targets, options.verify)
+    threads = max(1, min(options.io_threads, len(reads)))
+    if threads == 1:
+        for r in reads:
+            worker(r)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-read") as pool:
+        for _ in pool.map(worker, reads):
+            pass
+
+
+def _target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
+    p = entry.pieces[piece]
+    rel = box.relative_to(p.box)
+    return local_view(entry.local.detach(), p)[rel.slices()]
+
+
+class _ReadWorker:
+    """Executes one coalesced read: fetch, verify, copy out."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], verify: bool):
+        self.storage, self.manifest, self.targets, self.verify = storage, manifest, targets, verify
+
+    def __call__(self, read: Read) -> None:
+        bufs: list[torch.Tensor] = []
+        for seg in read.segments:
+            if seg.direct is not None:
+                bufs.append(_target_view(self.targets[seg.direct.key], seg.direct.piece, seg.direct.chunk.box))
+            else:
+                bufs.append(torch.empty(seg.stop - seg.start, dtype=torch.uint8))
+        self.storage.read_into_many(read.object, read.start, [as_bytes(b) for b in bufs])
+        for seg, buf in zip(read.segments, bufs):
+            if self.verify:
+                self._verify(read.object, seg, as_bytes(buf))
+            for n in seg.needs:
+                self._copy_out(seg, buf, n)
+
+    def _verify(self, obj: str, seg: Segment, buf: memoryview) -> None:
+        B = self.manifest.block_bytes
+        for (_, b), chunk in seg.blocks.items():
+            lo = chunk.offset + b * B
+            hi = min(lo + B, chunk.offset + chunk.length)
+            if checksum(buf[lo - seg.start : hi - seg.start]) != chunk.checksums[b]:
+                key = next((k for k, r in self.manifest.tensors.items() if chunk in r.chunks), "?")
+                raise CorruptChunkError(
+                    f"{self.storage.describe(obj)}: bytes [{lo}, {hi}) of {key} chunk {chunk.box} "
+                    f"do not match their checksum (block {b})"
+                )
+
+    def _copy_out(self, seg: Segment, buf: torch.Tensor, n: Need) -> None:
+        rec: TensorRecord = self.manifest.tensors[n.key]
+        raw = buf[n.byte_start - seg.start : n.byte_stop - seg.start]
+        if raw.data_ptr() % n.itemsize:
+            raw = raw.clone()
+        src = raw.view(rec.dtype)
+        sizes, strides, offset = span_view(n.chunk.box, n.span)
+        src = torch.as_strided(src, sizes, strides, src.storage_offset() + offset)
+        _target_view(self.targets[n.key], n.piece, n.span.box).copy_(src)

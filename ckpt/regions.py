@@ -1,0 +1,221 @@
+"""Region algebra: where a local shard sits inside its global tensor.
+
+Everything here is pure: boxes, flat ranges and their intersections, chunking and
+the byte spans a reader must fetch. No torch, no I/O, so it is tested with
+hypothesis and without processes.
+
+A *box* is an n-d sub-rectangle of the global tensor (offsets, sizes), stored
+row-major. A *flat range* [start, stop) of the row-major flattening (ZeRO,
+distributed-optimizer buffers) decomposes into at most 2*ndim - 1 boxes that are
+contiguous in flat order, so flat ranges reduce to boxes and only boxes need an
+intersection rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, order=True)
+class Box:
+    """An n-d box of a global tensor: ``global[o0:o0+s0, o1:o1+s1, ...]``."""
+
+    offsets: Shape
+    sizes: Shape
+
+    def __post_init__(self) -> None:
+        if len(self.offsets) != len(self.sizes):
+            raise ValueError(f"box rank mismatch: offsets {self.offsets} vs sizes {self.sizes}")
+        if any(o < 0 for o in self.offsets) or any(s < 0 for s in self.sizes):
+            raise ValueError(f"negative offset or size in box {self}")
+
+    @classmethod
+    def full(cls, shape: Sequence[int]) -> Box:
+        return cls((0,) * len(shape), tuple(shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    @property
+    def ends(self) -> Shape:
+        return tuple(o + s for o, s in zip(self.offsets, self.sizes))
+
+    def is_empty(self) -> bool:
+        return self.numel == 0
+
+    def fits_in(self, shape: Sequence[int]) -> bool:
+        return len(shape) == self.ndim and all(e <= n for e, n in zip(self.ends, shape))
+
+    def contains(self, other: Box) -> bool:
+        return all(
+            o <= p and p + q <= o + s for o, s, p, q in zip(self.offsets, self.sizes, other.offsets, other.sizes)
+        )
+
+    def intersect(self, other: Box) -> Box | None:
+        """The common box, or None when the two share no element."""
+        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
+        hi = tuple(min(a, b) for a, b in zip(self.ends, other.ends))
+        if any(h <= low for low, h in zip(lo, hi)):
+            return None
+        return Box(lo, tuple(h - low for low, h in zip(lo, hi)))
+
+    def relative_to(self, outer: Box) -> Box:
+        """This box in the coordinates of ``outer`` (which must contain it)."""
+        return Box(tuple(a - b for a, b in zip(self.offsets, outer.offsets)), self.sizes)
+
+    def slices(self) -> tuple[slice, ...]:
+        """Index that selects this box from a tensor holding the whole space."""
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
+
+    def to_json(self) -> dict:
+        return {"offsets": list(self.offsets), "sizes": list(self.sizes)}
+
+
+def row_major_strides(sizes: Sequence[int]) -> Shape:
+    strides = [1] * len(sizes)
+    for d in range(len(sizes) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(sizes[d + 1], 1)
+    return tuple(strides)
+
+
+def flat_range_to_boxes(start: int, stop: int, shape: Sequence[int]) -> list[Box]:
+    """Split the flat range [start, stop) of a row-major tensor into boxes.
+
+    The boxes are returned in flat order and are each contiguous in the
+    flattening, so a 1-D buffer holding the range is their concatenation.
+    """
+    total = math.prod(shape)
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"flat range [{start}, {stop}) outside a tensor of {total} elements")
+    if start == stop:
+        return []
+    if len(shape) == 0:
+        return [Box((), ())]
+    return list(_flat_boxes(start, stop, tuple(shape)))
+
+
+def _flat_boxes(start: int, stop: int, shape: Shape) -> Iterator[Box]:
+    inner = math.prod(shape[1:])
+    if len(shape) == 1:
+        yield Box((start,), (stop - start,))
+        return
+    first_row, first_col = divmod(start, inner)
+    last_row, last_col = divmod(stop, inner)
+    if first_row == last_row:  # within one row of dim 0: recurse into it
+        for b in _flat_boxes(first_col, last_col, shape[1:]):
+            yield Box((first_row, *b.offsets), (1, *b.sizes))
+        return
+    if first_col:
+        for b in _flat_boxes(first_col, inner, shape[1:]):
+            yield Box((first_row, *b.offsets), (1, *b.sizes))
+        first_row += 1
+    if last_row > first_row:
+        yield Box((first_row,) + (0,) * (len(shape) - 1), (last_row - first_row, *shape[1:]))
+    if last_col:
+        for b in _flat_boxes(0, last_col, shape[1:]):
+            yield Box((last_row, *b.offsets), (1, *b.sizes))
+
+
+def split_into_chunks(box: Box, itemsize: int, max_bytes: int) -> list[Box]:
+    """Cut a box into row-major slabs of at most ``max_bytes`` (at least one element).
+
+    The split is along the outermost dimension whose inner block fits, so each
+    chunk is as large as allowed and contiguous in the box's row-major order.
+    """
+    if box.is_empty() or box.numel * itemsize <= max_bytes or box.ndim == 0:
+        return [box]
+    inner = box.numel
+    for d in range(box.ndim):
+        inner //= max(box.sizes[d], 1)
+        if inner * itemsize <= max_bytes:
+            step = max(1, max_bytes // (inner * itemsize))
+            break
+    chunks = []
+    for outer in _indices(box.sizes[:d]):
+        for lo in range(0, box.sizes[d], step):
+            n = min(step, box.sizes[d] - lo)
+            offsets = (
+                *(o + i for o, i in zip(box.offsets, outer)),
+                box.offsets[d] + lo,
+                *box.offsets[d + 1 :],
+            )
+            chunks.append(Box(offsets, (*(1,) * d, n, *box.sizes[d + 1 :])))
+    return chunks
+
+
+def _indices(sizes: Sequence[int]) -> Iterator[Shape]:
+    if not sizes:
+        yield ()
+        return
+    for i in range(sizes[0]):
+        for rest in _indices(sizes[1:]):
+            yield (i, *rest)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A contiguous element range [start, stop) of a stored chunk and the part
+    of the wanted box whose elements all lie inside it."""
+
+    start: int
+    stop: int
+    box: Box
+
+
+def read_spans(chunk: Box, want: Box, max_gap: int) -> list[Span]:
+    """Element spans of ``chunk`` (stored row-major) that cover ``want``.
+
+    ``want`` must lie inside ``chunk``. Runs separated by at most ``max_gap``
+    elements are merged into one span: reading a small gap is cheaper than
+    another request. Each span covers a slab of ``want`` along one dimension.
+    """
+    if not chunk.contains(want):
+        raise ValueError(f"{want} is not inside chunk {chunk}")
+    if want.is_empty():
+        return []
+    rel = want.relative_to(chunk)
+    strides = row_major_strides(chunk.sizes)
+    # Find the outermost dim k such that the whole of want[k:] fits one span.
+    k = chunk.ndim
+    for d in range(chunk.ndim - 1, -1, -1):
+        if rel.sizes[d] == 1:
+            k = d
+            continue
+        inner_first = sum(o * s for o, s in zip(rel.offsets[d + 1 :], strides[d + 1 :]))
+        inner_last = sum((o + n - 1) * s for o, n, s in zip(rel.offsets[d + 1 :], rel.sizes[d + 1 :], strides[d + 1 :]))
+        gap = strides[d] - (inner_last - inner_first + 1)
+        if gap > max_gap:
+            break
+        k = d
+    spans = []
+    for outer in _indices(rel.sizes[:k]):
+        lo = tuple(o + i for o, i in zip(rel.offsets[:k], outer)) + rel.offsets[k:]
+        hi = tuple(o + i for o, i in zip(rel.offsets[:k], outer)) + tuple(
+            o + n - 1 for o, n in zip(rel.offsets[k:], rel.sizes[k:])
+        )
+        first = sum(i * s for i, s in zip(lo, strides))
+        last = sum(i * s for i, s in zip(hi, strides))
+        sub = Box(
+            tuple(w + i for w, i in zip(want.offsets[:k], outer)) + want.offsets[k:],
+            (1,) * k + want.sizes[k:],
+        )
+        spans.append(Span(first, last + 1, sub))
+    return spans
+
+
+def span_view(chunk: Box, span: Span) -> tuple[Shape, Shape, int]:
+    """(sizes, strides, offset) that view ``span.box`` inside a buffer holding
+    the chunk's elements [span.start, span.stop)."""
+    strides = row_major_strides(chunk.sizes)
+    rel = span.box.relative_to(chunk)
+    first = sum(o * s for o, s in zip(rel.offsets, strides))
+    return span.box.sizes, strides, first - span.start
