@@ -41,13 +41,24 @@ from .regions import Box
 from .storage import Storage
 
 
-@dataclass
-class StagedChunk:
-    """Host bytes of one chunk, ready to persist."""
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a data object's header says of one chunk, before its bytes exist."""
 
     key: str
     box: Box
     dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.box.numel * self.dtype.itemsize
+
+
+@dataclass
+class StagedChunk:
+    """Host bytes of one chunk, ready to persist."""
+
+    spec: ChunkSpec
     data: torch.Tensor  # uint8, contiguous, on CPU
 
 
@@ -66,15 +77,18 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def safetensors_header(chunks: list[StagedChunk], save_id: str) -> bytes:
+def safetensors_header(specs: list[ChunkSpec], save_id: str) -> bytes:
     """A safetensors header listing the chunks back to back, padded to 8 bytes."""
     header: dict[str, Any] = {"__metadata__": {"format": "ckpt", "save_id": save_id}}
     at = 0
-    for c in chunks:
-        n = c.data.numel()
+    for c in specs:
         name = f"{c.key}@{','.join(map(str, c.box.offsets))}"
-        header[name] = {"dtype": safetensors_code(c.dtype), "shape": list(c.box.sizes), "data_offsets": [at, at + n]}
-        at += n
+        header[name] = {
+            "dtype": safetensors_code(c.dtype),
+            "shape": list(c.box.sizes),
+            "data_offsets": [at, at + c.nbytes],
+        }
+        at += c.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
     return len(raw).to_bytes(8, "little") + raw
@@ -83,22 +97,62 @@ def safetensors_header(chunks: list[StagedChunk], save_id: str) -> bytes:
 def frame_order(chunks: Iterable[StagedChunk]) -> list[StagedChunk]:
     """Widest dtypes first: with an 8-aligned header every chunk then starts at a
     multiple of its item size, so readers can view it in place."""
-    return sorted(chunks, key=lambda c: -c.dtype.itemsize)
+    return sorted(chunks, key=lambda c: -c.spec.dtype.itemsize)
 
 
-def write_object(storage: Storage, rel: str, chunks: list[StagedChunk], save_id: str, block_bytes: int) -> list[Chunk]:
-    """Write one data object; return where each chunk landed and its checksums."""
-    header = safetensors_header(chunks, save_id)
-    records = []
-    at = len(header)
-    with storage.open_write(rel) as f:
-        _write_all(f, memoryview(header))
-        for c in chunks:
-            buf = as_bytes(c.data) if c.data.numel() else memoryview(b"")
-            records.append(Chunk(c.box, rel, at, len(buf), block_checksums(buf, block_bytes)))
-            _write_all(f, buf)
-            at += len(buf)
-    return records
+class ObjectWriter:
+    """One data object being written: the header first, then each chunk in order.
+
+    Push-style so a producer can stream chunks without holding them all;
+    the object is durable when the ``with`` block exits cleanly.
+    """
+
+    def __init__(self, storage: Storage, rel: str, specs: list[ChunkSpec], save_id: str, block_bytes: int) -> None:
+        self.storage, self.rel, self.specs, self.block_bytes = storage, rel, specs, block_bytes
+        self.header = safetensors_header(specs, save_id)
+        self.records: list[Chunk] = []
+        self._at = len(self.header)
+
+    def __enter__(self) -> ObjectWriter:
+        self._ctx = self.storage.open_write(self.rel)
+        self._f = self._ctx.__enter__()
+        _write_all(self._f, memoryview(self.header))
+        return self
+
+    def add(self, data: torch.Tensor) -> None:
+        """Append the next chunk's bytes (a contiguous CPU tensor)."""
+        if len(self.records) == len(self.specs):
+            raise ValueError(f"{self.rel}: more chunks than declared")
+        spec = self.specs[len(self.records)]
+        buf = as_bytes(data) if data.numel() else memoryview(b"")
+        if len(buf) != spec.nbytes:
+            raise ValueError(f"{spec.key} chunk {spec.box}: got {len(buf)} bytes, expected {spec.nbytes}")
+        self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), block_checksums(buf, self.block_bytes)))
+        _write_all(self._f, buf)
+        self._at += len(buf)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and len(self.records) != len(self.specs):
+            exc = ValueError(f"{self.rel}: {len(self.records)} of {len(self.specs)} chunks written")
+            self._ctx.__exit__(ValueError, exc, None)
+            raise exc
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def write_object(
+    storage: Storage,
+    rel: str,
+    specs: list[ChunkSpec],
+    datas: Iterable[torch.Tensor],
+    save_id: str,
+    block_bytes: int,
+) -> list[Chunk]:
+    """Write one data object from ``datas`` (one tensor per spec, in order);
+    return where each chunk landed and its block checksums."""
+    with ObjectWriter(storage, rel, specs, save_id, block_bytes) as w:
+        for data in datas:
+            w.add(data)
+    return w.records
 
 
 def _write_all(f, buf: memoryview) -> None:
@@ -133,13 +187,24 @@ def write_rank(
     index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
     if chunks:
         rel = object_name(save_id, rank)
-        records = write_object(storage, rel, frame_order(chunks), save_id, block_bytes)
-        index["objects"][rel] = records[-1].offset + records[-1].length
-        for c, rec in zip(frame_order(chunks), records):
-            index["chunks"].setdefault(c.key, []).append(rec.to_json())
+        ordered = frame_order(chunks)
+        records = write_object(storage, rel, [c.spec for c in ordered], (c.data for c in ordered), save_id, block_bytes)
+        add_records(index, rel, [c.spec for c in ordered], records)
     if extra:
         index.update(extra)
+    write_rank_index(storage, save_id, rank, index)
+
+
+def write_rank_index(storage: Storage, save_id: str, rank: int, index: dict[str, Any]) -> None:
+    """The durability marker: written only after the rank's objects are durable."""
     storage.put_atomic(rank_index_name(save_id, rank), json.dumps(index).encode())
+
+
+def add_records(index: dict[str, Any], rel: str, specs: list[ChunkSpec], records: list[Chunk]) -> None:
+    """Enter one written object and its chunks into a rank index."""
+    index["objects"][rel] = records[-1].offset + records[-1].length if records else 0
+    for spec, rec in zip(specs, records):
+        index["chunks"].setdefault(spec.key, []).append(rec.to_json())
 
 
 def report_failure(storage: Storage, save_id: str, rank: int, error: BaseException) -> None:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from . import __version__
 from .describe import TensorEntry, flatten, local_view
-from .engine import StagedChunk, commit, report_failure, wait_committed, write_rank
+from .engine import ChunkSpec, StagedChunk, commit, report_failure, wait_committed, write_rank
 from .errors import CheckpointExistsError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
@@ -90,7 +90,7 @@ def stage(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> list[Stage
         rel = item.chunk.relative_to(piece.box)
         view = local_view(entry.local.detach(), piece)[rel.slices()]
         host = view.to("cpu").contiguous()
-        staged.append(StagedChunk(item.key, item.chunk, entry.dtype, host.reshape(-1).view(torch.uint8)))
+        staged.append(StagedChunk(ChunkSpec(item.key, item.chunk, entry.dtype), host.reshape(-1).view(torch.uint8)))
     return staged
 
 

@@ -1,0 +1,93 @@
+"""Offline access to a committed checkpoint, one tensor region at a time.
+
+Tools (CLI, merging, conversion) read through this rather than through a full
+state dict, so memory stays bounded by the regions they ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .describe import Piece, TensorEntry
+from .errors import CorruptChunkError
+from .format import Chunk, Manifest, TensorRecord
+from .load import LoadOptions, read_manifest, read_tensors
+from .regions import Box
+from .storage import Storage
+
+
+class CheckpointReader:
+    """A committed checkpoint opened for reading (manifest parsed once)."""
+
+    def __init__(self, uri: str, options: LoadOptions | None = None) -> None:
+        self.options = options or LoadOptions()
+        self.storage = Storage(uri, **self.options.storage_options)
+        self.manifest: Manifest = read_manifest(self.storage)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    def keys(self) -> list[str]:
+        return sorted(self.manifest.tensors)
+
+    def record(self, key: str) -> TensorRecord:
+        try:
+            return self.manifest.tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.uri}: no tensor {key!r} in the checkpoint") from None
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return self.manifest.values
+
+    def read(self, key: str, box: Box | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read ``box`` (default: all) of tensor ``key``, reading only the bytes it needs.
+
+        ``out``, if given, receives the data (any dtype: values are cast).
+        """
+        rec = self.record(key)
+        box = box or Box.full(rec.shape)
+        if not box.fits_in(rec.shape):
+            raise ValueError(f"{self.uri}: {key}: region {box} lies outside shape {rec.shape}")
+        if out is None:
+            out = torch.empty(box.sizes, dtype=rec.dtype)
+        elif tuple(out.shape) != box.sizes:
+            raise ValueError(f"{key}: out has shape {tuple(out.shape)}, region is {box.sizes}")
+        entry = TensorEntry(key, out, rec.shape, (Piece(box, (0,) * box.ndim),), "")
+        read_tensors(self.storage, self.manifest, {key: entry}, self.options)
+        return out
+
+    def iter_chunks(self, key: str) -> Iterator[tuple[Box, torch.Tensor]]:
+        """Each stored chunk of ``key`` with its data, in stored order (bounded memory)."""
+        for c in self.record(key).chunks:
+            yield c.box, self.read(key, c.box)
+
+    def verify(self) -> list[str]:
+        """Read every chunk and check every block checksum; return one line per failure."""
+        failures = []
+        opts = LoadOptions(verify=True, storage_options=self.options.storage_options)
+        for key, rec in sorted(self.manifest.tensors.items()):
+            for c in rec.chunks:
+                try:
+                    entry = TensorEntry(
+                        key,
+                        torch.empty(c.box.sizes, dtype=rec.dtype),
+                        rec.shape,
+                        (Piece(c.box, (0,) * c.box.ndim),),
+                        "",
+                    )
+                    read_tensors(self.storage, _only(self.manifest, key, c), {key: entry}, opts)
+                except (CorruptChunkError, OSError, EOFError) as e:
+                    failures.append(str(e))
+        return failures
+
+
+def _only(manifest: Manifest, key: str, chunk: Chunk) -> Manifest:
+    """A view of the manifest where ``key`` has just ``chunk`` (to read it in isolation)."""
+    rec = manifest.tensors[key]
+    one = TensorRecord(rec.shape, rec.dtype, [chunk], rec.layout)
+    return Manifest(manifest.save_id, {key: one}, {}, manifest.objects, manifest.block_bytes)

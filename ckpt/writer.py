@@ -1,0 +1,150 @@
+"""Writing a checkpoint from one process, streaming, in bounded memory.
+
+Conversions, merges and offline resharding produce checkpoints tensor by
+tensor. Small tensors are packed into shared objects; a large tensor is
+streamed chunk by chunk into an object of its own, so nothing needs the whole
+model in memory. The commit is the same storage protocol as ``ckpt.save``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from . import __version__
+from .describe import check_json_value
+from .engine import ChunkSpec, ObjectWriter, add_records, commit, write_object, write_rank_index
+from .errors import CheckpointExistsError
+from .format import DATA_DIR, MANIFEST, Manifest, dtype_name
+from .regions import Box, split_into_chunks
+from .save import SaveOptions
+from .storage import Storage
+
+
+class CheckpointWriter:
+    """Build a checkpoint tensor by tensor; nothing is visible until :meth:`commit`.
+
+    Use as a context manager: leaving the block by an exception commits nothing.
+    """
+
+    def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 64 << 20) -> None:
+        self.options = options or SaveOptions()
+        self.storage = Storage(uri, **self.options.storage_options)
+        if self.storage.exists(MANIFEST) and not self.options.overwrite:
+            raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
+        self.save_id = f"{secrets.token_hex(4)}-offline"
+        self.pack_bytes = pack_bytes
+        self._tensors: dict[str, dict[str, Any]] = {}
+        self._values: dict[str, Any] = {}
+        self._index: dict[str, Any] = {"rank": 0, "objects": {}, "chunks": {}}
+        self._pending: list[tuple[ChunkSpec, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._objects = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # uncommitted objects stay invisible; `ckpt gc` removes them
+
+    def _declare(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> None:
+        if key in self._tensors or key in self._values:
+            raise ValueError(f"{key}: written twice")
+        self._tensors[key] = {"shape": list(shape), "dtype": dtype_name(dtype, key), "layout": layout}
+
+    def _next_object(self) -> str:
+        self._objects += 1
+        return f"{DATA_DIR}/{self.save_id}-{self._objects:05d}.safetensors"
+
+    def write_tensor(self, key: str, tensor: torch.Tensor, layout: str = "") -> None:
+        """Add a whole tensor (any device; copied to host chunk by chunk)."""
+        t = tensor.detach()
+        self._declare(key, tuple(t.shape), t.dtype, layout)
+        chunks = split_into_chunks(Box.full(t.shape), t.dtype.itemsize, self.options.chunk_bytes)
+        if t.numel() * t.dtype.itemsize >= self.pack_bytes:
+            specs = [ChunkSpec(key, b, t.dtype) for b in chunks]
+            self._write(specs, (_host_bytes(t[b.slices()]) for b in chunks))
+            return
+        for b in chunks:
+            self._pending.append((ChunkSpec(key, b, t.dtype), _host_bytes(t[b.slices()])))
+            self._pending_bytes += b.numel * t.dtype.itemsize
+        if self._pending_bytes >= self.pack_bytes:
+            self._flush()
+
+    @contextmanager
+    def tensor_stream(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str = ""
+    ) -> Iterator[ChunkStream]:
+        """Stream a large tensor into its own object: for each box in ``stream.boxes``,
+        in order, call ``stream.send(data)``. Memory: one chunk at a time."""
+        self._declare(key, tuple(shape), dtype, layout)
+        boxes = split_into_chunks(Box.full(shape), dtype.itemsize, self.options.chunk_bytes)
+        specs = [ChunkSpec(key, b, dtype) for b in boxes]
+        rel = self._next_object()
+        with ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes) as w:
+            yield ChunkStream(boxes, w)
+        add_records(self._index, rel, specs, w.records)
+
+    def set_value(self, key: str, value: Any) -> None:
+        check_json_value(key, value)
+        if key in self._tensors:
+            raise ValueError(f"{key}: written twice")
+        self._values[key] = value
+
+    def _write(self, specs: list[ChunkSpec], datas) -> None:
+        rel = self._next_object()
+        records = write_object(self.storage, rel, specs, datas, self.save_id, self.options.block_bytes)
+        add_records(self._index, rel, specs, records)
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending = sorted(self._pending, key=lambda p: -p[0].dtype.itemsize)
+            self._write([s for s, _ in pending], (d for _, d in pending))
+        self._pending, self._pending_bytes = [], 0
+
+    def commit(
+        self,
+        step: int | None = None,
+        metrics: dict[str, float] | None = None,
+        metadata: dict[str, Any] | None = None,
+        topology: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Make the checkpoint visible (atomically)."""
+        self._flush()
+        self._index.update(
+            tensors=self._tensors,
+            values=self._values,
+            block_bytes=self.options.block_bytes,
+            step=step,
+            metrics=dict(metrics or {}),
+            metadata=dict(metadata or {}),
+            topology=dict(topology or {"world_size": 1, "writer": "offline"}),
+            library_version=__version__,
+        )
+        write_rank_index(self.storage, self.save_id, 0, self._index)
+        return commit(self.storage, self.save_id, 1, self.options.commit_timeout_s)
+
+
+class ChunkStream:
+    """The caller's side of :meth:`CheckpointWriter.tensor_stream`."""
+
+    def __init__(self, boxes: list[Box], writer: ObjectWriter) -> None:
+        self.boxes = boxes
+        self._writer = writer
+
+    def send(self, data: torch.Tensor) -> None:
+        """Write the next box's data (any device; its shape must be the box's)."""
+        i = len(self._writer.records)
+        if i == len(self.boxes):
+            raise ValueError("more chunks sent than the tensor has")
+        if tuple(data.shape) != self.boxes[i].sizes:
+            raise ValueError(f"chunk {self.boxes[i]}: got shape {tuple(data.shape)}")
+        self._writer.add(_host_bytes(data))
+
+
+def _host_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
