@@ -4,13 +4,13 @@ PY := .venv/bin/python
 # from ever resolving a CUDA build for the >=2.13,<2.14 range in pyproject.toml.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench proto clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,s3,zstd,server]' $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,s3,zstd]' $(TORCH)
 	touch $@
 
 setup: .venv/.installed
@@ -26,6 +26,10 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_save_load.py
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=ckpt/_proto --grpc_python_out=ckpt/_proto --pyi_out=ckpt/_proto proto/ckpt.proto
+	sed -i 's/^import ckpt_pb2 as/from . import ckpt_pb2 as/' ckpt/_proto/ckpt_pb2_grpc.py
 
 clean:
 	rm -rf .venv build *.egg-info

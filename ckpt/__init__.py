@@ -13,13 +13,14 @@ from .errors import (  # noqa: E402
     CheckpointNotFoundError,
     CorruptChunkError,
     SaveAbortedError,
+    SaveBusyError,
     StateDictMismatchError,
     UnsupportedValueError,
 )
 from .format import Manifest  # noqa: E402
 from .load import LoadOptions, load  # noqa: E402
 from .regions import Box  # noqa: E402
-from .save import SaveOptions, save  # noqa: E402
+from .save import SaveHandle, SaveOptions, async_save, save  # noqa: E402
 
 __all__ = [
     "Box",
@@ -31,10 +32,13 @@ __all__ = [
     "LoadOptions",
     "Manifest",
     "SaveAbortedError",
+    "SaveBusyError",
+    "SaveHandle",
     "SaveOptions",
     "Sharded",
     "StateDictMismatchError",
     "UnsupportedValueError",
+    "async_save",
     "load",
     "save",
 ]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -39,6 +40,18 @@ from .format import (
 )
 from .regions import Box
 from .storage import Storage
+
+
+class Timings(dict):
+    """Seconds per phase (plan, stage, serialize, upload, commit), accumulated."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
@@ -107,8 +120,17 @@ class ObjectWriter:
     the object is durable when the ``with`` block exits cleanly.
     """
 
-    def __init__(self, storage: Storage, rel: str, specs: list[ChunkSpec], save_id: str, block_bytes: int) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        rel: str,
+        specs: list[ChunkSpec],
+        save_id: str,
+        block_bytes: int,
+        timings: Timings | None = None,
+    ) -> None:
         self.storage, self.rel, self.specs, self.block_bytes = storage, rel, specs, block_bytes
+        self.timings = timings if timings is not None else Timings()
         self.header = safetensors_header(specs, save_id)
         self.records: list[Chunk] = []
         self._at = len(self.header)
@@ -127,8 +149,11 @@ class ObjectWriter:
         buf = as_bytes(data) if data.numel() else memoryview(b"")
         if len(buf) != spec.nbytes:
             raise ValueError(f"{spec.key} chunk {spec.box}: got {len(buf)} bytes, expected {spec.nbytes}")
-        self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), block_checksums(buf, self.block_bytes)))
-        _write_all(self._f, buf)
+        with self.timings.phase("serialize"):
+            sums = block_checksums(buf, self.block_bytes)
+        self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), sums))
+        with self.timings.phase("upload"):
+            _write_all(self._f, buf)
         self._at += len(buf)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -146,10 +171,11 @@ def write_object(
     datas: Iterable[torch.Tensor],
     save_id: str,
     block_bytes: int,
+    timings: Timings | None = None,
 ) -> list[Chunk]:
     """Write one data object from ``datas`` (one tensor per spec, in order);
     return where each chunk landed and its block checksums."""
-    with ObjectWriter(storage, rel, specs, save_id, block_bytes) as w:
+    with ObjectWriter(storage, rel, specs, save_id, block_bytes, timings) as w:
         for data in datas:
             w.add(data)
     return w.records
@@ -182,14 +208,16 @@ def write_rank(
     chunks: list[StagedChunk],
     block_bytes: int,
     extra: dict[str, Any] | None = None,
+    timings: Timings | None = None,
 ) -> None:
     """Persist this rank's chunks and then its index (the durability marker)."""
     index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
     if chunks:
         rel = object_name(save_id, rank)
         ordered = frame_order(chunks)
-        records = write_object(storage, rel, [c.spec for c in ordered], (c.data for c in ordered), save_id, block_bytes)
-        add_records(index, rel, [c.spec for c in ordered], records)
+        specs = [c.spec for c in ordered]
+        records = write_object(storage, rel, specs, (c.data for c in ordered), save_id, block_bytes, timings)
+        add_records(index, rel, specs, records)
     if extra:
         index.update(extra)
     write_rank_index(storage, save_id, rank, index)
@@ -310,3 +338,32 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float) 
             raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+@dataclass
+class PersistJob:
+    """Everything needed to persist one rank's share of a save, wherever it runs
+    (a trainer's background thread or the daemon)."""
+
+    storage: Storage
+    save_id: str
+    rank: int
+    world_size: int
+    chunks: list[StagedChunk]
+    block_bytes: int
+    head: dict[str, Any] | None  # rank 0 only: what the manifest needs beyond chunks
+    commit_timeout_s: float
+
+
+def persist_rank(job: PersistJob, timings: Timings) -> None:
+    """Write the rank's data and index; rank 0 then commits, the others wait for it."""
+    try:
+        write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, job.head, timings)
+    except BaseException as e:
+        report_failure(job.storage, job.save_id, job.rank, e)
+        raise
+    with timings.phase("commit"):
+        if job.rank == 0:
+            commit(job.storage, job.save_id, job.world_size, job.commit_timeout_s)
+        else:
+            wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s)

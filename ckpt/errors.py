@@ -37,3 +37,7 @@ class UnsupportedValueError(CheckpointError, TypeError):
 
 class SaveAbortedError(CheckpointError):
     """A save did not commit because a rank failed or did not finish in time."""
+
+
+class SaveBusyError(CheckpointError):
+    """An async save was refused because the previous one still holds the staging buffer."""

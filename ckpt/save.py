@@ -1,8 +1,12 @@
-"""``ckpt.save``: describe, plan (once per structure), stage, persist, commit."""
+"""``ckpt.save`` / ``ckpt.async_save``: describe, plan (once per structure), stage, hand off to persist."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import secrets
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,11 +14,13 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .describe import TensorEntry, flatten, local_view
-from .engine import ChunkSpec, StagedChunk, commit, report_failure, wait_committed, write_rank
-from .errors import CheckpointExistsError, UnsupportedValueError
+from .describe import TensorEntry, check_json_value, flatten, local_view
+from .engine import ChunkSpec, PersistJob, StagedChunk, Timings, report_failure
+from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
+from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
+from .stage import HostBuffer, Slot, layout, stage
 from .storage import Storage
 
 
@@ -27,6 +33,10 @@ class SaveOptions:
     overwrite: replace a committed checkpoint at the same location (atomically).
     commit_timeout_s: how long the committer waits for the slowest rank.
     storage_options: passed to fsspec (credentials, endpoint_url, ...).
+    daemon: address of a node-local ``ckpt-server`` ("unix:///path" or "host:port"; default
+        $CKPT_DAEMON) that persists the snapshot; None persists in a background thread.
+    on_busy: an async save whose previous save (same structure) still persists either
+        "wait"s for it or is "refuse"d with SaveBusyError; memory never grows per save.
     """
 
     chunk_bytes: int = 64 << 20
@@ -34,10 +44,14 @@ class SaveOptions:
     overwrite: bool = False
     commit_timeout_s: float = 600.0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
+    on_busy: str = "wait"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.block_bytes <= 0 or self.block_bytes % 64:
             raise ValueError("chunk_bytes must be positive and block_bytes a positive multiple of 64")
+        if self.on_busy not in ("wait", "refuse"):
+            raise ValueError(f"on_busy must be 'wait' or 'refuse', not {self.on_busy!r}")
 
 
 class _Planner:
@@ -46,6 +60,7 @@ class _Planner:
     def __init__(self) -> None:
         self._plans: dict[tuple[str, int], SavePlan] = {}
         self._counts: dict[str, int] = {}
+        self._buffers: dict[tuple[str, str], tuple[HostBuffer, list[Slot]]] = {}
 
     def plan(
         self, tensors: dict[str, TensorEntry] | None, error: str | None, options: SaveOptions, group
@@ -71,6 +86,22 @@ class _Planner:
         self._counts[plan.token] = n + 1
         return plan, f"{plan.token}-{n:06d}"
 
+    def buffer(
+        self, plan: SavePlan, tensors: dict[str, TensorEntry], persister: Persister, options: SaveOptions
+    ) -> tuple[HostBuffer, list[Slot]]:
+        """The plan's staging buffer, allocated on first use and reused after."""
+        key = (plan.token, persister.name)
+        if key not in self._buffers:
+            slots, nbytes = layout(tensors, plan.items)
+            pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
+            rank, _ = _rank_world(None)
+            shm = persister.shm_path(f"{plan.token}-r{rank:05d}") if persister.needs_shared_memory else None
+            buf = HostBuffer(nbytes, pinned=pinned, shm_path=shm)
+            if shm is not None:
+                atexit.register(buf.close)  # the name only: a daemon that mapped it keeps the bytes
+            self._buffers[key] = (buf, slots)
+        return self._buffers[key]
+
 
 _planner = _Planner()
 
@@ -81,17 +112,49 @@ def _rank_world(group) -> tuple[int, int]:
     return 0, 1
 
 
-def stage(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> list[StagedChunk]:
-    """Host bytes for each chunk this rank writes (borrowed when already CPU and contiguous)."""
+def _borrow(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> list[StagedChunk]:
+    """Host bytes for each chunk without a snapshot: views of CPU tensors where
+    possible. Only for a blocking save, where the caller cannot mutate meanwhile."""
     staged = []
     for item in items:
         entry = tensors[item.key]
         piece = entry.pieces[item.piece]
-        rel = item.chunk.relative_to(piece.box)
-        view = local_view(entry.local.detach(), piece)[rel.slices()]
+        view = local_view(entry.local.detach(), piece)[item.chunk.relative_to(piece.box).slices()]
         host = view.to("cpu").contiguous()
         staged.append(StagedChunk(ChunkSpec(item.key, item.chunk, entry.dtype), host.reshape(-1).view(torch.uint8)))
     return staged
+
+
+class SaveHandle:
+    """A save in flight. ``wait()`` returns the save id once the checkpoint is
+    committed on every rank, or raises what went wrong."""
+
+    def __init__(self, uri: str, save_id: str, timings: Timings) -> None:
+        self.uri, self.save_id, self.timings = uri, save_id, timings
+        self._staged = threading.Event()
+        self._stage_error: BaseException | None = None
+        self._future: Future | None = None
+        self._hooks: list[Any] = []
+
+    def wait_staged(self) -> None:
+        """Block until the snapshot is taken (returns at once unless ``lazy=True``)."""
+        self._staged.wait()
+        self._remove_hooks()
+        if self._stage_error is not None:
+            raise self._stage_error
+
+    def done(self) -> bool:
+        return self._future is not None and self._future.done()
+
+    def wait(self, timeout: float | None = None) -> str:
+        self.wait_staged()
+        assert self._future is not None
+        self._future.result(timeout)
+        return self.save_id
+
+    def _remove_hooks(self) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
 
 
 def save(
@@ -106,36 +169,98 @@ def save(
 ) -> str:
     """Save a (sharded) state dict from every rank; return once it is committed.
 
-    Returns the save id recorded in the manifest.
+    The same as ``async_save(...).wait()``, except that CPU tensors are written
+    from where they are instead of being snapshotted first (the caller is
+    blocked anyway). Returns the save id recorded in the manifest.
     """
+    return _start(state_dict, uri, step, metrics, metadata, options, process_group, snapshot=False).wait()
+
+
+def async_save(
+    state_dict: dict,
+    uri: str,
+    *,
+    step: int | None = None,
+    metrics: dict[str, float] | None = None,
+    metadata: dict[str, Any] | None = None,
+    options: SaveOptions | None = None,
+    process_group=None,
+    lazy: bool = False,
+    guard: torch.optim.Optimizer | None = None,
+) -> SaveHandle:
+    """Snapshot the state into a reused host buffer and persist it in the background.
+
+    Returns once the snapshot is taken; mutating the tensors afterwards does not
+    change what is saved. With ``lazy=True`` it returns at once and the copy
+    overlaps the caller's next compute; pass the optimizer as ``guard`` (its
+    ``step`` then waits for the copy) or call ``handle.wait_staged()`` before
+    changing parameters.
+    """
+    return _start(
+        state_dict, uri, step, metrics, metadata, options, process_group, snapshot=True, lazy=lazy, guard=guard
+    )
+
+
+def _start(
+    state_dict, uri, step, metrics, metadata, options, group, *, snapshot: bool, lazy: bool = False, guard=None
+) -> SaveHandle:
     options = options or SaveOptions()
+    timings = Timings()
     storage = Storage(uri, **options.storage_options)
-    rank, world = _rank_world(process_group)
+    rank, world = _rank_world(group)
     tensors, values, error = None, {}, None
-    try:
-        if storage.exists(MANIFEST) and not options.overwrite:
-            raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
-        tensors, values, _ = flatten(state_dict)
-    except (UnsupportedValueError, CheckpointExistsError, ValueError, TypeError) as e:
-        if world == 1:
-            raise
-        error = str(e)
-    plan, save_id = _planner.plan(tensors, error, options, process_group)
+    with timings.phase("plan"):
+        try:
+            if storage.exists(MANIFEST) and not options.overwrite:
+                raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
+            for name, v in (("metrics", metrics), ("metadata", metadata)):
+                check_json_value(name, v or {})
+            tensors, values, _ = flatten(state_dict)
+        except (UnsupportedValueError, CheckpointExistsError, ValueError, TypeError) as e:
+            if world == 1:
+                raise
+            error = str(e)
+        plan, save_id = _planner.plan(tensors, error, options, group)
     assert tensors is not None
-    try:
-        chunks = stage(tensors, plan.items)
-        extra = None
-        if rank == 0:
-            extra = _head(plan, values, step, metrics, metadata, options, world)
-        write_rank(storage, save_id, rank, chunks, options.block_bytes, extra)
-    except BaseException as e:
-        report_failure(storage, save_id, rank, e)
-        raise
-    if rank == 0:
-        commit(storage, save_id, world, options.commit_timeout_s)
-    else:
-        wait_committed(storage, save_id, rank, options.commit_timeout_s)
-    return save_id
+    head = _head(plan, values, step, metrics, metadata, options, world) if rank == 0 else None
+    persister = persister_for(options)
+    handle = SaveHandle(uri, save_id, timings)
+
+    def job(chunks: list[StagedChunk]) -> PersistJob:
+        return PersistJob(storage, save_id, rank, world, chunks, options.block_bytes, head, options.commit_timeout_s)
+
+    if not snapshot and not persister.needs_host_buffer:
+        with timings.phase("stage"):
+            chunks = _borrow(tensors, plan.items)
+        handle._staged.set()
+        handle._future = persister.submit(job(chunks), timings, release=None)
+        return handle
+
+    buf, slots = _planner.buffer(plan, tensors, persister, options)
+    if not buf.busy.acquire(blocking=options.on_busy == "wait"):
+        raise SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
+
+    def do_stage() -> None:
+        try:
+            with timings.phase("stage"):
+                chunks = stage(tensors, plan.items, slots, buf)
+            handle._future = persister.submit(job(chunks), timings, release=buf.busy, buf=buf)
+        except BaseException as e:
+            handle._stage_error = e
+            buf.busy.release()
+            report_failure(storage, save_id, rank, e)
+        finally:
+            handle._staged.set()
+
+    if not lazy:
+        do_stage()
+        if handle._stage_error is not None:
+            raise handle._stage_error
+        return handle
+    if guard is not None:
+        handle._hooks.append(guard.register_step_pre_hook(lambda *_: handle.wait_staged()))
+    threading.Thread(target=do_stage, name="ckpt-lazy-stage", daemon=True).start()
+    return handle
 
 
 def _head(plan: SavePlan, values, step, metrics, metadata, options: SaveOptions, world: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class Storage:
 
     def __init__(self, uri: str, **storage_options) -> None:
         self.uri = uri
+        self.options = storage_options  # kept so another process (the daemon) can reopen it
         self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = self.root.rstrip("/")

@@ -1,0 +1,235 @@
+"""The Checkpointer gRPC service: accept snapshots, persist them, report on them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
+from ckpt.engine import ChunkSpec, PersistJob, StagedChunk, Timings, persist_rank
+from ckpt.format import dtype_from_name
+from ckpt.regions import Box
+from ckpt.storage import Storage
+
+from .metrics import Metrics
+
+log = logging.getLogger("ckpt_server")
+
+
+class Budget:
+    """Bytes of snapshots the daemon may hold at once; a job waits for room or is refused."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, wait_s: float) -> bool:
+        if self.limit is None:
+            with self._cond:
+                self.held += n
+            return True
+        if n > self.limit:
+            return False
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while self.held + n > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    if self.held + n > self.limit:
+                        return False
+            self.held += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.held -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class Job:
+    id: str
+    nbytes: int
+    future: Future
+    timings: Timings = field(default_factory=Timings)
+    finished_at: float | None = None
+
+
+class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
+    def __init__(self, budget: Budget, budget_wait_s: float, metrics: Metrics) -> None:
+        self.budget, self.budget_wait_s, self.metrics = budget, budget_wait_s, metrics
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self.draining = threading.Event()
+
+    # -- RPCs -------------------------------------------------------------------------------
+    def Persist(self, request: ckpt_pb2.PersistRequest, context: grpc.ServicerContext) -> ckpt_pb2.PersistReply:
+        self._admit(request, context)
+        try:
+            size = max(request.buffer_bytes, 1)
+            data = torch.from_file(request.shm_path, shared=True, size=size, dtype=torch.uint8)
+        except Exception as e:
+            self.budget.release(request.buffer_bytes)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot map {request.shm_path}: {e}")
+        return self._start(request, data)
+
+    def PersistStream(self, request_iterator, context: grpc.ServicerContext) -> ckpt_pb2.PersistReply:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("request"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the request")
+        request = first.request
+        self._admit(request, context)
+        try:
+            data = torch.empty(max(request.buffer_bytes, 1), dtype=torch.uint8)
+            view = memoryview(data.numpy())
+            at = len(first.data)
+            view[:at] = first.data
+            for part in request_iterator:
+                n = len(part.data)
+                if at + n > request.buffer_bytes:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more bytes than buffer_bytes")
+                view[at : at + n] = part.data
+                at += n
+            if at != request.buffer_bytes:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"got {at} of {request.buffer_bytes} bytes")
+        except BaseException:
+            self.budget.release(request.buffer_bytes)
+            raise
+        return self._start(request, data)
+
+    def Wait(self, request: ckpt_pb2.WaitRequest, context: grpc.ServicerContext) -> ckpt_pb2.WaitReply:
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id} (was the daemon restarted?)")
+        try:
+            job.future.result(timeout=request.timeout_s or None)
+        except TimeoutError:
+            return ckpt_pb2.WaitReply(done=False)
+        except BaseException as e:
+            return ckpt_pb2.WaitReply(done=True, ok=False, error=f"{type(e).__name__}: {e}", timings=job.timings)
+        return ckpt_pb2.WaitReply(done=True, ok=True, timings=job.timings)
+
+    def Metrics(self, request, context) -> ckpt_pb2.MetricsReply:
+        return ckpt_pb2.MetricsReply(text=self.metrics.render())
+
+    # -- internals --------------------------------------------------------------------------
+    def _admit(self, request: ckpt_pb2.PersistRequest, context: grpc.ServicerContext) -> None:
+        if self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "ckpt-server is shutting down")
+        if not self.budget.acquire(request.buffer_bytes, self.budget_wait_s):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"memory budget: {request.buffer_bytes} bytes do not fit "
+                f"({self.budget.held} of {self.budget.limit} held) within {self.budget_wait_s:.0f}s",
+            )
+
+    def _start(self, request: ckpt_pb2.PersistRequest, data: torch.Tensor) -> ckpt_pb2.PersistReply:
+        job_id = f"{request.save_id}/r{request.rank:05d}"
+        try:
+            chunks = [
+                StagedChunk(
+                    ChunkSpec(c.key, Box(tuple(c.offsets), tuple(c.sizes)), dtype_from_name(c.dtype)),
+                    data[c.buffer_offset : c.buffer_offset + _nbytes(c)],
+                )
+                for c in request.chunks
+            ]
+            storage = Storage(request.uri, **json.loads(request.storage_options_json or "{}"))
+        except Exception:
+            self.budget.release(request.buffer_bytes)
+            raise
+        persist = PersistJob(
+            storage,
+            request.save_id,
+            request.rank,
+            request.world_size,
+            chunks,
+            request.block_bytes,
+            json.loads(request.head_json) if request.head_json else None,
+            request.commit_timeout_s,
+        )
+        job = Job(job_id, request.buffer_bytes, Future())
+        with self._lock:
+            self._prune()
+            self.jobs[job_id] = job
+        self.metrics.job_started(request.buffer_bytes)
+        log.info("accepted", extra={"job": job_id, "uri": request.uri, "bytes": request.buffer_bytes})
+        # One thread per job: a committer polls storage for the other ranks, so jobs must not queue behind it.
+        t = threading.Thread(target=self._run, args=(job, persist, request), name=f"persist-{job_id}", daemon=True)
+        with self._lock:
+            self._threads.add(t)
+        t.start()
+        return ckpt_pb2.PersistReply(job_id=job_id)
+
+    def _run(self, job: Job, persist: PersistJob, request: ckpt_pb2.PersistRequest) -> None:
+        ok = False
+        try:
+            persist_rank(persist, job.timings)
+            ok = True
+            job.future.set_result(None)
+            log.info("committed" if persist.rank == 0 else "persisted", extra={"job": job.id, **job.timings})
+        except BaseException as e:
+            job.future.set_exception(e)
+            log.error("failed", extra={"job": job.id, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            persist.chunks.clear()  # drop the views so the mapping can go
+            self.budget.release(job.nbytes)
+            self.metrics.job_finished(job.nbytes, ok, dict(job.timings))
+            job.finished_at = time.monotonic()
+            if request.shm_path and request.client_pid and not _alive(request.client_pid):
+                _unlink(request.shm_path)  # its trainer is gone; nobody else will
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _prune(self, keep_s: float = 3600.0) -> None:
+        now = time.monotonic()
+        for k in [k for k, j in self.jobs.items() if j.finished_at and now - j.finished_at > keep_s]:
+            del self.jobs[k]
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Refuse new work and wait for every accepted job to finish."""
+        self.draining.set()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                return True
+            for t in threads:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() >= deadline:
+                with self._lock:
+                    return not self._threads
+
+
+def _nbytes(c: ckpt_pb2.ChunkRef) -> int:
+    n = dtype_from_name(c.dtype).itemsize
+    for s in c.sizes:
+        n *= s
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
