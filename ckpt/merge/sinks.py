@@ -1,0 +1,306 @@
+"""Where a merge's output goes: a ckpt checkpoint, or HF-style safetensors.
+
+A sink is told everything it will receive up front (:meth:`Sink.prepare`), then
+gets each tensor chunk by chunk, in the order it asked for, and finally commits.
+:class:`SinkThread` runs a sink on a thread of its own so that writing overlaps
+the arithmetic, with a bound on the output chunks in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from ..engine import as_bytes
+from ..errors import CheckpointExistsError
+from ..format import safetensors_code
+from ..regions import Box, split_into_chunks
+from ..save import SaveOptions
+from ..storage import Storage
+from ..writer import CheckpointWriter, ChunkStream
+from .sources import TensorPlan
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+HF_VALUES_KEY = "ckpt_values"  # same key as ckpt.interop.hf: JSON values ride in the metadata
+HF_MERGE_KEY = "ckpt_merge"
+
+
+class Sink(ABC):
+    """The receiving end of a merge."""
+
+    @abstractmethod
+    def prepare(self, plans: dict[str, TensorPlan], values: dict[str, Any], record: dict[str, Any]) -> list[str]:
+        """Learn what will come (tensors, JSON values, the merge record); return the tensor order."""
+
+    @abstractmethod
+    def boxes(self, plan: TensorPlan) -> list[Box]:
+        """How tensor ``plan.key`` arrives: row-major slabs, contiguous in its flattening."""
+
+    @abstractmethod
+    def begin(self, plan: TensorPlan) -> None: ...
+
+    @abstractmethod
+    def send(self, data: torch.Tensor) -> None:
+        """The next box of the current tensor."""
+
+    @abstractmethod
+    def end(self) -> None: ...
+
+    @abstractmethod
+    def commit(self, step: int | None) -> str:
+        """Make the output visible; return where it is."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Leave nothing visible (called after a failure)."""
+
+
+class CkptSink(Sink):
+    """A ckpt checkpoint through :class:`ckpt.writer.CheckpointWriter` (atomic commit)."""
+
+    def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 16 << 20) -> None:
+        self.options = options or SaveOptions(chunk_bytes=32 << 20)
+        self.pack_bytes = pack_bytes
+        self.writer = CheckpointWriter(uri, self.options, pack_bytes=pack_bytes)
+        self.uri = uri
+        self._ctx: AbstractContextManager[ChunkStream] | None = None
+        self._stream: ChunkStream | None = None
+        self._plan: TensorPlan | None = None
+
+    def prepare(self, plans: dict[str, TensorPlan], values: dict[str, Any], record: dict[str, Any]) -> list[str]:
+        for k, v in values.items():
+            self.writer.set_value(k, v)
+        self.record = record
+        return sorted(plans)
+
+    def _small(self, plan: TensorPlan) -> bool:
+        return plan.nbytes < self.pack_bytes
+
+    def boxes(self, plan: TensorPlan) -> list[Box]:
+        if self._small(plan):
+            return [Box.full(plan.shape)]
+        return split_into_chunks(Box.full(plan.shape), plan.out_dtype.itemsize, self.options.chunk_bytes)
+
+    def begin(self, plan: TensorPlan) -> None:
+        self._plan = plan
+        if not self._small(plan):
+            self._ctx = self.writer.tensor_stream(plan.key, plan.shape, plan.out_dtype)
+            self._stream = self._ctx.__enter__()
+            if self._stream.boxes != self.boxes(plan):
+                raise AssertionError(f"{plan.key}: the writer cuts the tensor differently than planned")
+
+    def send(self, data: torch.Tensor) -> None:
+        assert self._plan is not None
+        if self._stream is None:
+            self.writer.write_tensor(self._plan.key, data)
+        else:
+            self._stream.send(data)
+
+    def end(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx, self._stream = self._ctx, None, None
+            ctx.__exit__(None, None, None)
+        self._plan = None
+
+    def commit(self, step: int | None) -> str:
+        self.writer.commit(step=step, metadata={"merge": self.record})
+        return self.uri
+
+    def abort(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx, self._stream = self._ctx, None, None
+            try:
+                ctx.__exit__(RuntimeError, RuntimeError("merge aborted"), None)
+            except RuntimeError:
+                pass
+
+
+def _header(plans: list[TensorPlan], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    at = 0
+    for p in plans:
+        header[p.key] = {
+            "dtype": safetensors_code(p.out_dtype),
+            "shape": list(p.shape),
+            "data_offsets": [at, at + p.nbytes],
+        }
+        at += p.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class HFSink(Sink):
+    """Hugging Face safetensors: ``model.safetensors``, or numbered shards of at most
+    ``max_shard_bytes`` and ``model.safetensors.index.json`` (written last: the commit).
+
+    Shards are filled greedily in key order; inside a file the widest dtypes come
+    first so that every tensor is aligned to its item size. JSON values are kept as
+    JSON under the ``ckpt_values`` metadata key, the merge record under ``ckpt_merge``.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        max_shard_bytes: int | None = None,
+        chunk_bytes: int = 32 << 20,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if max_shard_bytes is not None and max_shard_bytes <= 0:
+            raise ValueError("max_shard_bytes must be positive")
+        self.storage = Storage(uri, **(storage_options or {}))
+        self.uri, self.max_shard_bytes, self.chunk_bytes = uri, max_shard_bytes, chunk_bytes
+        if not overwrite and (self.storage.exists(HF_INDEX) or self.storage.exists(HF_SINGLE)):
+            raise CheckpointExistsError(f"{uri}: holds a safetensors model; pass overwrite=True")
+        self.files: list[str] = []
+        self._tmp_single: str | None = None
+
+    def prepare(self, plans: dict[str, TensorPlan], values: dict[str, Any], record: dict[str, Any]) -> list[str]:
+        shards: list[list[TensorPlan]] = [[]]
+        size = 0
+        for key in sorted(plans):
+            p = plans[key]
+            if self.max_shard_bytes is not None and shards[-1] and size + p.nbytes > self.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(p)
+            size += p.nbytes
+        self.shards = [sorted(s, key=lambda p: -p.out_dtype.itemsize) for s in shards]
+        n = len(self.shards)
+        self.files = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        meta = {"format": "pt", HF_MERGE_KEY: json.dumps(record, separators=(",", ":"))}
+        if n == 1 and values:
+            meta[HF_VALUES_KEY] = json.dumps(values)
+        self.values, self.record, self.meta, self.total = values, record, meta, sum(p.nbytes for p in plans.values())
+        self._first = {s[0].key: i for i, s in enumerate(self.shards) if s}
+        self._last = {s[-1].key: i for i, s in enumerate(self.shards) if s}
+        self._ctx: AbstractContextManager | None = None
+        self._f = None
+        return [p.key for s in self.shards for p in s]
+
+    def boxes(self, plan: TensorPlan) -> list[Box]:
+        return split_into_chunks(Box.full(plan.shape), plan.out_dtype.itemsize, self.chunk_bytes)
+
+    def begin(self, plan: TensorPlan) -> None:
+        i = self._first.get(plan.key)
+        if i is not None:
+            rel = self.files[i]
+            if len(self.files) == 1:  # no index to commit by: write aside, then move in place
+                rel = self._tmp_single = f".{HF_SINGLE}.tmp-{uuid.uuid4().hex[:8]}"
+            self._ctx = self.storage.open_write(rel)
+            self._f = self._ctx.__enter__()
+            _write_all(self._f, memoryview(_header(self.shards[i], self.meta)))
+        self._key = plan.key
+
+    def send(self, data: torch.Tensor) -> None:
+        if data.numel():
+            _write_all(self._f, as_bytes(data.contiguous()))
+
+    def end(self) -> None:
+        if self._key in self._last and self._ctx is not None:
+            ctx, self._ctx, self._f = self._ctx, None, None
+            ctx.__exit__(None, None, None)
+
+    def commit(self, step: int | None) -> str:
+        if len(self.files) == 1:
+            assert self._tmp_single is not None
+            self.storage.fs.mv(self.storage.path(self._tmp_single), self.storage.path(HF_SINGLE))
+            self._tmp_single = None
+            self.storage.delete(HF_INDEX)  # a stale index would shadow the new file
+        else:
+            index = {
+                "metadata": {"total_size": self.total, HF_MERGE_KEY: self.record},
+                "weight_map": {p.key: name for name, s in zip(self.files, self.shards) for p in s},
+            }
+            if self.values:
+                index["metadata"][HF_VALUES_KEY] = self.values
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            self.storage.put_atomic(HF_INDEX, json.dumps(index, indent=2).encode())
+            self.storage.delete(HF_SINGLE)
+        for name in self.storage.listdir(""):
+            if name.startswith("model-") and name.endswith(".safetensors") and name not in self.files:
+                self.storage.delete(name)  # shards of a model this one replaced
+        return self.uri
+
+    def abort(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx, self._f = self._ctx, None, None
+            try:
+                ctx.__exit__(RuntimeError, RuntimeError("merge aborted"), None)
+            except RuntimeError:
+                pass
+        if self._tmp_single is not None:
+            self.storage.delete(self._tmp_single)
+
+
+def _write_all(f, buf: memoryview) -> None:
+    while len(buf):
+        n = f.write(buf)
+        if n is None or n == len(buf):
+            return
+        buf = buf[n:]
+
+
+class SinkThread:
+    """Run a sink's calls on a writer thread, in order, with at most ``slots`` output
+    chunks alive (being built, queued or written). The first error is raised in the
+    caller at its next call."""
+
+    def __init__(self, sink: Sink, slots: int = 2) -> None:
+        self.sink = sink
+        self._q: queue.Queue = queue.Queue()
+        self._sem = threading.Semaphore(slots)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ckpt-merge-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args, is_chunk = item
+            try:
+                if self._error is None:
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            finally:
+                if is_chunk:
+                    self._sem.release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """An output chunk buffer; waits while ``slots`` chunks are in flight."""
+        while not self._sem.acquire(timeout=0.1):
+            self._check()
+        self._check()
+        return torch.empty(numel, dtype=dtype)
+
+    def call(self, fn: Callable, *args: Any) -> None:
+        self._check()
+        self._q.put((fn, args, False))
+
+    def send(self, data: torch.Tensor) -> None:
+        """Queue one chunk (allocated by :meth:`alloc`)."""
+        self._check()
+        self._q.put((self.sink.send, (data,), True))
+
+    def close(self) -> None:
+        """Wait for everything queued; raise the first error."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
