@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
 )
 from .format import Manifest  # noqa: E402
 from .load import LoadOptions, load  # noqa: E402
+from .merge import merge  # noqa: E402  (the function; shadows the subpackage attribute)
 from .regions import Box  # noqa: E402
 from .save import SaveHandle, SaveOptions, async_save, save  # noqa: E402
 
@@ -40,5 +41,6 @@ __all__ = [
     "UnsupportedValueError",
     "async_save",
     "load",
+    "merge",
     "save",
 ]
