@@ -19,8 +19,10 @@ from .errors import (  # noqa: E402
 )
 from .format import Manifest  # noqa: E402
 from .load import LoadOptions, load  # noqa: E402
+from .manager import Manager  # noqa: E402
 from .merge import merge  # noqa: E402  (the function; shadows the subpackage attribute)
 from .regions import Box  # noqa: E402
+from .retention import RetentionPolicy  # noqa: E402
 from .save import SaveHandle, SaveOptions, async_save, save  # noqa: E402
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptChunkError",
     "LoadOptions",
+    "Manager",
     "Manifest",
+    "RetentionPolicy",
     "SaveAbortedError",
     "SaveBusyError",
     "SaveHandle",

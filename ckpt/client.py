@@ -41,7 +41,15 @@ class DaemonPersister:
                 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options)
         else:
             channel = grpc.insecure_channel(address, options)
-        self._stub = ckpt_pb2_grpc.CheckpointerStub(channel)
+        self.stub = ckpt_pb2_grpc.CheckpointerStub(channel)
+
+    def lookup(self, uri: str) -> tuple[str, str, set[str]] | None:
+        """The daemon's RAM-tier copy of ``uri``: (save_id, directory, objects), or None."""
+        try:
+            reply = self.stub.Lookup(ckpt_pb2.LookupRequest(uri=uri), timeout=10, metadata=self._metadata)
+        except grpc.RpcError:
+            return None
+        return (reply.save_id, reply.directory, set(reply.objects)) if reply.found else None
 
     def shm_path(self, tag: str) -> str:
         return f"/dev/shm/ckpt-{os.getpid()}-{tag}"
@@ -76,9 +84,9 @@ class DaemonPersister:
         try:
             if self.needs_shared_memory:
                 request.shm_path = buf.shm_path or ""
-                reply = self._stub.Persist(request, timeout=120, metadata=self._metadata)
+                reply = self.stub.Persist(request, timeout=120, metadata=self._metadata)
             else:
-                reply = self._stub.PersistStream(_parts(request, buf), timeout=None, metadata=self._metadata)
+                reply = self.stub.PersistStream(_parts(request, buf), timeout=None, metadata=self._metadata)
         except grpc.RpcError as e:
             raise SaveAbortedError(
                 f"{job.storage.uri}: ckpt-server at {self.address} did not take save {job.save_id}: "
@@ -94,7 +102,7 @@ class DaemonPersister:
         try:
             while True:
                 try:
-                    reply = self._stub.Wait(ckpt_pb2.WaitRequest(job_id=job_id, timeout_s=30), metadata=self._metadata)
+                    reply = self.stub.Wait(ckpt_pb2.WaitRequest(job_id=job_id, timeout_s=30), metadata=self._metadata)
                 except grpc.RpcError as e:
                     raise SaveAbortedError(
                         f"{job.storage.uri}: ckpt-server at {self.address} was lost while persisting save "

@@ -3,6 +3,8 @@ each local shard needs, verify them, and copy them in place."""
 
 from __future__ import annotations
 
+import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +15,12 @@ from .describe import TensorEntry, flatten, local_view
 from .engine import as_bytes, checksum
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .format import MANIFEST, Manifest, TensorRecord, itemsize
+from .ramtier import RamTierStorage
 from .readplan import Need, Read, ReadSettings, Segment, intersect_chunks, plan_reads
 from .regions import Box, span_view
 from .storage import Storage
+
+log = logging.getLogger("ckpt.load")
 
 
 @dataclass
@@ -27,6 +32,8 @@ class LoadOptions:
     verify: check every byte read against its block checksum.
     max_gap_bytes / max_read_bytes: coalescing of neighbouring ranges into one request.
     io_threads: concurrent reads.
+    daemon: a node-local ckpt-server (default $CKPT_DAEMON) whose RAM copy of this
+        very save, if it has one, serves the objects it holds; the rest comes from storage.
     """
 
     strict: bool = True
@@ -36,6 +43,7 @@ class LoadOptions:
     max_read_bytes: int = 64 << 20
     io_threads: int = 4
     storage_options: dict[str, Any] = field(default_factory=dict)
+    daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
 
 
 def read_manifest(storage: Storage) -> Manifest:
@@ -66,8 +74,10 @@ def load(
         options.strict = strict
     if allow_dtype_cast is not None:
         options.allow_dtype_cast = allow_dtype_cast
-    storage = Storage(uri, **options.storage_options)
+    storage: Storage | RamTierStorage = Storage(uri, **options.storage_options)
     manifest = read_manifest(storage)
+    if options.daemon:
+        storage = _with_ram_tier(storage, manifest, options.daemon)
     tensors, values, slots = flatten(state_dict)
     _check_match(manifest, tensors, values, options)
     read_tensors(storage, manifest, {k: e for k, e in tensors.items() if k in manifest.tensors}, options)
@@ -75,6 +85,20 @@ def load(
         if key in manifest.values:
             _assign(slots[key], manifest.values[key])
     return manifest
+
+
+def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage | RamTierStorage:
+    """Serve objects from the daemon's RAM copy when it is a copy of this very save."""
+    from .client import daemon_persister
+
+    found = daemon_persister(daemon).lookup(storage.uri)
+    if found is None:
+        return storage
+    save_id, directory, objects = found
+    if save_id != manifest.save_id:
+        log.info("%s: RAM copy is of save %s, storage has %s; reading storage", storage.uri, save_id, manifest.save_id)
+        return storage
+    return RamTierStorage(storage, directory, objects & set(manifest.objects))
 
 
 def _check_match(manifest: Manifest, tensors: dict[str, TensorEntry], values: dict[str, Any], options: LoadOptions):

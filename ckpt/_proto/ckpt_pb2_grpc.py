@@ -54,6 +54,16 @@ class CheckpointerStub:
                 request_serializer=ckpt__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=ckpt__pb2.MetricsReply.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/ckpt.v1.Checkpointer/Lookup',
+                request_serializer=ckpt__pb2.LookupRequest.SerializeToString,
+                response_deserializer=ckpt__pb2.LookupReply.FromString,
+                _registered_method=True)
+        self.ClearRamTier = channel.unary_unary(
+                '/ckpt.v1.Checkpointer/ClearRamTier',
+                request_serializer=ckpt__pb2.ClearRequest.SerializeToString,
+                response_deserializer=ckpt__pb2.ClearReply.FromString,
+                _registered_method=True)
 
 
 class CheckpointerServicer:
@@ -89,6 +99,20 @@ class CheckpointerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lookup(self, request, context):
+        """RAM tier: where this node holds a copy of a checkpoint's data objects.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearRamTier(self, request, context):
+        """Drop every RAM-tier copy (operators; tests of the storage fallback).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckpointerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +135,16 @@ def add_CheckpointerServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=ckpt__pb2.MetricsRequest.FromString,
                     response_serializer=ckpt__pb2.MetricsReply.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=ckpt__pb2.LookupRequest.FromString,
+                    response_serializer=ckpt__pb2.LookupReply.SerializeToString,
+            ),
+            'ClearRamTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearRamTier,
+                    request_deserializer=ckpt__pb2.ClearRequest.FromString,
+                    response_serializer=ckpt__pb2.ClearReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +255,60 @@ class Checkpointer:
             '/ckpt.v1.Checkpointer/Metrics',
             ckpt__pb2.MetricsRequest.SerializeToString,
             ckpt__pb2.MetricsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.v1.Checkpointer/Lookup',
+            ckpt__pb2.LookupRequest.SerializeToString,
+            ckpt__pb2.LookupReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearRamTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ckpt.v1.Checkpointer/ClearRamTier',
+            ckpt__pb2.ClearRequest.SerializeToString,
+            ckpt__pb2.ClearReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,10 +8,12 @@ before exiting.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.server
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ckpt._proto import ckpt_pb2_grpc
 
 from .metrics import Metrics
+from .ramtier import RamTier
 from .service import Budget, CheckpointerService
 
 log = logging.getLogger("ckpt_server")
@@ -79,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key for TLS on the TCP listener")
     p.add_argument("--memory-budget", type=parse_bytes, help="most snapshot bytes held at once, e.g. 16GiB")
     p.add_argument("--budget-wait", type=float, default=30.0, help="seconds a job waits for budget before refusal")
+    p.add_argument(
+        "--ram-tier",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep each job's latest checkpoint in memory for fast restore (default: on)",
+    )
+    p.add_argument("--ram-tier-dir", help="tmpfs directory for the RAM tier (default: under /dev/shm)")
+    p.add_argument(
+        "--ram-tier-budget", type=parse_bytes, help="most bytes the RAM tier holds (default: --memory-budget)"
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on 127.0.0.1:PORT")
     p.add_argument("--drain-timeout", type=float, default=None, help="on SIGTERM, wait at most this long")
     p.add_argument("--log-level", default="info")
@@ -100,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     metrics = Metrics()
-    service = CheckpointerService(Budget(args.memory_budget), args.budget_wait, metrics)
+    ram_tier = None
+    if args.ram_tier:
+        tag = hashlib.sha256(os.path.abspath(args.socket).encode()).hexdigest()[:12]
+        base = args.ram_tier_dir or f"/dev/shm/ckpt-ram-{os.getuid()}-{tag}"
+        shutil.rmtree(base, ignore_errors=True)  # copies of a previous daemon: their index died with it
+        ram_tier = RamTier(base, args.ram_tier_budget if args.ram_tier_budget is not None else args.memory_budget)
+    service = CheckpointerService(Budget(args.memory_budget), args.budget_wait, metrics, ram_tier)
     health_servicer = health.HealthServicer()
 
     def make_server(interceptors=()) -> grpc.Server:
@@ -150,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         s.stop(grace=2).wait()
     if os.path.exists(args.socket):
         os.unlink(args.socket)
+    if ram_tier is not None:
+        ram_tier.clear()
+        shutil.rmtree(ram_tier.base, ignore_errors=True)
     log.info("stopped", extra={"drained": drained})
     return 0 if drained else 1
 

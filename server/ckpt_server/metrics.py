@@ -32,7 +32,7 @@ class Metrics:
             for phase, s in timings.items():
                 self.phase_seconds[phase] += s
 
-    def render(self) -> str:
+    def render(self, ram_tier_bytes: int = 0) -> str:
         with self._lock:
             lines = [
                 "# HELP ckpt_bytes_persisted_total Bytes of checkpoint data made durable.",
@@ -53,5 +53,8 @@ class Metrics:
                 "# HELP ckpt_bytes_held Bytes of snapshots the daemon holds (mapped or buffered).",
                 "# TYPE ckpt_bytes_held gauge",
                 f"ckpt_bytes_held {self.bytes_held}",
+                "# HELP ckpt_ram_tier_bytes Bytes of committed checkpoints kept in memory for fast restore.",
+                "# TYPE ckpt_ram_tier_bytes gauge",
+                f"ckpt_ram_tier_bytes {ram_tier_bytes}",
             ]
         return "\n".join(lines) + "\n"

@@ -16,10 +16,12 @@ import torch
 from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
 from ckpt.engine import ChunkSpec, PersistJob, StagedChunk, Timings, persist_rank
 from ckpt.format import dtype_from_name
+from ckpt.ramtier import TeeStorage
 from ckpt.regions import Box
 from ckpt.storage import Storage
 
 from .metrics import Metrics
+from .ramtier import RamTier
 
 log = logging.getLogger("ckpt_server")
 
@@ -65,8 +67,8 @@ class Job:
 
 
 class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
-    def __init__(self, budget: Budget, budget_wait_s: float, metrics: Metrics) -> None:
-        self.budget, self.budget_wait_s, self.metrics = budget, budget_wait_s, metrics
+    def __init__(self, budget: Budget, budget_wait_s: float, metrics: Metrics, ram_tier: RamTier | None) -> None:
+        self.budget, self.budget_wait_s, self.metrics, self.ram_tier = budget, budget_wait_s, metrics, ram_tier
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
@@ -120,7 +122,19 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         return ckpt_pb2.WaitReply(done=True, ok=True, timings=job.timings)
 
     def Metrics(self, request, context) -> ckpt_pb2.MetricsReply:
-        return ckpt_pb2.MetricsReply(text=self.metrics.render())
+        ram = self.ram_tier.nbytes if self.ram_tier is not None else 0
+        return ckpt_pb2.MetricsReply(text=self.metrics.render(ram_tier_bytes=ram))
+
+    def Lookup(self, request: ckpt_pb2.LookupRequest, context) -> ckpt_pb2.LookupReply:
+        copy = self.ram_tier.lookup(request.uri) if self.ram_tier is not None else None
+        if copy is None:
+            return ckpt_pb2.LookupReply(found=False)
+        return ckpt_pb2.LookupReply(
+            found=True, save_id=copy.save_id, directory=copy.directory, objects=sorted(copy.objects)
+        )
+
+    def ClearRamTier(self, request, context) -> ckpt_pb2.ClearReply:
+        return ckpt_pb2.ClearReply(bytes_freed=self.ram_tier.clear() if self.ram_tier is not None else 0)
 
     # -- internals --------------------------------------------------------------------------
     def _admit(self, request: ckpt_pb2.PersistRequest, context: grpc.ServicerContext) -> None:
@@ -144,6 +158,8 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 for c in request.chunks
             ]
             storage = Storage(request.uri, **json.loads(request.storage_options_json or "{}"))
+            if self.ram_tier is not None and self.ram_tier.admits(request.buffer_bytes):
+                storage = TeeStorage(storage, self.ram_tier.directory(request.uri))
         except Exception:
             self.budget.release(request.buffer_bytes)
             raise
@@ -175,9 +191,13 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         try:
             persist_rank(persist, job.timings)
             ok = True
+            if isinstance(persist.storage, TeeStorage):
+                self.ram_tier.record(request.uri, request.save_id, persist.storage.written)
             job.future.set_result(None)
             log.info("committed" if persist.rank == 0 else "persisted", extra={"job": job.id, **job.timings})
         except BaseException as e:
+            if isinstance(persist.storage, TeeStorage):
+                persist.storage.discard()
             job.future.set_exception(e)
             log.error("failed", extra={"job": job.id, "error": f"{type(e).__name__}: {e}"})
         finally:
