@@ -6,6 +6,7 @@ import atexit
 import os
 import secrets
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,16 +135,17 @@ class SaveHandle:
         self._staged = threading.Event()
         self._stage_error: BaseException | None = None
         self._future: Future | None = None
-        self._hooks: list[Any] = []
 
     def wait_staged(self) -> None:
         """Block until the snapshot is taken (returns at once unless ``lazy=True``)."""
         self._staged.wait()
-        self._remove_hooks()
         if self._stage_error is not None:
             raise self._stage_error
 
     def done(self) -> bool:
+        """True once the save has committed or failed (``wait()`` then returns at once)."""
+        if self._staged.is_set() and self._stage_error is not None:
+            return True
         return self._future is not None and self._future.done()
 
     def wait(self, timeout: float | None = None) -> str:
@@ -152,9 +154,34 @@ class SaveHandle:
         self._future.result(timeout)
         return self.save_id
 
-    def _remove_hooks(self) -> None:
-        while self._hooks:
-            self._hooks.pop().remove()
+
+# optimizer -> lazy saves whose snapshot its next step must wait for
+_guarded: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[SaveHandle]] = weakref.WeakKeyDictionary()
+_guard_lock = threading.Lock()
+
+
+def _guard(optimizer: torch.optim.Optimizer, handle: SaveHandle) -> None:
+    """Make ``optimizer.step`` wait for ``handle``'s snapshot.
+
+    One step pre-hook per optimizer, registered once and never removed: torch
+    iterates over the hooks while calling them, so a hook that removed itself
+    (or another's removal) would break the step whenever other hooks exist.
+    """
+    with _guard_lock:
+        pending = _guarded.get(optimizer)
+        if pending is None:
+            pending = _guarded[optimizer] = []
+            optimizer.register_step_pre_hook(_wait_for_snapshots)
+        pending.append(handle)
+
+
+def _wait_for_snapshots(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    with _guard_lock:
+        pending = _guarded.get(optimizer, [])
+        handles, pending[:] = list(pending), []
+    for h in handles:
+        # Only wait: a failed snapshot is raised by ``wait()``, not by the training step.
+        h._staged.wait()
 
 
 def save(
@@ -258,7 +285,7 @@ def _start(
             raise handle._stage_error
         return handle
     if guard is not None:
-        handle._hooks.append(guard.register_step_pre_hook(lambda *_: handle.wait_staged()))
+        _guard(guard, handle)
     threading.Thread(target=do_stage, name="ckpt-lazy-stage", daemon=True).start()
     return handle
 
