@@ -3,18 +3,31 @@
 Only two things differ by backend, because fsspec cannot express them: local
 files are made durable with fsync and committed with an atomic rename; object
 stores are durable once a PUT returns and commit with a single PUT.
+
+On S3 (ckpt/s3.py) large objects go up as parallel multipart uploads that are
+aborted on failure, reads are ranged GETs streamed into the caller's buffers,
+and listings are never served from a cache, so polling sees new objects.
+Every call to a remote backend runs under a :class:`~ckpt.retry.RetryPolicy`
+(``storage_options["retry"]``: a policy or a dict of its fields).
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from dataclasses import asdict
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from . import s3
+from .multipart import MultipartWriter
+from .retry import RetryPolicy
+
+T = TypeVar("T")
 
 
 class Storage:
@@ -22,10 +35,25 @@ class Storage:
 
     def __init__(self, uri: str, **storage_options) -> None:
         self.uri = uri
-        self.options = storage_options  # kept so another process (the daemon) can reopen it
-        self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
+        opts = dict(storage_options)
+        self.retry = RetryPolicy.of(opts.pop("retry", None))
+        if "retry" in storage_options:
+            storage_options = {**storage_options, "retry": asdict(self.retry)}
+        self.options = storage_options  # kept (JSON-able) so another process (the daemon) can reopen it
+        self.s3 = s3.is_s3(uri)
+        if self.s3:
+            opts = s3.s3_options(opts)
+        self.fs, self.root = fsspec.core.url_to_fs(uri, **opts)
+        if self.s3:
+            s3.adopt(self.fs)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = self.root.rstrip("/")
+
+    def _call(self, operation: str, rel: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under the retry policy (remote backends); errors name ``rel``."""
+        if self.local:
+            return fn()
+        return self.retry.call(operation, self.describe(rel), fn)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -42,6 +70,16 @@ class Storage:
             with open(path, "wb", buffering=0) as f:
                 yield f
                 os.fsync(f.fileno())
+        elif self.s3:
+            w = MultipartWriter(
+                self.fs, path, self.describe(rel), self.fs.default_block_size, self.fs.max_concurrency, self.retry
+            )
+            try:
+                yield w  # type: ignore[misc]
+            except BaseException as e:
+                w.abort(cause=e)
+                raise
+            w.close()
         else:
             with self.fs.open(path, "wb") as f:
                 yield f
@@ -67,14 +105,20 @@ class Storage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        elif self.s3:
+            bucket, key, _ = self.fs.split_path(path)
+            self._call("PutObject", rel, lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data))
+            self.fs.invalidate_cache(path)
         else:
-            self.fs.pipe_file(path, data)
+            self._call("put", rel, lambda: self.fs.pipe_file(path, data))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self._call("GetObject", rel, lambda: self.fs.cat_file(self.path(rel)))
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
-        return self.fs.cat_file(self.path(rel), start=start, end=stop)
+        return self._call(
+            f"GetObject bytes [{start}, {stop})", rel, lambda: self.fs.cat_file(self.path(rel), start=start, end=stop)
+        )
 
     def read_into_many(self, rel: str, start: int, bufs: list[memoryview]) -> None:
         """Fill ``bufs`` in order with the object's bytes from ``start`` (a scatter read).
@@ -100,6 +144,12 @@ class Storage:
                         pending[0] = pending[0][k:]
             finally:
                 os.close(fd)
+        elif self.s3:
+            got = self._call(
+                f"GetObject bytes [{start}, {start + n})",
+                rel,
+                lambda: s3.read_into(self.fs, self.path(rel), start, bufs),
+            )
         else:
             data = memoryview(self.read_range(rel, start, start + n))
             got, at = len(data), 0
@@ -113,25 +163,36 @@ class Storage:
             )
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        path = self.path(rel)
+        if self.s3:
+            self.fs.invalidate_cache(path)  # a cached listing would hide objects written since
+        return self._call("exists", rel, lambda: self.fs.exists(path))
 
     def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
+        if self.s3:
+            return int(self._call("HeadObject", rel, lambda: self.fs.info(self.path(rel), refresh=True))["size"])
+        return int(self._call("size", rel, lambda: self.fs.size(self.path(rel))))
 
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        extra = {"refresh": True} if self.s3 else {}
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self._call("list", rel, lambda: self.fs.ls(self.path(rel), detail=False, **extra))
         except FileNotFoundError:
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        me = self.fs._strip_protocol(self.path(rel)).rstrip("/")
+        # an empty "directory" (a key ending in "/") lists as itself on object stores: not a child
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != me)
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         try:
-            self.fs.rm(self.path(rel), recursive=recursive)
+            self._call("delete", rel, lambda: self.fs.rm(self.path(rel), recursive=recursive))
         except FileNotFoundError:
             pass
 
     def invalidate(self) -> None:
         """Forget cached listings (object stores) so polling sees new objects."""
-        self.fs.invalidate_cache()
+        if self.s3:
+            self.fs.invalidate_cache(self.root)  # only this prefix: the s3fs instance is shared
+        else:
+            self.fs.invalidate_cache()

@@ -1,0 +1,294 @@
+"""ckpt over S3, against a real S3 server (SeaweedFS on loopback, see tests/seaweed.py).
+
+Covers: save / load / reshard on 2 ranks, credentials through storage_options and
+through the standard AWS environment, multipart vs single PUT, ranged reads that
+fetch only what a region needs, listings that polling can trust, aborted
+multipart uploads, and the reader / writer for offline tools.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import s3fs
+import torch
+import torch.distributed as dist
+from dist import run_ranks
+from faultproxy import FaultProxy
+from seaweed import shared_server, stop_shared
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import ckpt
+from ckpt.format import MANIFEST
+from ckpt.reader import CheckpointReader
+from ckpt.storage import Storage
+from ckpt.writer import CheckpointWriter
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = shared_server()  # one per session, shared with the other S3 test modules
+    yield server
+    stop_shared()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    return s3_server.make_bucket()
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "w": torch.randn(3 * MiB // 4, generator=g),  # 3 MiB of fp32
+            "h": torch.randn(257, 129, generator=g).to(torch.bfloat16),
+            "ids": torch.randint(0, 1 << 40, (1000,), generator=g),
+            "empty": torch.zeros(0, 4),
+        },
+        "step": 7,
+        "lr": 0.25,
+    }
+
+
+def _zeros_like(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out[k] = _zeros_like(v)
+        elif isinstance(v, torch.Tensor):
+            out[k] = torch.zeros_like(v)
+        else:
+            out[k] = type(v)()
+    return out
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    for k, v in a.items():
+        if isinstance(v, dict):
+            _assert_equal(v, b[k])
+        elif isinstance(v, torch.Tensor):
+            assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+        else:
+            assert v == b[k], k
+
+
+def _fs(server) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+
+
+def _open_uploads(server, bucket: str) -> list[dict]:
+    return _fs(server).call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+def test_save_load_with_storage_options(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/run/step-1"
+    opts = s3_server.storage_options()
+    sd = _state()
+    ckpt.save(sd, uri, step=1, options=ckpt.SaveOptions(storage_options=opts))
+    got = _zeros_like(sd)
+    manifest = ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=opts))
+    _assert_equal(sd, got)
+    assert manifest.step == 1
+    names = Storage(uri, **opts).listdir("")
+    assert MANIFEST in names and "data" in names
+
+
+def test_credentials_and_endpoint_from_aws_environment(s3_server, s3_bucket, monkeypatch):
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    uri = f"s3://{s3_bucket}/env/step-2"
+    sd = _state(1)
+    ckpt.save(sd, uri)  # no storage_options at all: botocore reads the environment
+    got = _zeros_like(sd)
+    ckpt.load(got, uri)
+    _assert_equal(sd, got)
+    assert torch.equal(CheckpointReader(uri).read("model.w"), sd["model"]["w"])
+
+
+def test_wrong_credentials_fail_at_once_naming_the_location(s3_server, s3_bucket):
+    opts = {**s3_server.storage_options(), "secret": "not-the-secret"}
+    with pytest.raises(PermissionError):
+        ckpt.load({"x": torch.zeros(1)}, f"s3://{s3_bucket}/nothing", options=ckpt.LoadOptions(storage_options=opts))
+
+
+def test_missing_checkpoint_is_not_found(s3_server, s3_bucket):
+    opts = s3_server.storage_options()
+    with pytest.raises(ckpt.CheckpointNotFoundError, match=s3_bucket):
+        ckpt.load({"x": torch.zeros(1)}, f"s3://{s3_bucket}/absent", options=ckpt.LoadOptions(storage_options=opts))
+
+
+def test_large_objects_go_multipart_small_ones_single_put(s3_server, s3_bucket):
+    """Part size and concurrency are s3fs's own options; the proxy log shows the requests."""
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        opts = {
+            **s3_server.storage_options(endpoint_url=proxy.endpoint_url),
+            "default_block_size": 5 * MiB,
+            "max_concurrency": 3,
+        }
+        uri = f"s3://{s3_bucket}/mp/step-1"
+        big = torch.randn(23 * MiB // 4)  # 23 MiB: 5 parts of 5 MiB
+        ckpt.save({"big": big, "small": torch.arange(3)}, uri, options=ckpt.SaveOptions(storage_options=opts))
+        data_puts = proxy.entries(op="UploadPart", path="/data/")
+        assert len(data_puts) == 5 and all(e.status == 200 for e in data_puts)
+        assert len(proxy.entries(op="CreateMultipartUpload")) == 1
+        assert len(proxy.entries(op="CompleteMultipartUpload")) == 1
+        manifest_puts = proxy.entries(path=f"/{MANIFEST}")
+        assert [e.op for e in manifest_puts if e.method == "PUT"] == ["PutObject"]
+        assert not proxy.entries(op="PutObject", path="/data/")
+    got = {"big": torch.zeros_like(big), "small": torch.zeros(3, dtype=torch.int64)}
+    ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=s3_server.storage_options()))
+    assert torch.equal(got["big"], big) and torch.equal(got["small"], torch.arange(3))
+    assert _open_uploads(s3_server, s3_bucket) == []
+
+
+def test_reads_are_ranged_and_only_what_a_region_needs(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/ranged/step-1"
+    full = torch.randn(1024, 2048)  # 8 MiB, stored as chunks of 1 MiB
+    opts = s3_server.storage_options()
+    ckpt.save({"w": full}, uri, options=ckpt.SaveOptions(chunk_bytes=MiB, block_bytes=256 << 10, storage_options=opts))
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        popts = s3_server.storage_options(endpoint_url=proxy.endpoint_url)
+        reader = CheckpointReader(uri, ckpt.LoadOptions(storage_options=popts))
+        box = ckpt.Box((300, 0), (10, 2048))  # 80 KiB inside one stored chunk
+        assert torch.equal(reader.read("w", box), full[300:310])
+        gets = proxy.entries(op="GetObject", path="/data/")
+        assert gets and all(e.range and e.range.startswith("bytes=") for e in gets)
+        assert sum(e.response_bytes for e in gets) <= 256 << 10  # one checksum block, not the object
+
+        proxy.clear()
+        got = {"w": torch.zeros_like(full)}
+        ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=popts))
+        assert torch.equal(got["w"], full)
+        gets = proxy.entries(op="GetObject", path="/data/")
+        assert all(e.range for e in gets)
+        stored = Storage(uri, **opts).size(next(iter(reader.manifest.objects)))
+        assert sum(e.response_bytes for e in gets) <= stored  # every byte fetched once at most
+
+
+def test_listing_and_exists_see_objects_written_by_another_client(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/poll"
+    opts = s3_server.storage_options()
+    watcher = Storage(uri, **opts)
+    other = Storage(uri, **opts, skip_instance_cache=True)  # another process, in effect
+    assert watcher.listdir("_staging/x") == [] and not watcher.exists("_staging/x/rank-00000.json")
+    other.put_atomic("_staging/x/rank-00000.json", b"{}")
+    assert watcher.listdir("_staging/x") == ["rank-00000.json"]
+    assert watcher.exists("_staging/x/rank-00000.json")
+    other.delete("_staging/x/rank-00000.json")
+    assert not watcher.exists("_staging/x/rank-00000.json")
+    assert watcher.listdir("_staging/x") == []
+
+
+def test_overwrite_replaces_data_and_drops_old_objects(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/ow/latest"
+    opts = s3_server.storage_options()
+    first, second = _state(2), _state(3)
+    ckpt.save(first, uri, options=ckpt.SaveOptions(storage_options=opts))
+    storage = Storage(uri, **opts)
+    old_objects = set(storage.listdir("data"))
+    with pytest.raises(ckpt.CheckpointExistsError):
+        ckpt.save(second, uri, options=ckpt.SaveOptions(storage_options=opts))
+    ckpt.save(second, uri, options=ckpt.SaveOptions(storage_options=opts, overwrite=True))
+    got = _zeros_like(second)
+    ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=opts))
+    _assert_equal(second, got)
+    assert not old_objects & set(storage.listdir("data"))
+
+
+def test_failed_streaming_write_aborts_its_multipart_upload(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/abort/step-1"
+    opts = {**s3_server.storage_options(), "default_block_size": 5 * MiB}
+    with pytest.raises(RuntimeError, match="producer died"):
+        with CheckpointWriter(uri, ckpt.SaveOptions(chunk_bytes=4 * MiB, storage_options=opts)) as w:
+            with w.tensor_stream("big", (6, MiB), torch.float32) as stream:
+                for i, _box in enumerate(stream.boxes):
+                    if i == 4:  # 16 MiB sent: three parts are up
+                        raise RuntimeError("producer died")
+                    stream.send(torch.full((1, MiB), float(i)))
+    assert _open_uploads(s3_server, s3_bucket) == []
+    storage = Storage(uri, **opts)
+    assert not storage.exists(MANIFEST)
+    assert storage.listdir("data") == []  # nothing was published under the object's key
+
+
+def test_writer_and_reader_with_storage_options(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/offline/merged"
+    opts = {**s3_server.storage_options(), "default_block_size": 5 * MiB}
+    big = torch.randn(3, 3 * MiB)
+    with CheckpointWriter(uri, ckpt.SaveOptions(chunk_bytes=4 * MiB, storage_options=opts)) as w:
+        w.write_tensor("small", torch.arange(10))
+        with w.tensor_stream("big", tuple(big.shape), big.dtype) as stream:
+            for box in stream.boxes:
+                stream.send(big[box.slices()])
+        w.set_value("note", "hello")
+        w.commit(step=5)
+    reader = CheckpointReader(uri, ckpt.LoadOptions(storage_options=opts))
+    assert reader.manifest.step == 5 and reader.values["note"] == "hello"
+    assert torch.equal(reader.read("big"), big)
+    assert torch.equal(reader.read("small"), torch.arange(10))
+    assert reader.verify() == []
+
+
+def _save_sharded(rank: int, world: int, uri: str, opts: dict) -> None:
+    torch.manual_seed(0)
+    full = torch.randn(64, 33)
+    emb = torch.randn(50, 16).to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {
+        "w": distribute_tensor(full, mesh, [Shard(0)]),
+        "emb": distribute_tensor(emb, mesh, [Shard(1)]),
+        "rep": torch.arange(9),
+        "step": 11,
+    }
+    ckpt.save(sd, uri, step=11, options=ckpt.SaveOptions(storage_options=opts))
+    dist.barrier()
+
+
+def _load_resharded(rank: int, world: int, uri: str, opts: dict) -> None:
+    torch.manual_seed(0)
+    full = torch.randn(64, 33)
+    emb = torch.randn(50, 16).to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (world,))
+    sd = {
+        "w": distribute_tensor(torch.zeros(64, 33), mesh, [Shard(1)]),  # saved as Shard(0)
+        "emb": distribute_tensor(torch.zeros(50, 16, dtype=torch.bfloat16), mesh, [Shard(0)]),
+        "rep": torch.zeros(9, dtype=torch.int64),
+        "step": 0,
+    }
+    ckpt.load(sd, uri, options=ckpt.LoadOptions(storage_options=opts))
+    assert torch.equal(sd["w"].full_tensor(), full)
+    assert torch.equal(sd["emb"].full_tensor(), emb)
+    assert torch.equal(sd["rep"], torch.arange(9)) and sd["step"] == 11
+
+
+def test_two_ranks_save_and_reshard_load(s3_server, s3_bucket):
+    uri = f"s3://{s3_bucket}/dist/step-11"
+    opts = s3_server.storage_options()
+    run_ranks(_save_sharded, 2, uri, opts)
+    assert _open_uploads(s3_server, s3_bucket) == []
+    run_ranks(_load_resharded, 2, uri, opts)
+    torch.manual_seed(0)
+    full = torch.randn(64, 33)
+    one = {"w": torch.zeros(64, 33)}
+    ckpt.load(one, uri, strict=False, options=ckpt.LoadOptions(storage_options=opts))
+    assert torch.equal(one["w"], full)
+
+
+def _save_env(rank: int, world: int, uri: str) -> None:
+    assert "AWS_ENDPOINT_URL" in os.environ
+    ckpt.save({"x": torch.full((4,), 1.5), "rank": rank}, uri)
+
+
+def test_two_ranks_through_the_aws_environment(s3_server, s3_bucket, monkeypatch):
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    uri = f"s3://{s3_bucket}/dist-env/step-1"
+    run_ranks(_save_env, 2, uri)
+    got = {"x": torch.zeros(4), "rank": -1}
+    ckpt.load(got, uri)
+    assert torch.equal(got["x"], torch.full((4,), 1.5)) and got["rank"] == 0
