@@ -141,11 +141,13 @@ def _header(plans: list[TensorPlan], metadata: dict[str, str]) -> bytes:
 
 class HFSink(Sink):
     """Hugging Face safetensors: ``model.safetensors``, or numbered shards of at most
-    ``max_shard_bytes`` and ``model.safetensors.index.json`` (written last: the commit).
+    ``max_shard_bytes`` and ``model.safetensors.index.json``.
 
     Shards are filled greedily in key order; inside a file the widest dtypes come
     first so that every tensor is aligned to its item size. JSON values are kept as
     JSON under the ``ckpt_values`` metadata key, the merge record under ``ckpt_merge``.
+    Files are written under temporary names and moved into place at commit (the
+    index last), so a failed merge leaves any previous model as it was.
     """
 
     def __init__(
@@ -163,7 +165,11 @@ class HFSink(Sink):
         if not overwrite and (self.storage.exists(HF_INDEX) or self.storage.exists(HF_SINGLE)):
             raise CheckpointExistsError(f"{uri}: holds a safetensors model; pass overwrite=True")
         self.files: list[str] = []
-        self._tmp_single: str | None = None
+        self._token = uuid.uuid4().hex[:8]
+        self._written: list[str] = []  # temporary files, in the order of self.files
+
+    def _tmp(self, name: str) -> str:
+        return f".{name}.tmp-{self._token}"
 
     def prepare(self, plans: dict[str, TensorPlan], values: dict[str, Any], record: dict[str, Any]) -> list[str]:
         shards: list[list[TensorPlan]] = [[]]
@@ -194,9 +200,8 @@ class HFSink(Sink):
     def begin(self, plan: TensorPlan) -> None:
         i = self._first.get(plan.key)
         if i is not None:
-            rel = self.files[i]
-            if len(self.files) == 1:  # no index to commit by: write aside, then move in place
-                rel = self._tmp_single = f".{HF_SINGLE}.tmp-{uuid.uuid4().hex[:8]}"
+            rel = self._tmp(self.files[i])
+            self._written.append(rel)
             self._ctx = self.storage.open_write(rel)
             self._f = self._ctx.__enter__()
             _write_all(self._f, memoryview(_header(self.shards[i], self.meta)))
@@ -211,22 +216,28 @@ class HFSink(Sink):
             ctx, self._ctx, self._f = self._ctx, None, None
             ctx.__exit__(None, None, None)
 
+    def _move_in(self) -> None:
+        for tmp, name in zip(self._written, self.files):
+            self.storage.fs.mv(self.storage.path(tmp), self.storage.path(name))
+        self._written = []
+
     def commit(self, step: int | None) -> str:
+        if len(self._written) != len(self.files):
+            raise AssertionError(f"{len(self._written)} of {len(self.files)} safetensors files written")
         if len(self.files) == 1:
-            assert self._tmp_single is not None
-            self.storage.fs.mv(self.storage.path(self._tmp_single), self.storage.path(HF_SINGLE))
-            self._tmp_single = None
-            self.storage.delete(HF_INDEX)  # a stale index would shadow the new file
+            self._move_in()  # replaces a previous model.safetensors in one step
+            self.storage.delete(HF_INDEX)  # a stale index must not describe other files
         else:
+            self.storage.delete(HF_INDEX)  # the previous sharded model stops being one before its shards change
+            self._move_in()
+            self.storage.delete(HF_SINGLE)
             index = {
                 "metadata": {"total_size": self.total, HF_MERGE_KEY: self.record},
-                "weight_map": {p.key: name for name, s in zip(self.files, self.shards) for p in s},
+                "weight_map": dict(sorted((p.key, name) for name, s in zip(self.files, self.shards) for p in s)),
             }
             if self.values:
                 index["metadata"][HF_VALUES_KEY] = self.values
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
             self.storage.put_atomic(HF_INDEX, json.dumps(index, indent=2).encode())
-            self.storage.delete(HF_SINGLE)
         for name in self.storage.listdir(""):
             if name.startswith("model-") and name.endswith(".safetensors") and name not in self.files:
                 self.storage.delete(name)  # shards of a model this one replaced
@@ -239,8 +250,9 @@ class HFSink(Sink):
                 ctx.__exit__(RuntimeError, RuntimeError("merge aborted"), None)
             except RuntimeError:
                 pass
-        if self._tmp_single is not None:
-            self.storage.delete(self._tmp_single)
+        for tmp in self._written:
+            self.storage.delete(tmp)
+        self._written = []
 
 
 def _write_all(f, buf: memoryview) -> None:

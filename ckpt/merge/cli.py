@@ -1,0 +1,162 @@
+"""``ckpt merge``: the command-line face of :func:`ckpt.merge`.
+
+``ckpt/cli.py`` owns the ``ckpt`` command and calls :func:`register` to add this
+subcommand; :func:`run` is the handler (it returns the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+import sys
+from typing import Any
+
+import fsspec
+
+from ..errors import CheckpointError
+from .driver import FORMATS, merge
+from .methods import method_names
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` (10^9, as on the Hub), ``"512MiB"`` (2^20), ``"1000000"`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 512MiB, 1000000)")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if "i" in unit:
+        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
+    else:
+        factor = _UNITS[unit.rstrip("b")]
+    return int(number * factor)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``merge`` subcommand (its handler is ``args.func``)."""
+    p = subparsers.add_parser(
+        "merge",
+        help="average / weigh / search a combination of checkpoints (streaming)",
+        description="Merge checkpoints: every floating tensor of the output is sum_i w_i * theta_i. "
+        "Non-floating tensors and JSON values come from the base source (default: the latest). "
+        "See docs/MERGING.md.",
+    )
+    p.add_argument("sources", nargs="+", help="checkpoints (globs are expanded, also for s3:// and other URLs)")
+    p.add_argument("-o", "--output", required=True, help="where to write the merged checkpoint")
+    p.add_argument("--method", default="uniform", choices=method_names(), help="weighting (default: uniform)")
+    p.add_argument("--weights", help="explicit: comma-separated weights, in the order of the sources")
+    p.add_argument("--normalize", action="store_true", help="explicit: divide the weights by their sum")
+    p.add_argument("--allow-negative", action="store_true", help="explicit: allow negative weights")
+    p.add_argument("--decay", type=float, help="ema: decay per checkpoint, in [0, 1) (default 0.9)")
+    p.add_argument("--metric", help="mwa / lcsc: metric recorded at save (default for mwa: weigh by step)")
+    p.add_argument("--higher-is-better", action="store_true", help="mwa / lcsc: the metric is a score, not a loss")
+    p.add_argument("--penalty", type=float, help="mwa: penalty factor >= 0 (0 = uniform; default 1)")
+    p.add_argument("--eval", dest="evaluate", help="lcsc: module:function taking a state dict, lower is better")
+    p.add_argument("--budget", type=int, help="lcsc: number of evaluations (default 100)")
+    p.add_argument("--seed", type=int, help="lcsc: random seed (default 0)")
+    p.add_argument(
+        "--option", action="append", type=_option, default=[], metavar="KEY=VALUE", help="any other method option"
+    )
+    p.add_argument("--format", dest="output_format", default="ckpt", choices=FORMATS, help="output format")
+    p.add_argument("--max-shard-size", type=parse_size, help="hf: largest shard, e.g. 5GB (default: one file)")
+    p.add_argument("--dtype", help="output dtype of merged tensors: fp32, bf16, fp16, ... (default: as stored)")
+    p.add_argument("--base", help="source giving non-floating tensors and values: index or URI (default: latest)")
+    p.add_argument("--include", action="append", help="glob on flat keys to keep (repeatable)")
+    p.add_argument("--exclude", action="append", help="glob on flat keys to drop (repeatable)")
+    p.add_argument("--chunk-size", type=parse_size, default=32 << 20, help="output chunk size (default 32MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def expand_sources(patterns: list[str]) -> list[str]:
+    """Expand globs the shell did not (URLs, quoted patterns); keep the rest as given."""
+    out: list[str] = []
+    for pat in patterns:
+        if not glob.has_magic(pat):
+            out.append(pat)
+            continue
+        if "://" in pat:
+            fs, _, paths = fsspec.get_fs_token_paths(pat)
+            matches = sorted(fs.unstrip_protocol(p) for p in paths)
+        else:
+            matches = sorted(glob.glob(pat))
+        if not matches:
+            raise CheckpointError(f"{pat!r} matches nothing")
+        out.extend(matches)
+    return out
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.weights is not None:
+        try:
+            opts["weights"] = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise CheckpointError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+    if args.normalize:
+        opts["normalize"] = True
+    if args.allow_negative:
+        opts["allow_negative"] = True
+    for name in ("decay", "metric", "penalty", "evaluate", "budget", "seed"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.higher_is_better:
+        opts["higher_is_better"] = True
+    opts.update(dict(args.option))
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``ckpt merge``: 0 on success, 1 on a merge error, 2 on bad arguments."""
+    try:
+        sources = expand_sources(args.sources)
+        base: int | str | None = args.base
+        if base is not None and base.lstrip("-").isdigit():
+            base = int(base)
+        result = merge(
+            sources,
+            args.output,
+            args.method,
+            output_format=args.output_format,
+            dtype=args.dtype,
+            base=base,
+            include=args.include,
+            exclude=args.exclude,
+            overwrite=args.overwrite,
+            chunk_bytes=args.chunk_size,
+            max_shard_bytes=args.max_shard_size,
+            progress=not args.no_progress,
+            **_method_options(args),
+        )
+    except (TypeError, ValueError) as e:
+        print(f"ckpt merge: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as e:
+        print(f"ckpt merge: error: {e}", file=sys.stderr)
+        return 1
+    width = max(len(u) for u in result.weights)
+    for uri, w in result.weights.items():
+        print(f"  {uri:<{width}}  {w:+.6f}")
+    search = result.record.get("search")
+    if search:
+        print(f"lcsc: best {search['best']} fitness {search['fitness']:.6g} after {search['evaluations']} evaluations")
+    print(
+        f"merged {len(result.weights)} checkpoints ({result.record['method']}) into {result.uri} "
+        f"in {result.seconds:.1f}s"
+    )
+    return 0
