@@ -6,7 +6,7 @@ state dict, so memory stays bounded by the regions they ask for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,8 +66,11 @@ class CheckpointReader:
         for c in self.record(key).chunks:
             yield c.box, self.read(key, c.box)
 
-    def verify(self) -> list[str]:
-        """Read every chunk and check every block checksum; return one line per failure."""
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Read every chunk and check every block checksum; return one line per failure.
+
+        ``progress``, if given, is called with each chunk's byte count once it is checked.
+        """
         failures = []
         opts = LoadOptions(verify=True, storage_options=self.options.storage_options)
         for key, rec in sorted(self.manifest.tensors.items()):
@@ -81,8 +84,12 @@ class CheckpointReader:
                         "",
                     )
                     read_tensors(self.storage, _only(self.manifest, key, c), {key: entry}, opts)
-                except (CorruptChunkError, OSError, EOFError) as e:
+                except CorruptChunkError as e:
                     failures.append(str(e))
+                except (OSError, EOFError) as e:
+                    failures.append(f"{self.storage.describe(c.object)}: {key} chunk {c.box}: {type(e).__name__}: {e}")
+                if progress is not None:
+                    progress(c.length)
         return failures
 
 

@@ -19,7 +19,7 @@ from . import __version__
 from .describe import check_json_value
 from .engine import ChunkSpec, ObjectWriter, add_records, commit, write_object, write_rank_index
 from .errors import CheckpointExistsError
-from .format import DATA_DIR, MANIFEST, Manifest, dtype_name
+from .format import DATA_DIR, MANIFEST, Manifest, dtype_from_name, dtype_name
 from .regions import Box, split_into_chunks
 from .save import SaveOptions
 from .storage import Storage
@@ -87,6 +87,23 @@ class CheckpointWriter:
         rel = self._next_object()
         with ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes) as w:
             yield ChunkStream(boxes, w)
+        add_records(self._index, rel, specs, w.records)
+
+    def declare(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str = "") -> None:
+        """Declare a tensor whose chunks the caller places itself with :meth:`object_stream`."""
+        self._declare(key, tuple(shape), dtype, layout)
+
+    @contextmanager
+    def object_stream(self, chunks: list[tuple[str, Box]]) -> Iterator[ChunkStream]:
+        """Stream caller-chosen chunks of declared tensors into one new object, in order.
+
+        For layouts a tool chooses (e.g. one object per rank of a target topology);
+        across all calls the chunks of each declared tensor must cover it exactly once
+        (the commit refuses a tensor with elements missing)."""
+        specs = [ChunkSpec(key, box, dtype_from_name(self._tensors[key]["dtype"])) for key, box in chunks]
+        rel = self._next_object()
+        with ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes) as w:
+            yield ChunkStream([b for _, b in chunks], w)
         add_records(self._index, rel, specs, w.records)
 
     def set_value(self, key: str, value: Any) -> None:
