@@ -1,0 +1,153 @@
+"""The checkpoints under a root: what each is, and garbage collection.
+
+A child of the root is a checkpoint if it holds ``manifest.json`` (complete),
+or ``data/`` / ``_staging/`` without one (incomplete: a save that never
+committed). A manifest that cannot be read marks it *damaged*: it is listed
+but never deleted, since it may be a newer format this version cannot read.
+Which checkpoints go is decided by :mod:`ckpt.retention` (shared with the
+training-loop manager); this module only finds and deletes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .errors import CheckpointError
+from .format import DATA_DIR, MANIFEST, STAGING_DIR
+from .load import read_manifest
+from .retention import CheckpointInfo, RetentionPolicy, select_deletions
+from .storage import Storage
+
+COMPLETE, INCOMPLETE, DAMAGED = "complete", "incomplete", "damaged"
+
+
+@dataclass
+class Entry:
+    """One checkpoint under a root."""
+
+    name: str
+    uri: str
+    status: str
+    step: int | None = None
+    size: int = 0
+    created: float | None = None  # seconds since the epoch
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["created"] = _iso(self.created)
+        return d
+
+
+def child_uri(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def step_from_name(name: str) -> int | None:
+    """``step-000100`` -> 100: the trailing number, for checkpoints without a manifest."""
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def inspect(uri: str, name: str) -> Entry | None:
+    """What is at ``uri``, or None if it is not a checkpoint at all."""
+    storage = Storage(uri)
+    names = set(storage.listdir(""))
+    if MANIFEST in names:
+        try:
+            m = read_manifest(storage)
+        except CheckpointError as e:
+            return Entry(name, uri, DAMAGED, step_from_name(name), _du(storage), _newest_mtime(storage), error=str(e))
+        size = sum(m.objects.values()) + storage.size(MANIFEST)
+        step = m.step if m.step is not None else step_from_name(name)
+        return Entry(name, uri, COMPLETE, step, size, _parse_time(m.created), dict(m.metrics))
+    if DATA_DIR in names or STAGING_DIR in names:
+        return Entry(name, uri, INCOMPLETE, step_from_name(name), _du(storage), _newest_mtime(storage))
+    return None
+
+
+def scan(root: str) -> list[Entry]:
+    """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
+    storage = Storage(root)
+    if not storage.fs.isdir(storage.root):
+        raise FileNotFoundError(f"{root}: no such directory")
+    entries = []
+    own = inspect(root, ".")
+    if own is not None:
+        entries.append(own)
+    for name in storage.listdir(""):
+        if name in (DATA_DIR, STAGING_DIR) or not storage.fs.isdir(storage.path(name)):
+            continue
+        e = inspect(child_uri(root, name), name)
+        if e is not None:
+            entries.append(e)
+    entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.created or 0.0, e.name))
+    return entries
+
+
+def plan_gc(entries: list[Entry], policy: RetentionPolicy, now: float | None = None) -> list[Entry]:
+    """Entries to delete: incomplete ones older than the newest complete checkpoint,
+    and complete ones ``policy`` drops. Never the root itself, a damaged one, or the
+    newest complete checkpoint."""
+    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED]
+    infos = [
+        CheckpointInfo(e.name, e.step, e.status == COMPLETE, e.created, tuple(sorted(e.metrics.items())))
+        for e in candidates
+    ]
+    doomed = set(select_deletions(infos, policy, now if now is not None else time.time()))
+    return [e for e in candidates if e.name in doomed]
+
+
+def delete(entry: Entry) -> None:
+    """Remove a checkpoint; the manifest goes first, so an interrupted delete leaves
+    an incomplete checkpoint (invisible to loaders), never a complete one with holes."""
+    storage = Storage(entry.uri)
+    if entry.status == COMPLETE:
+        storage.delete(MANIFEST)
+    storage.delete("", recursive=True)
+
+
+def _du(storage: Storage) -> int:
+    try:
+        return int(storage.fs.du(storage.root, total=True))
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def _newest_mtime(storage: Storage) -> float | None:
+    try:
+        found = storage.fs.find(storage.root, detail=True)
+    except (FileNotFoundError, OSError):
+        return None
+    times = [t for t in (_mtime(i) for i in found.values()) if t is not None]
+    return max(times) if times else None
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    for k in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            t = _parse_time(v)
+            if t is not None:
+                return t
+    return None
+
+
+def _parse_time(s: str) -> float | None:
+    try:
+        return datetime.fromisoformat(s).timestamp() if s else None
+    except ValueError:
+        return None
+
+
+def _iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds") if t is not None else None

@@ -1,0 +1,299 @@
+"""Hugging Face safetensors: a single file, or shards with ``*.safetensors.index.json``.
+
+Reading parses the safetensors header (plain JSON) and fetches each requested
+slab with one range read, so it works the same on local paths and fsspec URLs
+and never holds more than one slab. Writing follows the Hub's conventions
+(``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
+``model.safetensors.index.json``), streams each tensor slab by slab, and
+writes the index last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..engine import as_bytes
+from ..format import safetensors_code
+from ..regions import Box, row_major_strides
+from ..storage import Storage
+from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
+
+INDEX_SUFFIX = ".safetensors.index.json"
+DEFAULT_INDEX = "model" + INDEX_SUFFIX
+SINGLE_FILE = "model.safetensors"
+VALUES_KEY = "ckpt_values"  # JSON of non-tensor entries, kept in metadata so a round trip keeps them
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _code_table() -> dict[str, torch.dtype]:
+    table = {}
+    for v in vars(torch).values():
+        if isinstance(v, torch.dtype):
+            try:
+                table[safetensors_code(v)] = v
+            except KeyError:
+                pass
+    return table
+
+
+_BY_CODE = _code_table()
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(parent, name) of a file URI, keeping any ``scheme://``."""
+    uri = uri.rstrip("/")
+    head, sep, name = uri.rpartition("/")
+    if not sep:
+        return ".", uri
+    if head.endswith(":/"):  # "memory://x"
+        return head + "/", name
+    return head or "/", name
+
+
+class _File:
+    """One safetensors file: its parsed header and where its data starts."""
+
+    def __init__(self, storage: Storage, rel: str) -> None:
+        self.storage, self.rel = storage, rel
+        where = storage.describe(rel)
+        try:
+            size = storage.size(rel)
+        except FileNotFoundError:
+            raise ForeignFormatError(f"{where}: no such file") from None
+        head = storage.read_range(rel, 0, 8) if size >= 8 else b""
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ForeignFormatError(f"{where}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(storage.read_range(rel, 8, 8 + n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ForeignFormatError(f"{where}: safetensors header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ForeignFormatError(f"{where}: safetensors header is not a JSON object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        data_bytes = size - self.base
+        self.entries: dict[str, tuple[TensorInfo, int]] = {}
+        for key, d in header.items():
+            try:
+                code, shape, (start, stop) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ForeignFormatError(f"{where}: {key}: malformed header entry {d!r}") from None
+            dtype = _BY_CODE.get(code)
+            if dtype is None:
+                raise ForeignFormatError(f"{where}: {key}: dtype {code} is not supported")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if any(s < 0 for s in shape) or stop - start != nbytes or not 0 <= start <= stop <= data_bytes:
+                raise ForeignFormatError(
+                    f"{where}: {key}: bytes [{start}, {stop}) do not hold a {code} tensor of shape {list(shape)} "
+                    f"inside the {data_bytes} data bytes"
+                )
+            self.entries[key] = (TensorInfo(shape, dtype), self.base + start)
+
+    def read(self, key: str, box: Box) -> torch.Tensor:
+        """Read the smallest flat range that holds ``box``, then view the box in it."""
+        info, at = self.entries[key]
+        if box.is_empty():
+            return torch.empty(box.sizes, dtype=info.dtype)
+        strides = row_major_strides(info.shape)
+        first = sum(o * s for o, s in zip(box.offsets, strides))
+        last = sum((e - 1) * s for e, s in zip(box.ends, strides))
+        isz = info.dtype.itemsize
+        buf = torch.empty((last - first + 1) * isz, dtype=torch.uint8)
+        try:
+            self.storage.read_into_many(self.rel, at + first * isz, [as_bytes(buf)])
+        except EOFError as e:
+            raise ForeignFormatError(f"{key}: {e}") from None
+        flat = buf.view(info.dtype)
+        if last - first + 1 == box.numel:  # a row-major slab: the range is the box
+            return flat.view(box.sizes)
+        return flat.as_strided(box.sizes, strides).clone()
+
+
+class SafetensorsSource(Source):
+    """A safetensors file, or a directory of shards listed by an index."""
+
+    format = "safetensors"
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        storage = Storage(uri)
+        self._files: dict[str, _File] = {}
+        self._where: dict[str, _File] = {}
+        self._values: dict[str, Any] = {}
+        if storage.fs.isfile(storage.root):
+            parent, name = split_uri(uri)
+            f = _File(Storage(parent), name)
+            self._files[name] = f
+            self._where = {k: f for k in f.entries}
+            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(""))
+            return
+        names = storage.listdir("")
+        indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+        if len(indexes) > 1:
+            raise ForeignFormatError(f"{uri}: several safetensors indexes ({', '.join(indexes)}); pass one file")
+        if indexes:
+            self._open_index(storage, indexes[0])
+            return
+        files = [n for n in names if n.endswith(".safetensors")]
+        if len(files) != 1:
+            raise ForeignFormatError(f"{uri}: {len(files)} .safetensors files and no {DEFAULT_INDEX}")
+        f = _File(storage, files[0])
+        self._files[files[0]] = f
+        self._where = {k: f for k in f.entries}
+        self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(files[0]))
+
+    def _open_index(self, storage: Storage, index_name: str) -> None:
+        where = storage.describe(index_name)
+        try:
+            index = json.loads(storage.read_bytes(index_name))
+            weight_map: dict[str, str] = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ForeignFormatError(f"{where}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        for name in sorted(set(weight_map.values())):
+            if "/" in name or name in ("", ".", ".."):
+                raise ForeignFormatError(f"{where}: shard name {name!r} is not a file in the index's directory")
+            self._files[name] = _File(storage, name)
+        for key, name in weight_map.items():
+            if key not in self._files[name].entries:
+                raise ForeignFormatError(f"{where}: {key} is mapped to {name}, which does not hold it")
+            self._where[key] = self._files[name]
+        meta = index.get("metadata") or {}
+        self._values = _parse_values(meta.get(VALUES_KEY), where)
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {k: f.entries[k][0] for k, f in sorted(self._where.items())}
+
+    def values(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def info(self) -> SourceInfo:
+        return SourceInfo()
+
+    def read(self, key: str, box: Box | None = None) -> torch.Tensor:
+        f = self._where[key]
+        return f.read(key, box or Box.full(f.entries[key][0].shape))
+
+
+def _parse_values(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        values = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as e:
+        raise ForeignFormatError(f"{where}: {VALUES_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ForeignFormatError(f"{where}: {VALUES_KEY} metadata is not a JSON object")
+    return values
+
+
+def plan_shards(tensors: dict[str, TensorInfo], max_shard_bytes: int | None) -> list[list[str]]:
+    """Greedy, in key order, like the Hub's splitter: a new shard when the next
+    tensor would overflow the current one; a tensor larger than the limit goes alone."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, info in tensors.items():
+        if max_shard_bytes is not None and shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += info.nbytes
+    return shards
+
+
+def _header(tensors: dict[str, TensorInfo], keys: list[str], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """Header bytes (8-byte length + JSON padded to 8) and the data order: widest dtypes
+    first, so every tensor starts at a multiple of its item size."""
+    order = sorted(keys, key=lambda k: -tensors[k].dtype.itemsize)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    at = 0
+    for k in order:
+        t = tensors[k]
+        header[k] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
+        at += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+def export_safetensors(
+    source: Source,
+    dst: str,
+    max_shard_bytes: int | None = None,
+    slab_bytes: int = 64 << 20,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Write ``source``'s tensors as HF safetensors; return the files written.
+
+    ``dst`` ending in ``.safetensors`` is one file; otherwise a directory with
+    ``model.safetensors`` or, when several shards are needed, numbered shards
+    and ``model.safetensors.index.json`` (written last). Non-tensor values are
+    kept as JSON under the ``ckpt_values`` metadata key.
+    """
+    tensors = source.tensors()
+    values = source.values()
+    meta = {"format": "pt"}
+    if dst.rstrip("/").endswith(".safetensors"):
+        parent, name = split_uri(dst)
+        if values:
+            meta[VALUES_KEY] = json.dumps(values)
+        _write_file(source, Storage(parent), name, tensors, list(tensors), meta, slab_bytes, progress)
+        return [name]
+    storage = Storage(dst)
+    shards = plan_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        if values:
+            meta[VALUES_KEY] = json.dumps(values)
+        _write_file(source, storage, SINGLE_FILE, tensors, shards[0], meta, slab_bytes, progress)
+        return [SINGLE_FILE]
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        _write_file(source, storage, name, tensors, keys, meta, slab_bytes, progress)
+        weight_map.update({k: name for k in keys})
+    index: dict[str, Any] = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    if values:
+        index["metadata"][VALUES_KEY] = values
+    storage.put_atomic(DEFAULT_INDEX, json.dumps(index, indent=2).encode())
+    return [*names, DEFAULT_INDEX]
+
+
+def _write_file(
+    source: Source,
+    storage: Storage,
+    rel: str,
+    tensors: dict[str, TensorInfo],
+    keys: list[str],
+    metadata: dict[str, str],
+    slab_bytes: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    header, order = _header(tensors, keys, metadata)
+    with storage.open_write(rel) as f:
+        _write_all(f, memoryview(header))
+        for k in order:
+            for box in slabs(tensors[k], slab_bytes):
+                data = source.read(k, box).contiguous()
+                if data.numel():
+                    _write_all(f, as_bytes(data))
+                if progress:
+                    progress(box.numel * tensors[k].dtype.itemsize)
+
+
+def _write_all(f, buf: memoryview) -> None:
+    while len(buf):
+        n = f.write(buf)
+        if n is None or n == len(buf):
+            return
+        buf = buf[n:]

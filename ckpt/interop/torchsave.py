@@ -1,0 +1,133 @@
+"""``torch.save`` files: read with ``weights_only=True`` (never unpickling code), written whole.
+
+Reading memory-maps the file (zip format), so a tensor's bytes are paged in
+only when a slab of it is copied out. A remote file is first copied to a local
+temporary file for the same reason. Writing needs the whole state dict in
+memory, which is what ``torch.save`` itself requires.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..describe import check_json_value, walk
+from ..errors import UnsupportedValueError
+from ..format import dtype_name
+from ..regions import Box
+from ..storage import Storage
+from .hf import split_uri
+from .source import ForeignFormatError, Source, TensorInfo
+
+# torch.save's legacy (pre-zip) files start with a pickled magic number.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def looks_like_torch_save(head: bytes) -> bool:
+    """Zip archives (torch.save's format since 1.6) or the legacy pickle stream."""
+    return head.startswith(b"PK\x03\x04") or head.startswith(LEGACY_MAGIC)
+
+
+class TorchSaveSource(Source):
+    """A state dict saved with ``torch.save`` (nested dicts/lists of tensors and plain values)."""
+
+    format = "torch"
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        storage = Storage(uri)
+        self._tmpdir: str | None = None
+        path = storage.root
+        if not storage.local:
+            self._tmpdir = tempfile.mkdtemp(prefix="ckpt-torchsave-")
+            path = os.path.join(self._tmpdir, "state.pt")
+            storage.fs.get_file(storage.root, path)
+        try:
+            obj = _load(path, uri)
+        finally:
+            if self._tmpdir:  # the mapping keeps the data reachable; the name is not needed
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+                self._tmpdir = None
+        if not isinstance(obj, dict):
+            raise ForeignFormatError(f"{uri}: holds a {type(obj).__name__}, not a state dict")
+        self._data: dict[str, torch.Tensor] = {}
+        self._values: dict[str, Any] = {}
+        try:
+            for key, leaf, _ in walk(obj):
+                if isinstance(leaf, torch.Tensor):
+                    if leaf.layout != torch.strided or leaf.is_nested:
+                        raise UnsupportedValueError(f"{key}: {leaf.layout} tensors cannot be stored")
+                    dtype_name(leaf.dtype, key)
+                    self._data[key] = leaf
+                else:
+                    check_json_value(key, leaf)
+                    self._values[key] = leaf
+        except UnsupportedValueError as e:
+            raise ForeignFormatError(f"{uri}: {e}") from None
+        self._tensors = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in sorted(self._data.items())}
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self._tensors
+
+    def values(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def read(self, key: str, box: Box | None = None) -> torch.Tensor:
+        t = self._data[key]
+        return t if box is None else t[box.slices()]
+
+    def close(self) -> None:
+        self._data = {}
+
+
+def _load(path: str, uri: str) -> Any:
+    try:
+        mmap = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ForeignFormatError(
+            f"{uri}: refused: loading it needs more than weights_only=True allows, so it could run code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ForeignFormatError(f"{uri}: not a readable torch.save file ({type(e).__name__}: {e})") from None
+
+
+def export_torch(source: Source, dst: str, progress: Callable[[int], None] | None = None) -> None:
+    """Write ``source`` as one ``torch.save`` file: a flat dict of tensors and values.
+
+    Needs every tensor in memory at once (torch.save's own requirement). Local
+    files appear atomically (written aside, then renamed); object stores get one PUT.
+    """
+    state: dict[str, Any] = {}
+    for key, info in source.tensors().items():
+        state[key] = source.read(key).clone()
+        if progress:
+            progress(info.nbytes)
+    state.update(source.values())
+    storage = Storage(dst)
+    if storage.local:
+        parent = os.path.dirname(os.path.abspath(storage.root))
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{storage.root}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, storage.root)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        parent, name = split_uri(dst)
+        with Storage(parent).open_write(name) as f:
+            torch.save(state, f)
