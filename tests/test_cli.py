@@ -6,6 +6,7 @@ visible); one test runs the real console entry point in a subprocess.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -25,8 +26,8 @@ from ckpt import SaveOptions
 from ckpt.cli import main, parse_size
 from ckpt.format import MANIFEST
 from ckpt.load import LoadOptions
-from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads
 from ckpt.reader import CheckpointReader
+from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads
 from ckpt.reshard import TargetLayout
 from ckpt.writer import CheckpointWriter
 
@@ -140,7 +141,7 @@ def test_parse_size():
     assert parse_size("1.5KiB") == 1536
     assert parse_size("4096") == 4096
     for bad in ("lots", "0", "-3MB"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
 
 
