@@ -255,7 +255,7 @@ class Manager:
         """True on every rank if it is true on any (one small all-reduce)."""
         if self.world == 1:
             return flag
-        device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
+        device = "cuda" if "nccl" in str(dist.get_backend(self.process_group)) else "cpu"
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
         return bool(t.item())
