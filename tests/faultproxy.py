@@ -180,6 +180,10 @@ class FaultProxy:
         with self._lock:
             conns = list(self._conns)
         for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv (close alone does not)
+            except OSError:
+                pass
             _close(c)
         for t in self._threads:
             t.join(timeout=5)

@@ -1,0 +1,189 @@
+"""Faults between client and S3 server (tests/faultproxy.py in front of SeaweedFS).
+
+A save either succeeds through retries or fails cleanly within its retry
+budget, naming the object and operation; no partial checkpoint ever becomes
+visible; a load never hands back bytes that differ from what was saved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import s3fs
+import torch
+from faultproxy import Fault, FaultProxy
+from seaweed import shared_server, stop_shared
+
+import ckpt
+from ckpt.format import MANIFEST
+from ckpt.retry import StorageOperationError
+from ckpt.storage import Storage
+
+MiB = 1 << 20
+RETRY = {"max_attempts": 8, "base_delay_s": 0.02, "max_delay_s": 0.2, "deadline_s": 20.0}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = shared_server()  # one per session, shared with the other S3 test modules
+    yield server
+    stop_shared()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    return s3_server.make_bucket()
+
+
+@pytest.fixture
+def proxy(s3_server):
+    with FaultProxy(s3_server.endpoint_url) as p:
+        yield p
+
+
+def _opts(server, proxy: FaultProxy, **extra) -> dict:
+    """Through the proxy, 5 MiB parts, short timeouts and a fast retry policy."""
+    return server.storage_options(
+        endpoint_url=proxy.endpoint_url,
+        default_block_size=5 * MiB,
+        max_concurrency=2,
+        config_kwargs={"read_timeout": 3, "connect_timeout": 3},
+        retry=extra.pop("retry", RETRY),
+        **extra,
+    )
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"big": torch.randn(3 * MiB, generator=g), "small": torch.randn(100, generator=g), "step": seed}
+
+
+def _load(uri: str, opts: dict) -> dict:
+    got = {"big": torch.zeros(3 * MiB), "small": torch.zeros(100), "step": -1}
+    ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=opts))
+    return got
+
+
+def _same(a: dict, b: dict) -> bool:
+    return torch.equal(a["big"], b["big"]) and torch.equal(a["small"], b["small"]) and a["step"] == b["step"]
+
+
+def _open_uploads(server, bucket: str) -> list[dict]:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+def test_throttling_and_server_errors_are_retried(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/throttled/step-1"
+    opts = _opts(s3_server, proxy)
+    proxy.add(Fault("status", 503), op="CreateMultipartUpload")
+    proxy.add(Fault("status", 503), op="UploadPart", times=2)
+    proxy.add(Fault("status", 500), op="UploadPart")
+    proxy.add(Fault("status", 500), op="CompleteMultipartUpload")
+    proxy.add(Fault("status", 503), op="PutObject", path=MANIFEST, times=2)
+    sd = _state(1)
+    ckpt.save(sd, uri, options=ckpt.SaveOptions(storage_options=opts))
+    injected = [e for e in proxy.log if e.fault == "status"]
+    assert len(injected) == 7 and {e.status for e in injected} == {500, 503}
+    parts = {e.query.rsplit("partNumber=", 1)[1] for e in proxy.entries(op="UploadPart") if e.status == 200}
+    assert parts == {"1", "2", "3"}  # 12 MiB in 5 MiB parts (a slow answer may have been retried too)
+
+    proxy.add(Fault("status", 503), op="GetObject", times=3)
+    assert _same(_load(uri, opts), sd)
+    assert _open_uploads(s3_server, s3_bucket) == []
+
+
+def test_dropped_connections_are_retried(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/dropped/step-1"
+    opts = _opts(s3_server, proxy)
+    proxy.add(Fault("reset"), op="UploadPart")
+    proxy.add(Fault("reset_after"), op="UploadPart")  # the server has the part; the client never hears
+    proxy.add(Fault("reset_after"), op="PutObject", path=MANIFEST)  # the commit landed; the answer did not
+    sd = _state(2)
+    ckpt.save(sd, uri, options=ckpt.SaveOptions(storage_options=opts))
+    assert [e.fault for e in proxy.log if e.fault] == ["reset", "reset_after", "reset_after"]
+
+    proxy.add(Fault("reset"), op="GetObject")
+    proxy.add(Fault("truncate"), op="GetObject", path="/data/")
+    assert _same(_load(uri, opts), sd)
+    assert [e.fault for e in proxy.log if e.fault].count("truncate") == 1
+
+
+def test_stalled_responses_time_out_and_are_retried(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/stalled/step-1"
+    opts = _opts(s3_server, proxy)
+    sd = _state(3)
+    proxy.add(Fault("stall", seconds=30), op="UploadPart")
+    ckpt.save(sd, uri, options=ckpt.SaveOptions(storage_options=opts))
+    proxy.add(Fault("stall", seconds=30), op="GetObject", path="/data/")
+    start = time.monotonic()
+    assert _same(_load(uri, opts), sd)
+    assert time.monotonic() - start < 20  # a read timeout (3 s) and a retry, not the 30 s stall
+    assert [e.fault for e in proxy.log].count("stall") == 2
+
+
+def test_corrupted_bytes_are_never_returned(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/corrupt/step-1"
+    opts = _opts(s3_server, proxy)
+    ckpt.save(_state(4), uri, options=ckpt.SaveOptions(storage_options=opts))
+    proxy.add(Fault("corrupt"), op="GetObject", path="/data/")
+    with pytest.raises(ckpt.CorruptChunkError, match=r"data/.*\.safetensors: bytes \[\d+, \d+\) of big"):
+        _load(uri, opts)
+
+
+def test_persistent_throttling_fails_cleanly_within_the_budget(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/hopeless/step-1"
+    budget = {"max_attempts": 100, "base_delay_s": 0.05, "max_delay_s": 0.5, "deadline_s": 3.0}
+    opts = _opts(s3_server, proxy, retry=budget)
+    proxy.add(Fault("status", 503), op="UploadPart", times=-1)
+    watcher = Storage(uri, **s3_server.storage_options())
+    seen_manifest = []
+    done = threading.Event()
+
+    def poll() -> None:  # a reader polling for the checkpoint while the save struggles
+        while not done.is_set():
+            seen_manifest.append(watcher.exists(MANIFEST))
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(StorageOperationError) as info:
+            ckpt.save(_state(5), uri, options=ckpt.SaveOptions(storage_options=opts))
+    finally:
+        done.set()
+        poller.join()
+    elapsed = time.monotonic() - start
+    msg = str(info.value)
+    assert "UploadPart" in msg and "SlowDown" in msg and f"{uri}/data/" in msg and ".safetensors" in msg
+    assert elapsed < 3.0 + 5.0  # the deadline plus the requests in flight when it passed
+    assert seen_manifest and not any(seen_manifest)
+    assert _open_uploads(s3_server, s3_bucket) == []  # the upload was aborted
+    assert proxy.entries(op="AbortMultipartUpload")
+    with pytest.raises(ckpt.CheckpointNotFoundError):
+        _load(uri, s3_server.storage_options())
+
+
+def test_failed_commit_keeps_the_previous_checkpoint(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/overwrite/latest"
+    opts = _opts(s3_server, proxy, retry={**RETRY, "deadline_s": 2.0})
+    first = _state(6)
+    ckpt.save(first, uri, options=ckpt.SaveOptions(storage_options=opts))
+    proxy.add(Fault("status", 500), op="PutObject", path=MANIFEST, times=-1)
+    with pytest.raises(StorageOperationError, match=rf"{MANIFEST}: PutObject failed after \d+ attempt"):
+        ckpt.save(_state(7), uri, options=ckpt.SaveOptions(storage_options=opts, overwrite=True))
+    assert _same(_load(uri, s3_server.storage_options()), first)  # still whole: old objects kept
+
+
+def test_not_retryable_errors_surface_at_once(s3_server, s3_bucket, proxy):
+    uri = f"s3://{s3_bucket}/denied/step-1"
+    opts = _opts(s3_server, proxy)
+    proxy.add(Fault("status", 403), op="UploadPart", times=-1)
+    with pytest.raises(PermissionError):
+        ckpt.save(_state(8), uri, options=ckpt.SaveOptions(storage_options=opts))
+    denied = [e.query.rsplit("partNumber=", 1)[1] for e in proxy.log if e.fault]
+    assert 1 <= len(denied) == len(set(denied)) <= 2  # no part asked twice (2 were in flight at most)
+    assert _open_uploads(s3_server, s3_bucket) == []
