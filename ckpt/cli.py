@@ -372,7 +372,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.max_shard_size and args.to != "safetensors":
         raise UsageError("--max-shard-size applies to --to safetensors")
     with open_source(args.ckpt) as src:
-        existed = check_destination(args.dst)
+        existed = check_destination(args.dst, can_overwrite=False)
         total = sum(t.nbytes for t in src.tensors().values())
         t0 = time.perf_counter()
         with progress(args, total, f"export {args.to}") as tick, cleanup_on_failure(args.dst, existed, [""]):

@@ -19,9 +19,10 @@ class DestinationError(CheckpointError):
     """The destination holds something a tool will not write over."""
 
 
-def check_destination(uri: str, ckpt_overwrite: bool = False) -> bool:
+def check_destination(uri: str, ckpt_overwrite: bool = False, can_overwrite: bool = True) -> bool:
     """Raise unless ``uri`` is absent or an empty directory, or (with ``ckpt_overwrite``)
-    a committed ckpt checkpoint to be replaced atomically. Returns whether it exists."""
+    a committed ckpt checkpoint to be replaced atomically. ``can_overwrite`` says whether
+    the tool offers --overwrite at all (for the message). Returns whether ``uri`` exists."""
     storage = Storage(uri)
     fs, root = storage.fs, storage.root
     if not fs.exists(root):
@@ -31,7 +32,7 @@ def check_destination(uri: str, ckpt_overwrite: bool = False) -> bool:
     names = set(storage.listdir(""))
     if not names:
         return True
-    if MANIFEST in names:
+    if MANIFEST in names and can_overwrite:
         if ckpt_overwrite:
             return True
         raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass --overwrite to replace it")

@@ -93,12 +93,21 @@ def _load(path: str, uri: str) -> Any:
         mmap = zipfile.is_zipfile(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ForeignFormatError(
-            f"{uri}: refused: loading it needs more than weights_only=True allows, so it could run code ({first})"
+            f"{uri}: refused: it holds objects that torch.load(weights_only=True) does not allow, "
+            f"and loading them could run code ({_why(str(e))})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ForeignFormatError(f"{uri}: not a readable torch.save file ({type(e).__name__}: {e})") from None
+
+
+def _why(message: str) -> str:
+    """The line of torch's weights_only error that names the refused object."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.rstrip(".")
+    return lines[-1] if lines else "weights_only refused it"
 
 
 def export_torch(source: Source, dst: str, progress: Callable[[int], None] | None = None) -> None:
