@@ -236,9 +236,13 @@ def add_records(index: dict[str, Any], rel: str, specs: list[ChunkSpec], records
 
 
 def report_failure(storage: Storage, save_id: str, rank: int, error: BaseException) -> None:
-    """Tell the committer this rank will not finish (best effort)."""
+    """Tell the committer this rank will not finish (best effort). A failing rank 0
+    is the committer: it aborts the save itself, or the others would wait out their timeout."""
+    reason = f"{type(error).__name__}: {error}"
     try:
-        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), f"{type(error).__name__}: {error}".encode())
+        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), reason.encode())
+        if rank == 0:
+            storage.put_atomic(staging_name(save_id, "ABORT"), f"rank failure: rank-00000: {reason}".encode())
     except Exception:
         pass
 
