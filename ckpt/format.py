@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, UnsupportedValueError
 from .regions import Box
 
 FORMAT_NAME = "ckpt"
@@ -52,7 +52,7 @@ def dtype_name(dtype: torch.dtype, key: str = "") -> str:
     try:
         return _DTYPES[dtype][0]
     except KeyError:
-        raise TypeError(f"{key or 'tensor'}: dtype {dtype} cannot be stored") from None
+        raise UnsupportedValueError(f"{key or 'tensor'}: dtype {dtype} cannot be stored") from None
 
 
 def safetensors_code(dtype: torch.dtype) -> str:
@@ -206,7 +206,9 @@ class Manifest:
 
     def validate(self, where: str) -> None:
         """Structural checks that make later reads safe: chunks inside their
-        tensor and their object, checksum counts that match the block size."""
+        tensor and their object, checksum counts that match the block size, and
+        chunks that account for every element (a tensor with a chunk missing,
+        e.g. from an aborted stream, must never be committed or loaded)."""
         if self.block_bytes <= 0:
             raise CheckpointFormatError(f"{where}: block_bytes must be positive")
         for key, rec in self.tensors.items():
@@ -222,3 +224,8 @@ class Manifest:
                     )
                 if len(c.checksums) != max(1, -(-c.length // self.block_bytes)):
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} has a wrong number of checksums")
+            covered = sum(c.box.numel for c in rec.chunks)
+            if covered != math.prod(rec.shape):
+                raise CheckpointFormatError(
+                    f"{where}: {key}: chunks cover {covered} of {math.prod(rec.shape)} elements"
+                )

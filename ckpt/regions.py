@@ -139,6 +139,8 @@ def split_into_chunks(box: Box, itemsize: int, max_bytes: int) -> list[Box]:
         if inner * itemsize <= max_bytes:
             step = max(1, max_bytes // (inner * itemsize))
             break
+    else:  # one element is larger than max_bytes: it cannot be cut, one per chunk
+        d, step = box.ndim - 1, 1
     chunks = []
     for outer in _indices(box.sizes[:d]):
         for lo in range(0, box.sizes[d], step):
