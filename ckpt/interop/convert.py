@@ -41,12 +41,14 @@ def convert(
         for key, t in source.tensors().items():
             if t.nbytes < pack_bytes:
                 writer.write_tensor(key, source.read(key), layout=t.layout)
-            else:
-                with writer.tensor_stream(key, t.shape, t.dtype, layout=t.layout) as stream:
-                    for box in stream.boxes:
-                        stream.send(source.read(key, box))
-            if progress:
-                progress(t.nbytes)
+                if progress:
+                    progress(t.nbytes)
+                continue
+            with writer.tensor_stream(key, t.shape, t.dtype, layout=t.layout) as stream:
+                for box in stream.boxes:
+                    stream.send(source.read(key, box))
+                    if progress:
+                        progress(box.numel * t.dtype.itemsize)
         for key, value in source.values().items():
             writer.set_value(key, value)
         return writer.commit(
