@@ -6,7 +6,7 @@ FSDP-style ``Shard(0)`` DTensors, then loaded by 3 ranks laid out for tensor
 parallelism (column-parallel ``Shard(0)``, row-parallel ``Shard(1)``, norms
 replicated) and by 1 process into plain tensors. Every loaded byte is compared
 with the saved reference; the report shows sizes, times, and how many bytes
-each loading rank actually read from storage (``/proc/self/io``).
+(in how many requests) each loading rank asks storage for.
 
 The ranks are spawned processes on gloo, rendezvousing through a FileStore in
 a temp dir and bound to loopback: nothing to start, no ports to pick.
@@ -38,8 +38,10 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 import ckpt
-from ckpt.format import FORMAT_VERSION
+from ckpt.describe import flatten
+from ckpt.format import FORMAT_VERSION, itemsize
 from ckpt.reader import CheckpointReader
+from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads
 
 Shape = tuple[int, ...]
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -241,16 +243,24 @@ def check_state(cfg: DemoConfig, sd: dict[str, Any], leaves: list[Leaf]) -> list
     return problems
 
 
-def bytes_read_so_far() -> int | None:
-    """Bytes this process has read through read-like syscalls (Linux), or None."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def planned_reads(manifest: ckpt.Manifest, sd: dict[str, Any], options: ckpt.LoadOptions) -> tuple[int, int]:
+    """(bytes, requests) that ``ckpt.load(sd, ...)`` asks storage for on this rank.
+
+    Computed with the loader's own planner (``ckpt.readplan``) on this rank's
+    target pieces, so it holds whatever the backend (``preadv``, a memory
+    mapping, ranged GETs) and whatever the page cache, which syscall counters
+    cannot tell apart.
+    """
+    tensors, _, _ = flatten(sd)
+    needs = []
+    for key, entry in tensors.items():
+        rec = manifest.tensors[key]
+        for i, piece in enumerate(entry.pieces):
+            got, _ = intersect_chunks(key, i, piece.box, rec.chunks, itemsize(rec.dtype), options.max_gap_bytes)
+            needs.extend(got)
+    settings = ReadSettings(manifest.block_bytes, options.verify, options.max_gap_bytes, options.max_read_bytes)
+    reads = plan_reads(needs, settings, direct_ok=lambda n: False)  # direct or not, the same byte ranges
+    return sum(r.stop - r.start for r in reads), len(reads)
 
 
 # --- spawning CPU ranks ------------------------------------------------------------------------------
@@ -321,18 +331,19 @@ def load_rank(rank: int, world: int, cfg: DemoConfig, uri: str, layout: str | No
     mesh = init_device_mesh("cpu", (world,)) if layout else None
     sd, leaves = build_state(cfg, mesh, LAYOUTS[layout][0] if layout else None, fill=False)
     local_bytes = sum(leaf.local.numel() * leaf.local.element_size() for leaf in leaves)
+    options = ckpt.LoadOptions()
     if dist.is_initialized():
         dist.barrier()
-    before = bytes_read_so_far()
     t0 = time.perf_counter()
-    manifest = ckpt.load(sd, uri)
+    manifest = ckpt.load(sd, uri, options=options)
     seconds = time.perf_counter() - t0
-    after = bytes_read_so_far()
+    read_bytes, requests = planned_reads(manifest, sd, options)
     return {
         "rank": rank,
         "seconds": seconds,
         "local_bytes": local_bytes,
-        "read_bytes": None if before is None or after is None else after - before,
+        "read_bytes": read_bytes,
+        "requests": requests,
         "problems": check_state(cfg, sd, leaves),
         "save_id": manifest.save_id,
     }
@@ -415,10 +426,10 @@ def report(res: DemoResult) -> str:
     cfg, m = res.cfg, res.manifest
     shapes = param_shapes(cfg)
     n_params = sum(math.prod(s) for s in shapes.values())
-    gib = res.tensor_bytes / (1 << 30)
     chunks = sum(len(r.chunks) for r in m.tensors.values())
     lines = [
-        f"ckpt demo: transformer-shaped state, {cfg.layers} layers, dim {cfg.dim}, vocab {cfg.vocab}: "
+        f"ckpt demo: transformer-shaped state, {cfg.layers} layer{'s' if cfg.layers > 1 else ''}, "
+        f"dim {cfg.dim}, vocab {cfg.vocab}: "
         f"{n_params / 1e6:.1f} M params (fp32) + AdamW moments + step counters + RNG",
         f"  state   {_size(res.tensor_bytes)} in {len(m.tensors)} tensors and {len(m.values)} JSON values",
         f"  stored  {_size(res.checkpoint_bytes)}: {len(m.objects)} data objects + manifest "
@@ -429,16 +440,16 @@ def report(res: DemoResult) -> str:
         ranks = f"{p.world} rank{'s' if p.world > 1 else ' '}"
         label = LAYOUTS[p.layout][1] if p.layout in LAYOUTS else "plain tensors"
         ok = "" if p.what == "save" else ("  bitwise equal" if not p.problems else f"  {len(p.problems)} MISMATCHES")
-        lines.append(f"  {p.what}  {ranks}  {label:<38} {p.seconds:6.2f} s  {gib / p.seconds:5.2f} GiB/s{ok}")
+        lines.append(
+            f"  {p.what}  {ranks}  {label:<38} {p.seconds:6.2f} s  {_size(res.tensor_bytes / p.seconds):>10}/s{ok}"
+        )
         if p.what == "load":
             for r in p.ranks:
-                read = "n/a" if r["read_bytes"] is None else _size(r["read_bytes"])
-                frac = (
-                    ""
-                    if r["read_bytes"] is None
-                    else f" = {r['read_bytes'] / res.checkpoint_bytes:4.0%} of the checkpoint"
+                share = r["read_bytes"] / res.tensor_bytes
+                lines.append(
+                    f"          rank {r['rank']}: holds {_size(r['local_bytes']):>10}, reads "
+                    f"{_size(r['read_bytes']):>10} = {share:4.0%} of the stored tensors, in {r['requests']} requests"
                 )
-                lines.append(f"          rank {r['rank']}: holds {_size(r['local_bytes']):>10}, read {read:>10}{frac}")
         lines.extend(f"          {problem}" for problem in p.problems[:10])
         if p.what == "load" and p.world > 1:
             lines.append(
