@@ -10,6 +10,7 @@ training-loop manager); this module only finds and deletes.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 from .errors import CheckpointError
 from .format import DATA_DIR, MANIFEST, STAGING_DIR
 from .load import read_manifest
+from .manager import LATEST
 from .retention import CheckpointInfo, RetentionPolicy, select_deletions
 from .storage import Storage
 
@@ -37,6 +39,7 @@ class Entry:
     created: float | None = None  # seconds since the epoch
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    latest: bool = False  # named by the root's ``latest`` marker (written by ckpt.Manager)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,11 +83,13 @@ def scan(root: str) -> list[Entry]:
     own = inspect(root, ".")
     if own is not None:
         entries.append(own)
+    latest = latest_name(storage)
     for name in storage.listdir(""):
-        if name in (DATA_DIR, STAGING_DIR) or not storage.fs.isdir(storage.path(name)):
+        if name.startswith((".", "_")) or name == DATA_DIR or not storage.fs.isdir(storage.path(name)):
             continue
         e = inspect(child_uri(root, name), name)
         if e is not None:
+            e.latest = name == latest
             entries.append(e)
     entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.created or 0.0, e.name))
     return entries
@@ -93,8 +98,8 @@ def scan(root: str) -> list[Entry]:
 def plan_gc(entries: list[Entry], policy: RetentionPolicy, now: float | None = None) -> list[Entry]:
     """Entries to delete: incomplete ones older than the newest complete checkpoint,
     and complete ones ``policy`` drops. Never the root itself, a damaged one, or the
-    newest complete checkpoint."""
-    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED]
+    newest complete checkpoint, nor the one the ``latest`` marker names."""
+    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED and not e.latest]
     infos = [
         CheckpointInfo(e.name, e.step, e.status == COMPLETE, e.created, tuple(sorted(e.metrics.items())))
         for e in candidates
@@ -110,6 +115,16 @@ def delete(entry: Entry) -> None:
     if entry.status == COMPLETE:
         storage.delete(MANIFEST)
     storage.delete("", recursive=True)
+
+
+def latest_name(storage: Storage) -> str | None:
+    """The checkpoint the root's ``latest`` marker names, if there is a readable one."""
+    try:
+        doc = json.loads(storage.read_bytes(LATEST))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _du(storage: Storage) -> int:

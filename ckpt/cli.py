@@ -121,7 +121,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = [("STEP", "STATUS", "SIZE", "CREATED", "METRICS", "NAME")]
     for e in entries:
         step = str(e.step) if e.step is not None else "-"
-        rows.append((step, e.status, human(e.size), _time(e.created), _metrics(e.metrics), e.name))
+        name = f"{e.name}  <- latest" if e.latest else e.name
+        rows.append((step, e.status, human(e.size), _time(e.created), _metrics(e.metrics), name))
     _table(rows)
     for e in entries:
         if e.error:
@@ -550,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_gc,
         "Remove, under ROOT, incomplete checkpoints older than the newest complete one, and complete ones "
         "no retention rule keeps. Without a rule every complete checkpoint is kept. The newest complete "
-        "checkpoint and damaged ones are never deleted. Prints what it would do unless --yes.",
+        "checkpoint, the one the `latest` marker names, and damaged ones are never deleted. Prints what "
+        "it would do unless --yes.",
     )
     sp.add_argument("root", metavar="ROOT")
     sp.add_argument("--keep-last", type=_positive_int, metavar="N", help="keep the N newest")

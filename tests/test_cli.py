@@ -368,7 +368,14 @@ def test_gc_dry_run_then_delete(tmp_path):
     assert sorted(e["name"] for e in doc["deleted"]) == would
     left = sorted(os.listdir(root))
     assert left == ["notes", "step-000150", "step-000300", "step-000400", "step-000500"]
-    # the newest complete checkpoint survives any rule
+    # the newest complete checkpoint survives any rule, and so does the one `latest` names
+    with open(os.path.join(root, "latest"), "w") as f:
+        json.dump({"name": "step-000300", "step": 300}, f)
+    code, out, _ = run("ls", root)
+    assert "step-000300  <- latest" in out
+    code, out, _ = run("gc", root, "--keep-every", "1000", "--yes")
+    assert code == 0 and "deleted 0 checkpoint(s)" in out
+    os.unlink(os.path.join(root, "latest"))
     code, out, _ = run("gc", root, "--keep-every", "1000", "--yes")
     assert code == 0 and sorted(os.listdir(root)) == ["notes", "step-000150", "step-000400", "step-000500"]
     m = CheckpointReader(f"{root}/step-000400").manifest
