@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -59,7 +60,9 @@ def _entry(fn: Callable, rank: int, world: int, store_path: str, args: tuple, ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
-        out.put((rank, "ok", fn(rank, world, *args)))
+        # Plain pickle, not the queue's: torch's queue pickler would pass tensors as shared-memory
+        # file descriptors, which are gone once this process exits before the parent reads them.
+        out.put((rank, "ok", pickle.dumps(fn(rank, world, *args), protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException:
         out.put((rank, "error", traceback.format_exc()))
     finally:
@@ -93,7 +96,7 @@ def _run(
                     break
                 try:
                     rank, status, value = out.get(timeout=0.05)
-                    outcomes[rank] = RankOutcome(rank, status, value)
+                    outcomes[rank] = RankOutcome(rank, status, pickle.loads(value) if status == "ok" else value)
                     continue
                 except queue.Empty:
                     pass
