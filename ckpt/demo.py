@@ -465,6 +465,7 @@ def report(res: DemoResult) -> str:
         f"saved from world {topo.get('world_size')} ({topo.get('backend')}), "
         f"bytes written per rank {[_size(b) for b in topo.get('bytes_written_per_rank', [])]}",
         "  (load times are from a warm page cache: the checkpoint was just written)",
+        *([f"  inspect it: .venv/bin/ckpt info {res.uri}   |   .venv/bin/ckpt verify {res.uri}"] if res.uri else []),
         "",
         "verified: every loaded tensor and value is bitwise equal to what was saved"
         if res.verified
