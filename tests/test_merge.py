@@ -203,9 +203,9 @@ def test_reads_stay_within_the_work_range(mixed_sources, tmp_path, monkeypatch):
     sizes = []
     real = driver.read_flat
 
-    def spy(reader, key, start, stop):
+    def spy(reader, key, start, stop, out=None):
         sizes.append((stop - start) * reader.record(key).dtype.itemsize)
-        return real(reader, key, start, stop)
+        return real(reader, key, start, stop, out)
 
     monkeypatch.setattr(driver, "read_flat", spy)
     ckpt.merge(mixed_sources, str(tmp_path / "o"), work_bytes=256, chunk_bytes=1024)

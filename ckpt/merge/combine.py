@@ -58,11 +58,12 @@ class Accumulator:
     """``out = sum_i w_i * x_i`` over one flat range, the ``x_i`` arriving one at a time.
 
     ``out`` is a 1-D slice of the output (its dtype is the output's); when it is
-    already the accumulation dtype it is used as the accumulator.
+    already the accumulation dtype it is used as the accumulator, else ``scratch``
+    (1-D, ``acc_dtype``, the length of ``out``) or a new tensor is.
     """
 
-    def __init__(self, out: torch.Tensor, acc_dtype: torch.dtype) -> None:
-        self.out, self.acc_dtype = out, acc_dtype
+    def __init__(self, out: torch.Tensor, acc_dtype: torch.dtype, scratch: torch.Tensor | None = None) -> None:
+        self.out, self.acc_dtype, self.scratch = out, acc_dtype, scratch
         self.ref: torch.Tensor | None = None
         self.ref_weight = 0.0  # total weight of the sources identical to ref so far
         self.acc: torch.Tensor | None = None
@@ -80,7 +81,12 @@ class Accumulator:
 
     def _scaled_ref(self) -> torch.Tensor:
         assert self.ref is not None
-        acc = self.out if self.out.dtype == self.acc_dtype else torch.empty_like(self.out, dtype=self.acc_dtype)
+        if self.out.dtype == self.acc_dtype:
+            acc = self.out
+        elif self.scratch is not None:
+            acc = self.scratch
+        else:
+            acc = torch.empty_like(self.out, dtype=self.acc_dtype)
         if self.ref.dtype == self.acc_dtype:
             torch.mul(self.ref, self.ref_weight, out=acc)
         else:  # upcast first: a mul in the narrow dtype would round w * x to it

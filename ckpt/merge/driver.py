@@ -28,7 +28,7 @@ from .sources import (
     series_order,
     summation_order,
 )
-from .stream import Request, compute, make_jobs, read_flat
+from .stream import BufferPool, Request, compute, make_jobs, read_flat
 
 FORMATS = ("ckpt", "hf")
 
@@ -172,9 +172,11 @@ def _itemsizes(summed: Sequence[Source]) -> Callable[[int, str], int]:
     return itemsize
 
 
-def _reader(summed: Sequence[Source]) -> Callable[[Request], torch.Tensor]:
-    def read(req: Request) -> torch.Tensor:
-        return read_flat(summed[req.src].reader, req.key, req.start, req.stop)
+def _reader(summed: Sequence[Source]) -> Callable[[Request, BufferPool], torch.Tensor]:
+    def read(req: Request, pool: BufferPool) -> torch.Tensor:
+        reader = summed[req.src].reader
+        out = pool.take(req.stop - req.start, reader.record(req.key).dtype)
+        return read_flat(reader, req.key, req.start, req.stop, out)
 
     return read
 
@@ -184,7 +186,8 @@ def _stream(jobs, sink: Sink, summed, itemsizes, work_bytes, io_threads, prefetc
 
     total = sum(j.plan.nbytes for j in jobs)
     bar = tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=not progress, leave=False)
-    writer = SinkThread(sink, slots=2)
+    biggest = max((b.numel * j.plan.out_dtype.itemsize for j in jobs for b in j.boxes), default=0)
+    writer = SinkThread(sink, slots=2, chunk_bytes=biggest)
     try:
         for job, i, data in compute(
             jobs, _reader(summed), itemsizes, work_bytes, io_threads, prefetch_bytes, alloc=writer.alloc
@@ -231,7 +234,7 @@ def _builder(
     if size <= getattr(method, "cache_bytes", 0):
         cache = {(i, k): read_flat(summed[i].reader, k, 0, math.prod(plans[k].shape)) for i, k in needed}
 
-    def read_cached(req: Request) -> torch.Tensor:
+    def read_cached(req: Request, pool: BufferPool) -> torch.Tensor:
         assert cache is not None
         return cache[(req.src, req.key)][req.start : req.stop]
 

@@ -27,6 +27,7 @@ from ..save import SaveOptions
 from ..storage import Storage
 from ..writer import CheckpointWriter, ChunkStream
 from .sources import TensorPlan
+from .stream import BufferPool
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -50,7 +51,7 @@ class Sink(ABC):
 
     @abstractmethod
     def send(self, data: torch.Tensor) -> None:
-        """The next box of the current tensor."""
+        """The next box of the current tensor; ``data`` is reused once this returns."""
 
     @abstractmethod
     def end(self) -> None: ...
@@ -67,7 +68,7 @@ class Sink(ABC):
 class CkptSink(Sink):
     """A ckpt checkpoint through :class:`ckpt.writer.CheckpointWriter` (atomic commit)."""
 
-    def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 16 << 20) -> None:
+    def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 1 << 20) -> None:
         self.options = options or SaveOptions(chunk_bytes=32 << 20)
         self.pack_bytes = pack_bytes
         self.writer = CheckpointWriter(uri, self.options, pack_bytes=pack_bytes)
@@ -100,8 +101,8 @@ class CkptSink(Sink):
 
     def send(self, data: torch.Tensor) -> None:
         assert self._plan is not None
-        if self._stream is None:
-            self.writer.write_tensor(self._plan.key, data)
+        if self._stream is None:  # packed with others, written later: keep a copy, the buffer is reused
+            self.writer.write_tensor(self._plan.key, data.clone())
         else:
             self._stream.send(data)
 
@@ -265,13 +266,14 @@ def _write_all(f, buf: memoryview) -> None:
 
 class SinkThread:
     """Run a sink's calls on a writer thread, in order, with at most ``slots`` output
-    chunks alive (being built, queued or written). The first error is raised in the
-    caller at its next call."""
+    chunks alive (being built, queued or written), their buffers recycled. The first
+    error is raised in the caller at its next call."""
 
-    def __init__(self, sink: Sink, slots: int = 2) -> None:
+    def __init__(self, sink: Sink, slots: int, chunk_bytes: int) -> None:
         self.sink = sink
         self._q: queue.Queue = queue.Queue()
         self._sem = threading.Semaphore(slots)
+        self._pool = BufferPool(chunk_bytes)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="ckpt-merge-write", daemon=True)
         self._thread.start()
@@ -281,14 +283,15 @@ class SinkThread:
             item = self._q.get()
             if item is None:
                 return
-            fn, args, is_chunk = item
+            fn, args, chunk = item
             try:
                 if self._error is None:
                     fn(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self._error = e
             finally:
-                if is_chunk:
+                if chunk is not None:
+                    self._pool.give(chunk)
                     self._sem.release()
 
     def _check(self) -> None:
@@ -300,16 +303,16 @@ class SinkThread:
         while not self._sem.acquire(timeout=0.1):
             self._check()
         self._check()
-        return torch.empty(numel, dtype=dtype)
+        return self._pool.take(numel, dtype)
 
     def call(self, fn: Callable, *args: Any) -> None:
         self._check()
-        self._q.put((fn, args, False))
+        self._q.put((fn, args, None))
 
     def send(self, data: torch.Tensor) -> None:
         """Queue one chunk (allocated by :meth:`alloc`)."""
         self._check()
-        self._q.put((self.sink.send, (data,), True))
+        self._q.put((self.sink.send, (data,), data))
 
     def close(self) -> None:
         """Wait for everything queued; raise the first error."""

@@ -27,10 +27,14 @@ from .combine import Accumulator, flat_ranges
 from .sources import TensorPlan
 
 
-def read_flat(reader: CheckpointReader, key: str, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of the row-major flattening of ``key``, in its stored dtype."""
+def read_flat(
+    reader: CheckpointReader, key: str, start: int, stop: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Elements [start, stop) of the row-major flattening of ``key``, in its stored dtype
+    (into ``out``, 1-D of that dtype and length, when given)."""
     rec = reader.record(key)
-    out = torch.empty(stop - start, dtype=rec.dtype)
+    if out is None:
+        out = torch.empty(stop - start, dtype=rec.dtype)
     if stop == start:
         return out
     boxes = [Box((), ())] if len(rec.shape) == 0 else flat_range_to_boxes(start, stop, rec.shape)
@@ -41,6 +45,41 @@ def read_flat(reader: CheckpointReader, key: str, start: int, stop: int) -> torc
     entry = TensorEntry(key, out, tuple(rec.shape), tuple(pieces), "")
     read_tensors(reader.storage, reader.manifest, {key: entry}, reader.options)
     return out
+
+
+class BufferPool:
+    """Reusable byte buffers of one capacity.
+
+    A fresh large allocation page-faults on first touch and, freed, goes back to
+    the OS or fragments the heap; recycling a few buffers keeps both the time and
+    the resident memory of a long merge flat. Larger requests are not pooled.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[torch.Tensor] = []
+        self._bases: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D tensor of ``numel`` elements (uninitialised)."""
+        nbytes = numel * dtype.itemsize
+        if nbytes > self.capacity:
+            return torch.empty(numel, dtype=dtype)
+        with self._lock:
+            base = self._free.pop() if self._free else None
+        if base is None:
+            base = torch.empty(self.capacity, dtype=torch.uint8)
+            with self._lock:
+                self._bases[base.data_ptr()] = base
+        return base[:nbytes].view(dtype)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Return a tensor from :meth:`take` (others are ignored). Call once per take."""
+        with self._lock:
+            base = self._bases.get(t.untyped_storage().data_ptr())
+            if base is not None:
+                self._free.append(base)
 
 
 @dataclass(frozen=True)
@@ -96,11 +135,12 @@ class Prefetcher:
     def __init__(
         self,
         reqs: Iterator[Request],
-        read: Callable[[Request], torch.Tensor],
+        read: Callable[[Request, BufferPool], torch.Tensor],
         threads: int,
         max_bytes: int,
+        pool: BufferPool,
     ) -> None:
-        self._reqs, self._read, self._max = reqs, read, max_bytes
+        self._reqs, self._read, self._max, self.pool = reqs, read, max_bytes, pool
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckpt-merge-read") if threads > 0 else None
         self._window: deque[tuple[Request, Future]] = deque()
         self._bytes = 0
@@ -114,9 +154,9 @@ class Prefetcher:
                 return
             if self._pool is None:
                 fut: Future = Future()
-                fut.set_result(self._read(req))
+                fut.set_result(self._read(req, self.pool))
             else:
-                fut = self._pool.submit(self._read, req)
+                fut = self._pool.submit(self._read, req, self.pool)
             self._window.append((req, fut))
             self._bytes += req.nbytes
 
@@ -138,7 +178,7 @@ class Prefetcher:
 
 def compute(
     jobs: Sequence[TensorJob],
-    read: Callable[[Request], torch.Tensor],
+    read: Callable[[Request, BufferPool], torch.Tensor],
     itemsizes: Callable[[int, str], int],
     work_bytes: int = 8 << 20,
     threads: int = 2,
@@ -147,11 +187,14 @@ def compute(
 ) -> Iterator[tuple[TensorJob, int, torch.Tensor]]:
     """Yield ``(job, box index, data)`` for every output chunk, in order.
 
-    ``alloc(numel, dtype)`` makes each output chunk's (1-D) buffer; a sink that
-    bounds the chunks in flight blocks in it.
+    ``read(request, pool)`` returns the request's elements (in a buffer from
+    ``pool`` or any tensor); ``alloc(numel, dtype)`` makes each output chunk's
+    (1-D) buffer, and a sink that bounds the chunks in flight blocks in it.
     """
     alloc = alloc or (lambda n, dt: torch.empty(n, dtype=dt))
-    fetch = Prefetcher(requests(jobs, work_bytes, itemsizes), read, threads, prefetch_bytes)
+    pool = BufferPool(max((r.nbytes for r in requests(jobs, work_bytes, itemsizes)), default=0))
+    scratch: dict[torch.dtype, torch.Tensor] = {}  # accumulators when the output dtype is narrower
+    fetch = Prefetcher(requests(jobs, work_bytes, itemsizes), read, threads, prefetch_bytes, pool)
     try:
         for job in jobs:
             plan = job.plan
@@ -163,27 +206,24 @@ def compute(
                     current, base = i, a
                     out = alloc(job.boxes[i].numel, plan.out_dtype)
                 assert out is not None
-                acc = Accumulator(out[a - base : b - base], plan.acc_dtype)
+                target = out[a - base : b - base]
+                acc_buf = None
+                if plan.merged and plan.out_dtype != plan.acc_dtype:
+                    acc_buf = scratch.get(plan.acc_dtype)
+                    if acc_buf is None or acc_buf.numel() < b - a:
+                        acc_buf = scratch[plan.acc_dtype] = torch.empty(b - a, dtype=plan.acc_dtype)
+                    acc_buf = acc_buf[: b - a]
+                acc = Accumulator(target, plan.acc_dtype, acc_buf)
                 for src, w in job.contributors:
                     req, data = fetch.next()
                     assert (req.src, req.key, req.start) == (src, plan.key, a), "read schedule out of step"
                     acc.add(data, w)
+                    if data is not acc.ref:
+                        pool.give(data)
                 acc.finish()
+                assert acc.ref is not None
+                pool.give(acc.ref)
             if out is not None:
                 yield job, current, out.view(job.boxes[current].sizes)
     finally:
         fetch.close()
-
-
-class Slots:
-    """At most ``n`` output chunks alive: taken when one is allocated, given back once written."""
-
-    def __init__(self, n: int) -> None:
-        self._sem = threading.Semaphore(n)
-
-    def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        self._sem.acquire()
-        return torch.empty(numel, dtype=dtype)
-
-    def release(self) -> None:
-        self._sem.release()
