@@ -15,12 +15,21 @@ from concurrent.futures import Future
 import grpc
 
 from ._proto import ckpt_pb2, ckpt_pb2_grpc
-from .engine import PersistJob, Timings
+from .engine import PersistJob, Timings, rank_index_name, report_failure
 from .errors import SaveAbortedError
-from .format import dtype_name
+from .format import MANIFEST, dtype_name
 from .stage import HostBuffer
 
 STREAM_PART_BYTES = 4 << 20
+# A daemon that does not accept a connection within this long is reported as unreachable.
+CONNECT_TIMEOUT_S = 10.0
+# gRPC backs off up to 120 s between reconnection attempts by default, so a restarted daemon
+# would go unnoticed for minutes; on a node-local link, retry at least every second.
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class DaemonPersister:
@@ -35,12 +44,17 @@ class DaemonPersister:
         token = token or os.environ.get("CKPT_SERVER_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         ca = os.environ.get("CKPT_SERVER_TLS_CA")
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        options = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            *_RECONNECT,
+        ]
         if ca:
             with open(ca, "rb") as f:
                 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options)
         else:
             channel = grpc.insecure_channel(address, options)
+        self._channel = channel
         self.stub = ckpt_pb2_grpc.CheckpointerStub(channel)
 
     def lookup(self, uri: str) -> tuple[str, str, set[str]] | None:
@@ -81,33 +95,66 @@ class DaemonPersister:
             commit_timeout_s=job.commit_timeout_s,
             client_pid=os.getpid(),
         )
+        job_id = None
+        if self.needs_shared_memory:
+            request.shm_path = buf.shm_path or ""
+            # Synchronous: once Persist returns the daemon has mapped the snapshot, so the
+            # trainer may exit (or be killed) without losing the save.
+            job_id = self._take(job, self.stub.Persist, request, timeout=120).job_id
+        future: Future = Future()
+        threading.Thread(
+            target=self._wait,
+            args=(job_id, request, buf, job, timings, release, future),
+            name="ckpt-daemon-wait",
+            daemon=True,
+        ).start()
+        return future
+
+    def _take(self, job: PersistJob, rpc, request, **kwargs) -> ckpt_pb2.PersistReply:
         try:
-            if self.needs_shared_memory:
-                request.shm_path = buf.shm_path or ""
-                reply = self.stub.Persist(request, timeout=120, metadata=self._metadata)
-            else:
-                reply = self.stub.PersistStream(_parts(request, buf), timeout=None, metadata=self._metadata)
+            # Connect first (an RPC on a channel in reconnect back-off would fail at once).
+            grpc.channel_ready_future(self._channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            raise SaveAbortedError(
+                f"{job.storage.uri}: ckpt-server at {self.address} is not reachable "
+                f"(no connection within {CONNECT_TIMEOUT_S:.0f}s; is it running?); save {job.save_id} not taken"
+            ) from None
+        try:
+            return rpc(request, metadata=self._metadata, **kwargs)
         except grpc.RpcError as e:
             raise SaveAbortedError(
                 f"{job.storage.uri}: ckpt-server at {self.address} did not take save {job.save_id}: "
                 f"{e.code().name}: {e.details()}"
             ) from None
-        future: Future = Future()
-        threading.Thread(
-            target=self._wait, args=(reply.job_id, job, timings, release, future), name="ckpt-daemon-wait", daemon=True
-        ).start()
-        return future
 
-    def _wait(self, job_id: str, job: PersistJob, timings: Timings, release, future: Future) -> None:
+    def _wait(
+        self,
+        job_id: str | None,
+        request: ckpt_pb2.PersistRequest,
+        buf: HostBuffer,
+        job: PersistJob,
+        timings: Timings,
+        release: threading.Lock | None,
+        future: Future,
+    ) -> None:
         try:
+            if job_id is None:
+                # Streaming sends the whole buffer over the network: behind the training loop, not in it.
+                try:
+                    job_id = self._take(job, self.stub.PersistStream, _parts(request, buf)).job_id
+                except BaseException as e:
+                    report_failure(job.storage, job.save_id, job.rank, e)
+                    raise
             while True:
                 try:
                     reply = self.stub.Wait(ckpt_pb2.WaitRequest(job_id=job_id, timeout_s=30), metadata=self._metadata)
                 except grpc.RpcError as e:
-                    raise SaveAbortedError(
+                    error = SaveAbortedError(
                         f"{job.storage.uri}: ckpt-server at {self.address} was lost while persisting save "
                         f"{job.save_id} ({e.code().name}: {e.details()}); the checkpoint is not committed"
-                    ) from None
+                    )
+                    _report_lost(job, error)
+                    raise error from None
                 if reply.done:
                     break
             timings.update(reply.timings)
@@ -121,6 +168,23 @@ class DaemonPersister:
                 release.release()
 
 
+def _report_lost(job: PersistJob, error: BaseException) -> None:
+    """The daemon died holding this rank's part. Tell the other ranks now rather than
+    at their commit timeout: unless the part is safe (a non-committer's data is durable
+    once its index exists; the committer's save once the manifest names it)."""
+    try:
+        job.storage.invalidate()
+        if job.rank == 0:
+            safe = json.loads(job.storage.read_bytes(MANIFEST)).get("save_id") == job.save_id
+        else:
+            safe = job.storage.exists(rank_index_name(job.save_id, job.rank))
+        if safe:
+            return
+    except Exception:
+        pass
+    report_failure(job.storage, job.save_id, job.rank, error)
+
+
 def _parts(request: ckpt_pb2.PersistRequest, buf: HostBuffer):
     yield ckpt_pb2.PersistPart(request=request)
     view = memoryview(buf.data.numpy())[: buf.nbytes]
@@ -128,12 +192,15 @@ def _parts(request: ckpt_pb2.PersistRequest, buf: HostBuffer):
         yield ckpt_pb2.PersistPart(data=bytes(view[at : at + STREAM_PART_BYTES]))
 
 
-_persisters: dict[str, DaemonPersister] = {}
+_persisters: dict[tuple[str, str | None], DaemonPersister] = {}
 _lock = threading.Lock()
 
 
 def daemon_persister(address: str) -> DaemonPersister:
+    """The persister for ``address`` with the current $CKPT_SERVER_TOKEN (read on every
+    save, so a rotated token takes effect without restarting the trainer)."""
+    token = os.environ.get("CKPT_SERVER_TOKEN") or None
     with _lock:
-        if address not in _persisters:
-            _persisters[address] = DaemonPersister(address)
-        return _persisters[address]
+        if (address, token) not in _persisters:
+            _persisters[address, token] = DaemonPersister(address, token)
+        return _persisters[address, token]

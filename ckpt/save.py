@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import os
 import secrets
 import threading
@@ -91,7 +91,8 @@ class _Planner:
         self, plan: SavePlan, tensors: dict[str, TensorEntry], persister: Persister, options: SaveOptions
     ) -> tuple[HostBuffer, list[Slot]]:
         """The plan's staging buffer, allocated on first use and reused after."""
-        key = (plan.token, persister.name)
+        # Shared memory or not is part of the key: a Unix-socket daemon maps the buffer by name.
+        key = (plan.token, persister.name, persister.needs_shared_memory)
         if key not in self._buffers:
             slots, nbytes = layout(tensors, plan.items)
             pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
@@ -99,7 +100,9 @@ class _Planner:
             shm = persister.shm_path(f"{plan.token}-r{rank:05d}") if persister.needs_shared_memory else None
             buf = HostBuffer(nbytes, pinned=pinned, shm_path=shm)
             if shm is not None:
-                atexit.register(buf.close)  # the name only: a daemon that mapped it keeps the bytes
+                # Remove the name at exit (a daemon that mapped it keeps the bytes). Not atexit:
+                # multiprocessing children (mp.spawn trainers) skip it, leaking RAM in /dev/shm.
+                multiprocessing.util.Finalize(None, buf.close, exitpriority=0)
             self._buffers[key] = (buf, slots)
         return self._buffers[key]
 
@@ -265,7 +268,10 @@ def _start(
 
     buf, slots = _planner.buffer(plan, tensors, persister, options)
     if not buf.busy.acquire(blocking=options.on_busy == "wait"):
-        raise SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
+        error = SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
+        if world > 1:  # ranks that did not refuse: their committer aborts now, not at its timeout
+            report_failure(storage, save_id, rank, error)
+        raise error
 
     def do_stage() -> None:
         try:

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ram-tier-budget", type=parse_bytes, help="most bytes the RAM tier holds (default: --memory-budget)"
     )
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on 127.0.0.1:PORT")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on 127.0.0.1:PORT (0: any)")
     p.add_argument("--drain-timeout", type=float, default=None, help="on SIGTERM, wait at most this long")
     p.add_argument("--log-level", default="info")
     return p
@@ -191,6 +191,8 @@ def _serve_metrics(metrics: Metrics, port: int) -> None:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    # The bound port: --metrics-port 0 lets the kernel pick a free one.
+    log.info("metrics", extra={"http": f"127.0.0.1:{server.server_address[1]}"})
 
 
 if __name__ == "__main__":
