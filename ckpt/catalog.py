@@ -60,23 +60,28 @@ def step_from_name(name: str) -> int | None:
 def inspect(uri: str, name: str) -> Entry | None:
     """What is at ``uri``, or None if it is not a checkpoint at all."""
     storage = Storage(uri)
+    storage.invalidate()
     names = set(storage.listdir(""))
     if MANIFEST in names:
         try:
             m = read_manifest(storage)
         except CheckpointError as e:
-            return Entry(name, uri, DAMAGED, step_from_name(name), _du(storage), _newest_mtime(storage), error=str(e))
+            size, mtime, _ = _contents(storage)
+            return Entry(name, uri, DAMAGED, step_from_name(name), size, mtime, error=str(e))
         size = sum(m.objects.values()) + storage.size(MANIFEST)
         step = m.step if m.step is not None else step_from_name(name)
         return Entry(name, uri, COMPLETE, step, size, _parse_time(m.created), dict(m.metrics))
     if DATA_DIR in names or STAGING_DIR in names:
-        return Entry(name, uri, INCOMPLETE, step_from_name(name), _du(storage), _newest_mtime(storage))
+        size, mtime, files = _contents(storage)
+        if files:  # some object stores keep empty "directories" after their objects are deleted
+            return Entry(name, uri, INCOMPLETE, step_from_name(name), size, mtime)
     return None
 
 
 def scan(root: str) -> list[Entry]:
     """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
     storage = Storage(root)
+    storage.invalidate()
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{root}: no such directory")
     entries = []
@@ -127,20 +132,15 @@ def latest_name(storage: Storage) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _du(storage: Storage) -> int:
-    try:
-        return int(storage.fs.du(storage.root, total=True))
-    except (FileNotFoundError, OSError):
-        return 0
-
-
-def _newest_mtime(storage: Storage) -> float | None:
+def _contents(storage: Storage) -> tuple[int, float | None, int]:
+    """(total bytes, newest modification time, number of files) under a checkpoint."""
     try:
         found = storage.fs.find(storage.root, detail=True)
     except (FileNotFoundError, OSError):
-        return None
-    times = [t for t in (_mtime(i) for i in found.values()) if t is not None]
-    return max(times) if times else None
+        return 0, None, 0
+    files = [i for i in found.values() if i.get("type", "file") == "file"]
+    times = [t for t in (_mtime(i) for i in files) if t is not None]
+    return sum(int(i.get("size") or 0) for i in files), (max(times) if times else None), len(files)
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
