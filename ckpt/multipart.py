@@ -42,7 +42,8 @@ class MultipartWriter:
         self.bucket, self.key, _ = fs.split_path(path)
         self.part_bytes, self.concurrency, self.retry = part_bytes, concurrency, retry
         self.upload_id: str | None = None
-        self.parts: dict[int, dict[str, Any]] = {}
+        self.parts: dict[int, dict[str, Any]] = {}  # filled by the upload threads as parts land
+        self._sent = 0  # parts handed to the upload threads (numbered 1..sent)
         self.size = 0
         self._buf = bytearray(self._part_size(1))
         self._fill = 0
@@ -69,7 +70,11 @@ class MultipartWriter:
             self._fill += take
             mv = mv[take:]
             if self._fill == len(self._buf):
-                self._send_part()
+                try:
+                    self._send_part()
+                except BaseException as e:  # a part failed for good: the upload is dead
+                    self.abort(cause=e)
+                    raise
         self.size += n
         return n
 
@@ -138,13 +143,14 @@ class MultipartWriter:
                 lambda: self._s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"],
             )
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="ckpt-upload")
-        number = len(self.parts) + len(self._inflight) + 1
+        number = self._sent + 1
         if number > MAX_PARTS:
             raise StorageOperationError(f"{self.target}: more than {MAX_PARTS} parts", "UploadPart", self.target, 0)
         self._drain(self.concurrency - 1)
         buf, fill = self._buf, self._fill
         assert self._pool is not None
         self._inflight[self._pool.submit(self._upload_part, number, buf, fill)] = number
+        self._sent = number
         size = self._part_size(number + 1)
         self._buf = self._free.pop() if self._free and len(self._free[-1]) == size else bytearray(size)
         self._fill = 0
@@ -174,7 +180,14 @@ class MultipartWriter:
                     self._free.append(buf)
 
     def _complete(self) -> None:
-        parts = [self.parts[n] for n in sorted(self.parts)]
+        if sorted(self.parts) != list(range(1, self._sent + 1)):
+            raise StorageOperationError(
+                f"{self.target}: parts {sorted(self.parts)} landed, 1..{self._sent} were sent",
+                "CompleteMultipartUpload",
+                self.target,
+                0,
+            )
+        parts = [self.parts[n] for n in range(1, self._sent + 1)]
         tries = [0]
 
         def complete() -> dict[str, Any]:

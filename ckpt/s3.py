@@ -21,9 +21,11 @@ from typing import Any
 
 import fsspec.asyn
 
-# Measured with bench/bench_s3.py against SeaweedFS on loopback (2 ranks, 1 GiB):
-# 32 MiB parts x 4 in flight was as fast as larger settings, at 160 MiB of
-# buffers per open object.
+# Measured against SeaweedFS on loopback (bench/bench_s3.py --sweep; 128 MiB objects):
+# on this 2-core machine the server's CPU is the bottleneck, and parts of 16-64 MiB
+# with 1-8 in flight were within noise of each other (6.7-8.8 s). 32 MiB x 4 was at
+# the fast end, bounds buffers at 160 MiB per open object, and gives a remote
+# store (where one connection carries ~50-100 MB/s) four streams per object.
 DEFAULT_PART_BYTES = 32 << 20
 DEFAULT_UPLOAD_CONCURRENCY = 4
 READ_PIECE_BYTES = 4 << 20  # a response is copied into the caller's buffers this much at a time
@@ -48,6 +50,16 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
 def adopt(fs: Any) -> None:
     """Hand retries of an s3fs instance opened by ckpt over to ckpt's policy."""
     fs.retries = 1
+
+
+def object_exists(fs: Any, path: str) -> bool:
+    """Whether an object is at ``path``: one HEAD, never a cached listing."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def read_into(fs: Any, path: str, start: int, bufs: list[memoryview]) -> int:
