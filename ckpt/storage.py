@@ -165,7 +165,9 @@ class Storage:
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
         if self.s3:
-            self.fs.invalidate_cache(path)  # a cached listing would hide objects written since
+            if rel:  # an object: one uncached HEAD (polling loops call this often)
+                return self._call("HeadObject", rel, lambda: s3.object_exists(self.fs, path))
+            self.fs.invalidate_cache(path)  # the prefix itself: a fresh listing
         return self._call("exists", rel, lambda: self.fs.exists(path))
 
     def size(self, rel: str) -> int:
