@@ -482,3 +482,13 @@ def test_memory_urls_end_to_end():
     code, out, _ = run("ls", root, "--json")
     assert [e["name"] for e in json.loads(out)] == ["step-2"]
     fsspec.filesystem("memory").rm("/cli-test", recursive=True)
+
+
+def test_merge_subcommand_is_wired(tmp_path):
+    a, b, out = (str(tmp_path / n) for n in ("a", "b", "avg"))
+    ckpt.save({"w": torch.full((4, 3), 1.0), "step": 1}, a, step=1)
+    ckpt.save({"w": torch.full((4, 3), 3.0), "step": 2}, b, step=2)
+    code, _, err = run("merge", a, b, "-o", out, "--no-progress")
+    assert code == 0, err
+    assert torch.equal(CheckpointReader(out).read("w"), torch.full((4, 3), 2.0))
+    assert run("verify", out)[0] == 0

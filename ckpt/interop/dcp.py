@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -147,7 +149,8 @@ class DcpSource(Source):
     def _load(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         planner = _SafeLoadPlanner(allow_partial_load=True)
         try:
-            dcp.load(state_dict, storage_reader=self._reader, planner=planner, no_dist=True)
+            with _quiet_dcp():
+                dcp.load(state_dict, storage_reader=self._reader, planner=planner, no_dist=True)
         except ForeignFormatError:
             raise
         except Exception as e:  # DCP wraps per-rank failures in CheckpointException
@@ -168,6 +171,14 @@ class DcpSource(Source):
 
     def close(self) -> None:
         self._cached = None
+
+
+@contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """DCP warns that it runs without a process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rekey(
