@@ -131,6 +131,14 @@ def test_usage_errors_exit_2(tmp_path, one):
     assert code == 2 and "--for-world" in err2 and not (tmp_path / "r").exists()
     code, _, err2 = run("reshard", one, str(tmp_path / "r"), "--for-world", "2", "--layout", "rows")
     assert code == 2 and "shard0" in err2 and not (tmp_path / "r").exists()
+    for argv in (
+        ("diff", one, str(tmp_path / "gone")),
+        ("gc", str(tmp_path / "gone")),
+        ("convert", str(tmp_path / "gone"), str(tmp_path / "r")),
+    ):
+        code, _, err2 = run(*argv)
+        assert code == 2 and "gone" in err2 and len(err2.strip().splitlines()) == 1, argv
+    assert not (tmp_path / "r").exists()
 
 
 def test_parse_size():
