@@ -261,7 +261,11 @@ def _start(
 
     if not snapshot and not persister.needs_host_buffer:
         with timings.phase("stage"):
-            chunks = _borrow(tensors, plan.items)
+            try:
+                chunks = _borrow(tensors, plan.items)
+            except BaseException as e:  # tell the others now, or they wait out the commit timeout
+                report_failure(storage, save_id, rank, e)
+                raise
         handle._staged.set()
         handle._future = persister.submit(job(chunks), timings, release=None)
         return handle

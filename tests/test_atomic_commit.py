@@ -212,18 +212,22 @@ def test_sigkilled_rank_mid_write_commits_nothing(tmp_path: Path, victim: int, o
     assert_holds(str(tmp_path / "A"), 1)
 
 
-def raise_job(rank: int, world: int, root: str, culprit: int) -> dict:
+def raise_job(rank: int, world: int, root: str, culprit: int, where: str) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     ckpt.save(state(1, rank, world, mesh), f"{root}/A", step=1)
     original = Storage.open_write
-    if rank == culprit:
+    v2 = state(2, rank, world, mesh)
+    if rank == culprit and where == "write":
         _wrap_data_writes(_FailingFile)
+    if rank == culprit and where == "stage":  # its shard has no data: copying it to host fails
+        emb = v2["emb"]
+        v2["emb"] = ckpt.Sharded(torch.empty_like(emb.tensor, device="meta"), emb.global_shape, emb.parts)
     # A long commit timeout: every rank must learn of the failure from storage, not by timing out.
     options = ckpt.SaveOptions(commit_timeout_s=60)
     t0 = time.monotonic()
     result: dict = {"error": None}
     try:
-        ckpt.save(state(2, rank, world, mesh), f"{root}/X", step=2, options=options)
+        ckpt.save(v2, f"{root}/X", step=2, options=options)
     except Exception as e:
         result = {"error": type(e).__name__, "message": str(e)}
     result["elapsed"] = time.monotonic() - t0
@@ -233,16 +237,24 @@ def raise_job(rank: int, world: int, root: str, culprit: int) -> dict:
     return result
 
 
-@pytest.mark.parametrize("culprit", [1, 0], ids=["worker-raises", "committer-raises"])
-def test_rank_raising_mid_write_fails_every_rank(tmp_path: Path, culprit: int) -> None:
-    results = run_ranks(raise_job, WORLD, str(tmp_path), culprit, start_method="forkserver", timeout=150)
+@pytest.mark.parametrize(
+    "culprit,where,error,why",
+    [
+        (1, "write", "OSError", "injected"),
+        (0, "write", "OSError", "injected"),
+        (2, "stage", "NotImplementedError", "meta"),
+    ],
+    ids=["worker-raises-writing", "committer-raises-writing", "worker-raises-staging"],
+)
+def test_rank_raising_mid_save_fails_every_rank(tmp_path: Path, culprit: int, where: str, error: str, why: str) -> None:
+    results = run_ranks(raise_job, WORLD, str(tmp_path), culprit, where, start_method="forkserver", timeout=150)
     for rank, r in enumerate(results):
         assert r["elapsed"] < 20, f"rank {rank} took {r['elapsed']:.1f}s to fail: {r}"
         if rank == culprit:
-            assert r["error"] == "OSError" and "injected" in r["message"], r
+            assert r["error"] == error and why in r["message"], r
         else:
             assert r["error"] == "SaveAbortedError", f"rank {rank}: {r}"
-            assert "injected" in r["message"], f"rank {rank} was not told why: {r['message']}"
+            assert why in r["message"] and f"rank-{culprit:05d}" in r["message"], f"rank {rank}: {r['message']}"
     with pytest.raises(ckpt.CheckpointNotFoundError):
         ckpt.load({"w": torch.zeros(SHAPES["w"][0])}, str(tmp_path / "X"), strict=False)
     assert_holds(str(tmp_path / "A"), 1)
