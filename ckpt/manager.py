@@ -46,11 +46,13 @@ class Manager:
     """Saves every ``every_steps`` steps under ``root``/step-NNNNNNNN and keeps what the policy says.
 
     Create it on every rank with the same arguments. ``restore`` returns the step
-    to resume at (the saved step + 1) or None for a fresh start.
+    to resume at (the saved step + 1) or None for a fresh start. ``storage_options``
+    (fsspec: credentials, endpoint_url) apply to listing, saving and loading.
     """
 
     root: str
     every_steps: int | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
     keep_last: int | None = None
     keep_best: int | None = None
     best_metric: str | None = None
@@ -68,7 +70,14 @@ class Manager:
         self.policy = RetentionPolicy(
             self.keep_last, self.keep_best, self.best_metric, self.best_mode, self.keep_every, self.keep_within_s
         )
-        self.storage = Storage(self.root, **self.save_options.storage_options)
+        # One set of storage options (credentials, endpoint) for listing, saving and loading.
+        for opts in (self.save_options, self.load_options):
+            if self.storage_options and not opts.storage_options:
+                opts.storage_options = dict(self.storage_options)
+        self.storage = Storage(
+            self.root,
+            **(self.storage_options or self.save_options.storage_options or self.load_options.storage_options),
+        )
         self.rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
         self.world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         self.should_stop = False  # set after an emergency save: leave the training loop
