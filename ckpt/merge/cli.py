@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="source giving non-floating tensors and values: index or URI (default: latest)")
     p.add_argument("--include", action="append", help="glob on flat keys to keep (repeatable)")
     p.add_argument("--exclude", action="append", help="glob on flat keys to drop (repeatable)")
-    p.add_argument("--chunk-size", type=parse_size, default=32 << 20, help="output chunk size (default 32MiB)")
+    p.add_argument("--chunk-size", type=parse_size, default=16 << 20, help="output chunk size (default 16MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

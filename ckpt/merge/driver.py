@@ -56,7 +56,7 @@ def merge(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     overwrite: bool = False,
-    chunk_bytes: int = 32 << 20,
+    chunk_bytes: int = 16 << 20,
     max_shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
     load_options: LoadOptions | None = None,

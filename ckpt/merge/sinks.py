@@ -69,7 +69,7 @@ class CkptSink(Sink):
     """A ckpt checkpoint through :class:`ckpt.writer.CheckpointWriter` (atomic commit)."""
 
     def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 1 << 20) -> None:
-        self.options = options or SaveOptions(chunk_bytes=32 << 20)
+        self.options = options or SaveOptions(chunk_bytes=16 << 20)
         self.pack_bytes = pack_bytes
         self.writer = CheckpointWriter(uri, self.options, pack_bytes=pack_bytes)
         self.uri = uri
@@ -155,7 +155,7 @@ class HFSink(Sink):
         self,
         uri: str,
         max_shard_bytes: int | None = None,
-        chunk_bytes: int = 32 << 20,
+        chunk_bytes: int = 16 << 20,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:

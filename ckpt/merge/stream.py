@@ -61,10 +61,18 @@ class BufferPool:
         self._bases: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
 
+    def pooled(self, nbytes: int) -> bool:
+        """Whether a request of ``nbytes`` gets a pool buffer (small ones are left to malloc)."""
+        return self.capacity // 4 <= nbytes <= self.capacity
+
+    def cost(self, nbytes: int) -> int:
+        """Memory a request of ``nbytes`` holds while in flight."""
+        return self.capacity if self.pooled(nbytes) else nbytes
+
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A 1-D tensor of ``numel`` elements (uninitialised)."""
         nbytes = numel * dtype.itemsize
-        if nbytes > self.capacity:
+        if not self.pooled(nbytes):
             return torch.empty(numel, dtype=dtype)
         with self._lock:
             base = self._free.pop() if self._free else None
@@ -158,12 +166,12 @@ class Prefetcher:
             else:
                 fut = self._pool.submit(self._read, req, self.pool)
             self._window.append((req, fut))
-            self._bytes += req.nbytes
+            self._bytes += self.pool.cost(req.nbytes)
 
     def next(self) -> tuple[Request, torch.Tensor]:
         self._fill()
         req, fut = self._window.popleft()
-        self._bytes -= req.nbytes
+        self._bytes -= self.pool.cost(req.nbytes)
         data = fut.result()
         self._fill()
         return req, data
