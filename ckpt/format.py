@@ -70,6 +70,14 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def is_contained(name: str) -> bool:
+    """Whether an object name stays inside its checkpoint: relative, no '..', no
+    empty or '.' parts, no backslashes. A crafted manifest must not make a reader
+    open files elsewhere."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts) and ":" not in parts[0]
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A box of a global tensor stored row-major at ``[offset, offset+length)`` of ``object``.
@@ -211,6 +219,9 @@ class Manifest:
         e.g. from an aborted stream, must never be committed or loaded)."""
         if self.block_bytes <= 0:
             raise CheckpointFormatError(f"{where}: block_bytes must be positive")
+        for name in self.objects:
+            if not is_contained(name):
+                raise CheckpointFormatError(f"{where}: object {name!r} is not a path inside the checkpoint")
         for key, rec in self.tensors.items():
             size = itemsize(rec.dtype)
             for i, c in enumerate(rec.chunks):

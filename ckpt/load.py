@@ -3,6 +3,7 @@ each local shard needs, verify them, and copy them in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +70,7 @@ def load(
     Tensors (plain, DTensor, ``Sharded``) are filled in place; JSON values are
     assigned into their containers. Returns the manifest (step, metrics, ...).
     """
-    options = options or LoadOptions()
+    options = dataclasses.replace(options or LoadOptions())  # the caller's options stay as they were
     if strict is not None:
         options.strict = strict
     if allow_dtype_cast is not None:
