@@ -155,13 +155,14 @@ def test_verify_reports_each_corrupt_chunk(tmp_path):
     uri = str(tmp_path / "c")
     m = write_example(uri)
     assert CheckpointReader(uri).verify() == []
-    bad_big = m.tensors["big"].chunks[1]
-    bad_stream = m.tensors["streamed"].chunks[-1]
-    _flip(os.path.join(uri, bad_big.object), bad_big.offset + bad_big.length - 1)
-    _flip(os.path.join(uri, bad_stream.object), bad_stream.offset)
+    bad = [("big", m.tensors["big"].chunks[1]), ("big", m.tensors["big"].chunks[3])]
+    bad.append(("streamed", m.tensors["streamed"].chunks[-1]))
+    _flip(os.path.join(uri, bad[0][1].object), bad[0][1].offset + bad[0][1].length - 1)
+    _flip(os.path.join(uri, bad[1][1].object), bad[1][1].offset + 5)
+    _flip(os.path.join(uri, bad[2][1].object), bad[2][1].offset)
     failures = CheckpointReader(uri).verify()
-    assert len(failures) == 2, failures
-    for line, key, c in ((failures[0], "big", bad_big), (failures[1], "streamed", bad_stream)):
+    assert len(failures) == 3, failures
+    for line, (key, c) in zip(failures, bad):
         assert c.object in line and f"{key} chunk {c.box}" in line, line
     # other chunks of the same tensors still read fine
     r = CheckpointReader(uri)
