@@ -18,9 +18,8 @@ from datetime import datetime
 from typing import Any
 
 from .errors import CheckpointError
-from .format import DATA_DIR, MANIFEST, STAGING_DIR
+from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
 from .load import read_manifest
-from .manager import LATEST
 from .retention import CheckpointInfo, RetentionPolicy, select_deletions
 from .storage import Storage
 
@@ -41,6 +40,12 @@ class Entry:
     error: str = ""
     latest: bool = False  # named by the root's ``latest`` marker (written by ckpt.Manager)
 
+    def info(self) -> CheckpointInfo:
+        """The facts retention decides on."""
+        return CheckpointInfo(
+            self.name, self.step, self.status == COMPLETE, self.created, tuple(sorted(self.metrics.items()))
+        )
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["created"] = _iso(self.created)
@@ -57,9 +62,9 @@ def step_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def inspect(uri: str, name: str) -> Entry | None:
+def inspect(uri: str, name: str, storage_options: dict[str, Any] | None = None) -> Entry | None:
     """What is at ``uri``, or None if it is not a checkpoint at all."""
-    storage = Storage(uri)
+    storage = Storage(uri, **(storage_options or {}))
     storage.invalidate()
     names = set(storage.listdir(""))
     if MANIFEST in names:
@@ -78,21 +83,21 @@ def inspect(uri: str, name: str) -> Entry | None:
     return None
 
 
-def scan(root: str) -> list[Entry]:
+def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry]:
     """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
-    storage = Storage(root)
+    storage = Storage(root, **(storage_options or {}))
     storage.invalidate()
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{root}: no such directory")
     entries = []
-    own = inspect(root, ".")
+    own = inspect(root, ".", storage_options)
     if own is not None:
         entries.append(own)
     latest = latest_name(storage)
     for name in storage.listdir(""):
         if name.startswith((".", "_")) or name == DATA_DIR or not storage.fs.isdir(storage.path(name)):
             continue
-        e = inspect(child_uri(root, name), name)
+        e = inspect(child_uri(root, name), name, storage_options)
         if e is not None:
             e.latest = name == latest
             entries.append(e)
@@ -100,23 +105,26 @@ def scan(root: str) -> list[Entry]:
     return entries
 
 
-def plan_gc(entries: list[Entry], policy: RetentionPolicy, now: float | None = None) -> list[Entry]:
+def plan_gc(
+    entries: list[Entry],
+    policy: RetentionPolicy,
+    now: float | None = None,
+    in_flight: frozenset[str] = frozenset(),
+) -> list[Entry]:
     """Entries to delete: incomplete ones older than the newest complete checkpoint,
-    and complete ones ``policy`` drops. Never the root itself, a damaged one, or the
-    newest complete checkpoint, nor the one the ``latest`` marker names."""
-    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED and not e.latest]
-    infos = [
-        CheckpointInfo(e.name, e.step, e.status == COMPLETE, e.created, tuple(sorted(e.metrics.items())))
-        for e in candidates
-    ]
-    doomed = set(select_deletions(infos, policy, now if now is not None else time.time()))
-    return [e for e in candidates if e.name in doomed]
+    and complete ones ``policy`` drops. Never the root itself, a damaged one, the
+    newest complete checkpoint, the one the ``latest`` marker names, or a save in flight."""
+    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED]
+    infos = [e.info() for e in candidates]
+    doomed = set(select_deletions(infos, policy, now if now is not None else time.time(), in_flight))
+    # The marker's checkpoint survives, but still counts towards the rules (keep_last, ...).
+    return [e for e in candidates if e.name in doomed and not e.latest]
 
 
-def delete(entry: Entry) -> None:
+def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:
     """Remove a checkpoint; the manifest goes first, so an interrupted delete leaves
     an incomplete checkpoint (invisible to loaders), never a complete one with holes."""
-    storage = Storage(entry.uri)
+    storage = Storage(entry.uri, **(storage_options or {}))
     if entry.status == COMPLETE:
         storage.delete(MANIFEST)
     storage.delete("", recursive=True)

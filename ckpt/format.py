@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 STAGING_DIR = "_staging"
+LATEST = "latest"  # a run root's marker naming its newest committed checkpoint (ckpt.Manager)
 CHECKSUM_ALGORITHM = "xxh3-64"
 
 # torch dtype <-> (manifest name, safetensors code)

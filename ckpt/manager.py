@@ -12,26 +12,24 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .catalog import COMPLETE, DAMAGED, Entry, delete, latest_name, plan_gc, scan
 from .errors import CheckpointError
-from .format import MANIFEST
+from .format import LATEST
 from .load import LoadOptions, load
-from .retention import CheckpointInfo, RetentionPolicy, order_key, select_deletions
+from .retention import RetentionPolicy, order_key
 from .save import SaveHandle, SaveOptions, async_save
 from .storage import Storage
 
 log = logging.getLogger("ckpt.manager")
-LATEST = "latest"
 
 
 @dataclass
@@ -88,7 +86,6 @@ class Manager:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._worker = threading.Thread(target=self._finish_saves, name="ckpt-manager", daemon=True)
         self._worker.start()
-        self._manifests: dict[str, CheckpointInfo] = {}
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -154,24 +151,26 @@ class Manager:
     def restore(self, state_dict: dict) -> int | None:
         """Load the newest checkpoint that loads completely; return its step + 1.
 
-        Incomplete and corrupt checkpoints are skipped with a warning that says
-        why; all ranks agree on the one they load.
+        Incomplete, damaged and corrupt checkpoints are skipped with a warning
+        that says why; all ranks agree on the one they load.
         """
-        infos = self.checkpoints()
-        committed = sorted((c for c in infos if c.committed), key=order_key, reverse=True)
-        newest_done = order_key(committed[0]) if committed else None
-        for c in sorted(infos, key=order_key, reverse=True):
-            if not c.committed and (newest_done is None or order_key(c) > newest_done):
-                log.warning("skipping %s/%s: incomplete (no manifest; the save never committed)", self.root, c.name)
-        for c in committed:
+        entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
+        complete = [e for e in entries if e.status == COMPLETE]
+        newest = order_key(complete[0].info()) if complete else None
+        for e in entries:
+            if e.status == DAMAGED:
+                log.warning("skipping %s: damaged manifest: %s", e.uri, e.error)
+            elif e.status != COMPLETE and (newest is None or order_key(e.info()) > newest):
+                log.warning("skipping %s: incomplete (no manifest; the save never committed)", e.uri)
+        for e in complete:
             error = None
             try:
-                manifest = load(state_dict, f"{self.root.rstrip('/')}/{c.name}", options=self.load_options)
-            except (CheckpointError, OSError, ValueError) as e:
-                error = f"{type(e).__name__}: {e}"
+                manifest = load(state_dict, e.uri, options=self.load_options)
+            except (CheckpointError, OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
             if not self._agree(error is not None):
-                return (manifest.step if manifest.step is not None else c.step or 0) + 1
-            log.warning("skipping %s/%s: %s", self.root, c.name, error or "another rank could not load it")
+                return (manifest.step if manifest.step is not None else e.step or 0) + 1
+            log.warning("skipping %s: %s", e.uri, error or "another rank could not load it")
         return None
 
     # -- listing ----------------------------------------------------------------------------------
@@ -179,41 +178,14 @@ class Manager:
     def latest(self) -> str | None:
         """Name of the newest committed checkpoint, from the marker."""
         self.storage.invalidate()
-        if not self.storage.exists(LATEST):
-            return None
-        return json.loads(self.storage.read_bytes(LATEST))["name"]
+        return latest_name(self.storage)
 
-    def checkpoints(self) -> list[CheckpointInfo]:
-        """Every checkpoint directory under the root, committed or not."""
-        self.storage.invalidate()
-        infos = []
-        for name in self.storage.listdir(""):
-            if name == LATEST or name.startswith((".", "_")):
-                continue
-            info = self._manifests.get(name)
-            if info is None:
-                info = self._describe(name)
-                if info is None:
-                    continue
-                if info.committed:
-                    self._manifests[name] = info
-            infos.append(info)
-        return infos
-
-    def _describe(self, name: str) -> CheckpointInfo | None:
-        match = re.search(r"(\d+)$", name)
-        step = int(match.group(1)) if match else None
-        if not self.storage.exists(f"{name}/{MANIFEST}"):
-            if not self.storage.listdir(name):
-                return None
-            return CheckpointInfo(name, step, committed=False)
+    def checkpoints(self) -> list[Entry]:
+        """Every checkpoint under the root, committed or not (empty for a new root)."""
         try:
-            doc = json.loads(self.storage.read_bytes(f"{name}/{MANIFEST}"))
-            created = datetime.fromisoformat(doc["created"]).timestamp() if doc.get("created") else None
-            metrics = tuple(sorted((k, float(v)) for k, v in (doc.get("metrics") or {}).items()))
-            return CheckpointInfo(name, doc.get("step", step), True, created, metrics)
-        except (ValueError, KeyError, TypeError):
-            return CheckpointInfo(name, step, committed=True)  # restore will report what is wrong
+            return scan(self.root, self.storage.options)
+        except FileNotFoundError:
+            return []
 
     # -- background -------------------------------------------------------------------------------
     def _finish_saves(self) -> None:
@@ -248,16 +220,9 @@ class Manager:
     def _apply_retention(self) -> None:
         with self._lock:
             in_flight = frozenset(self._in_flight)
-        doomed = select_deletions(self.checkpoints(), self.policy, time.time(), in_flight)
-        latest = self.latest
-        for name in doomed:
-            if name == latest:
-                continue
-            # The manifest goes first: the checkpoint stops being loadable before its data goes.
-            self.storage.delete(f"{name}/{MANIFEST}")
-            self.storage.delete(name, recursive=True)
-            self._manifests.pop(name, None)
-            log.info("retention removed %s/%s", self.root, name)
+        for entry in plan_gc(self.checkpoints(), self.policy, time.time(), in_flight):
+            delete(entry, self.storage.options)
+            log.info("retention removed %s", entry.uri)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _agree(self, flag: bool) -> bool:
