@@ -43,6 +43,8 @@ def s3_options(options: dict[str, Any]) -> dict[str, Any]:
     config = dict(opts.get("config_kwargs") or {})
     if "retries" not in config and not os.environ.get("AWS_MAX_ATTEMPTS"):
         config["retries"] = {"total_max_attempts": 1}
+    # parts of a few objects in flight plus the load's parallel reads, without queueing for a connection
+    config.setdefault("max_pool_connections", max(10, 2 * int(opts["max_concurrency"]) + 8))
     opts["config_kwargs"] = config
     return opts
 

@@ -139,8 +139,9 @@ class SeaweedFS:
             "-ip.bind=127.0.0.1",
             f"-dir={data}",
             "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",
+            # every bucket is a collection that grows its own volumes: small ones, and room for many
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=200",
             f"-master.port={self.ports['master']}",
             f"-volume.port={self.ports['volume']}",
             f"-filer.port={self.ports['filer']}",
@@ -247,11 +248,23 @@ def shared_server() -> SeaweedFS:
     return _shared
 
 
+_bucket: str | None = None
+
+
+def shared_prefix() -> str:
+    """A fresh ``bucket/prefix`` in the session's one bucket (buckets are costly in SeaweedFS)."""
+    global _bucket
+    if _bucket is None:
+        _bucket = shared_server().make_bucket()
+    return f"{_bucket}/t-{secrets.token_hex(4)}"
+
+
 def stop_shared() -> None:
-    global _shared
+    global _shared, _bucket
     if _shared is not None:
         _shared.cleanup()
         _shared = None
+        _bucket = None
 
 
 if __name__ == "__main__":  # manual use: print the endpoint and credentials, run until ^C

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from dist import run_ranks
 from faultproxy import FaultProxy
-from seaweed import shared_server, stop_shared
+from seaweed import shared_prefix, shared_server, stop_shared
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -38,7 +38,8 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server):
-    return s3_server.make_bucket()
+    """A fresh "bucket/prefix" of its own for each test."""
+    return shared_prefix()
 
 
 def _state(seed: int = 0) -> dict:
@@ -77,12 +78,11 @@ def _assert_equal(a: dict, b: dict) -> None:
             assert v == b[k], k
 
 
-def _fs(server) -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
-
-
-def _open_uploads(server, bucket: str) -> list[dict]:
-    return _fs(server).call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+def _open_uploads(server, where: str) -> list[dict]:
+    """Multipart uploads in progress under ``where`` ("bucket/prefix")."""
+    bucket, prefix = where.split("/", 1)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
 
 
 def test_save_load_with_storage_options(s3_server, s3_bucket):

@@ -14,7 +14,7 @@ import pytest
 import s3fs
 import torch
 from faultproxy import Fault, FaultProxy
-from seaweed import shared_server, stop_shared
+from seaweed import shared_prefix, shared_server, stop_shared
 
 import ckpt
 from ckpt.format import MANIFEST
@@ -34,7 +34,8 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server):
-    return s3_server.make_bucket()
+    """A fresh "bucket/prefix" of its own for each test."""
+    return shared_prefix()
 
 
 @pytest.fixture
@@ -70,9 +71,11 @@ def _same(a: dict, b: dict) -> bool:
     return torch.equal(a["big"], b["big"]) and torch.equal(a["small"], b["small"]) and a["step"] == b["step"]
 
 
-def _open_uploads(server, bucket: str) -> list[dict]:
+def _open_uploads(server, where: str) -> list[dict]:
+    """Multipart uploads in progress under ``where`` ("bucket/prefix")."""
+    bucket, prefix = where.split("/", 1)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
-    return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
 
 
 def test_throttling_and_server_errors_are_retried(s3_server, s3_bucket, proxy):
