@@ -38,6 +38,9 @@ class SaveOptions:
         $CKPT_DAEMON) that persists the snapshot; None persists in a background thread.
     on_busy: an async save whose previous save (same structure) still persists either
         "wait"s for it or is "refuse"d with SaveBusyError; memory never grows per save.
+    agree_on_plan: a rank reuses its cached plan when its own shards are unchanged, with no
+        collective. If the layout can change on some ranks only (explicit ``Sharded`` boxes
+        moving between saves), set this: each save then costs one tiny all-gather.
     """
 
     chunk_bytes: int = 64 << 20
@@ -47,6 +50,7 @@ class SaveOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
     on_busy: str = "wait"
+    agree_on_plan: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_bytes <= 0 or self.block_bytes <= 0 or self.block_bytes % 64:
@@ -67,10 +71,18 @@ class _Planner:
         self, tensors: dict[str, TensorEntry] | None, error: str | None, options: SaveOptions, group
     ) -> tuple[SavePlan, str]:
         rank, world = _rank_world(group)
-        desc = describe_rank(tensors) if tensors is not None else {}
+        desc = describe_rank(tensors) if tensors is not None and error is None else {}
         fp = fingerprint(desc, world, options.chunk_bytes)
         cache_key = (fp, id(group))
         plan = self._plans.get(cache_key) if error is None else None
+        if plan is not None and options.agree_on_plan and world > 1:
+            # One tiny collective: re-plan everywhere unless every rank reuses the same plan.
+            tokens: list[str | None] = [None] * world
+            dist.all_gather_object(tokens, plan.token, group=group)
+            if len(set(tokens)) != 1:
+                plan = None
+        elif plan is None and options.agree_on_plan and world > 1:
+            dist.all_gather_object([None] * world, None, group=group)  # the other ranks' check above
         if plan is None:
             token = secrets.token_hex(4)
             mine = {"desc": desc, "error": error, "token": token}
@@ -246,6 +258,8 @@ def _start(
             for name, v in (("metrics", metrics), ("metadata", metadata)):
                 check_json_value(name, v or {})
             tensors, values, _ = flatten(state_dict)
+            for key, entry in tensors.items():
+                dtype_name(entry.dtype, key)  # an unstorable dtype is this rank's error, reported to all
         except (UnsupportedValueError, CheckpointExistsError, ValueError, TypeError) as e:
             if world == 1:
                 raise
