@@ -206,9 +206,8 @@ class SeaweedFS:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        grpc_sock = Path(f"/tmp/seaweedfs-s3-grpc-{self.ports.get('s3', 0) + GRPC_OFFSET}.sock")
-        if self.ports and grpc_sock.exists():
-            grpc_sock.unlink(missing_ok=True)  # the one socket weed puts in /tmp regardless of flags
+        for service, port in self.ports.items():  # the gRPC sockets weed puts in /tmp whatever the flags
+            Path(f"/tmp/seaweedfs-{service}-grpc-{port + GRPC_OFFSET}.sock").unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         self.stop()
