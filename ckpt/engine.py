@@ -17,8 +17,12 @@ any point leaves nothing loadable that was not fully written.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -113,6 +117,29 @@ def frame_order(chunks: Iterable[StagedChunk]) -> list[StagedChunk]:
     return sorted(chunks, key=lambda c: -c.spec.dtype.itemsize)
 
 
+_OVERLAP_BYTES = 1 << 20  # smaller chunks are hashed inline: a thread hop would cost more
+_WRITEBACK_BYTES = 16 << 20  # ask for writeback after this many new bytes
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="ckpt-hash")
+        return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class ObjectWriter:
     """One data object being written: the header first, then each chunk in order.
 
@@ -139,22 +166,38 @@ class ObjectWriter:
         self._ctx = self.storage.open_write(self.rel)
         self._f = self._ctx.__enter__()
         _write_all(self._f, memoryview(self.header))
+        self._unflushed = 0  # offset from which bytes may still be only in the page cache
         return self
 
     def add(self, data: torch.Tensor) -> None:
-        """Append the next chunk's bytes (a contiguous CPU tensor)."""
+        """Append the next chunk's bytes (a contiguous CPU tensor); ``data`` is
+        no longer read once this returns.
+
+        A large chunk is checksummed in a helper thread while this one writes
+        it (xxh3 and write() both release the GIL), so a disk-bound save hides
+        its hashing; "serialize" times only the hashing the write did not hide.
+        """
         if len(self.records) == len(self.specs):
             raise ValueError(f"{self.rel}: more chunks than declared")
         spec = self.specs[len(self.records)]
         buf = as_bytes(data) if data.numel() else memoryview(b"")
         if len(buf) != spec.nbytes:
             raise ValueError(f"{spec.key} chunk {spec.box}: got {len(buf)} bytes, expected {spec.nbytes}")
+        pending = _hash_pool().submit(block_checksums, buf, self.block_bytes) if len(buf) >= _OVERLAP_BYTES else None
+        try:
+            with self.timings.phase("upload"):
+                _write_all(self._f, buf)
+        except BaseException:
+            if pending is not None:
+                futures.wait([pending])  # the caller may reuse ``data`` once this returns
+            raise
         with self.timings.phase("serialize"):
-            sums = block_checksums(buf, self.block_bytes)
+            sums = pending.result() if pending is not None else block_checksums(buf, self.block_bytes)
         self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), sums))
-        with self.timings.phase("upload"):
-            _write_all(self._f, buf)
         self._at += len(buf)
+        if self._at - self._unflushed >= _WRITEBACK_BYTES:
+            self.storage.start_writeback(self._f, self._unflushed, self._at)
+            self._unflushed = self._at
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and len(self.records) != len(self.specs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,16 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
             pass
 
 
+def _aligned(n: int) -> int:
+    """Scratch slices start on a cache line (and so on any element size)."""
+    return -(-n // 64) * 64
+
+
+def as_tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 tensor (a view)."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 def _target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
     p = entry.pieces[piece]
     rel = box.relative_to(p.box)
@@ -178,24 +189,62 @@ def _target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
 
 
 class _ReadWorker:
-    """Executes one coalesced read: fetch, verify, copy out."""
+    """Executes one coalesced read: fetch, verify, copy out.
+
+    Whole chunks land straight in their targets (one copy, by ``preadv`` on
+    local files). Reads that also need scratch space (partial chunks, as in
+    resharding) are served from a mapping of the local file, so the bytes are
+    hashed and copied out of the page cache without a read copy or fresh,
+    page-faulting buffers; other backends read into a per-thread scratch arena
+    that is reused from one read to the next.
+    """
 
     def __init__(self, storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], verify: bool):
         self.storage, self.manifest, self.targets, self.verify = storage, manifest, targets, verify
+        self.mapped = isinstance(storage, Storage) and storage.local
+        self._local = threading.local()
 
     def __call__(self, read: Read) -> None:
+        if self.mapped and any(seg.direct is None for seg in read.segments):
+            self._from_mapping(read)
+            return
         bufs: list[torch.Tensor] = []
+        scratch = self._scratch(sum(_aligned(seg.stop - seg.start) for seg in read.segments if seg.direct is None))
+        at = 0
         for seg in read.segments:
             if seg.direct is not None:
                 bufs.append(_target_view(self.targets[seg.direct.key], seg.direct.piece, seg.direct.chunk.box))
             else:
-                bufs.append(torch.empty(seg.stop - seg.start, dtype=torch.uint8))
+                bufs.append(scratch[at : at + seg.stop - seg.start])
+                at += _aligned(seg.stop - seg.start)
         self.storage.read_into_many(read.object, read.start, [as_bytes(b) for b in bufs])
         for seg, buf in zip(read.segments, bufs):
             if self.verify:
                 self._verify(read.object, seg, as_bytes(buf))
             for n in seg.needs:
                 self._copy_out(seg, buf, n)
+
+    def _from_mapping(self, read: Read) -> None:
+        view = self.storage.map_range(read.object, read.start, read.stop)
+        assert view is not None
+        whole = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
+        for seg in read.segments:
+            lo, hi = seg.start - read.start, seg.stop - read.start
+            if self.verify:
+                self._verify(read.object, seg, view[lo:hi])
+            buf = whole[lo:hi]
+            if seg.direct is not None:
+                n = seg.direct
+                as_tensor_bytes(_target_view(self.targets[n.key], n.piece, n.chunk.box)).copy_(buf)
+            for n in seg.needs:
+                self._copy_out(seg, buf, n)
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        """This thread's scratch arena, grown to ``nbytes`` and reused across reads."""
+        arena = getattr(self._local, "arena", None)
+        if arena is None or arena.numel() < nbytes:
+            arena = self._local.arena = torch.empty(nbytes, dtype=torch.uint8)
+        return arena
 
     def _verify(self, obj: str, seg: Segment, buf: memoryview) -> None:
         B = self.manifest.block_bytes
