@@ -3,6 +3,9 @@
 Every contender runs in a subprocess of its own; its peak RSS is that child's
 ``ru_maxrss`` (os.wait4) and its time the wall time of the merge call as the
 child measures it (imports excluded; the child's whole lifetime is reported too).
+This parent process never imports torch: a child forked from a large parent
+would report the parent's RSS as its own peak. Data generation and exports run
+in children too.
 The yardstick is this disk: the time to read every source to /dev/null plus the
 time to write (and fsync) a file the size of the output. When the page cache can
 be dropped (root, writable /proc/sys/vm/drop_caches) every run starts cold;
@@ -33,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from common import drop_page_cache, format_table, machine_info, page_cache_droppable, write_json  # noqa: E402
+from common import drop_page_cache, format_table, median, page_cache_droppable, write_json  # noqa: E402
 
 GIB = 1 << 30
 HIDDEN, INTER, VOCAB, HEADS = 1024, 2816, 32000, 16
@@ -77,7 +80,7 @@ def llama_config(layers: int) -> dict:
     }
 
 
-def generate(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
+def generate(paths: list[str], shapes: dict[str, tuple[int, ...]]) -> None:  # runs in a child
     """Source i holds base * (1 + i/1000): every element differs between sources (no
     shortcut applies), and only one tensor is in memory at a time."""
     import torch
@@ -145,7 +148,7 @@ def spawn(argv: list[str], cold: bool) -> tuple[float, float, str, str]:
     return wall, usage.ru_maxrss * 1024 / GIB, out.decode(errors="replace"), err_text
 
 
-def run_child(code: str, cold: bool) -> dict:
+def run_child(code: str, cold: bool = False) -> dict:
     """Run ``code`` in a fresh interpreter (it prints one JSON line); add peak RSS and wall time."""
     wall, rss, out, _ = spawn([sys.executable, "-c", code], cold)
     doc = json.loads(out.strip().splitlines()[-1])
@@ -153,14 +156,41 @@ def run_child(code: str, cold: bool) -> dict:
     return doc
 
 
+GENERATE_CODE = """
+import json, sys
+sys.path.insert(0, {here!r})
+from bench_merge import generate, llama_shapes
+from common import machine_info
+generate({srcs!r}, llama_shapes({gib!r})[0])
+print(json.dumps(machine_info()))
+"""
+
+EXPORT_CODE = """
+import json, ckpt
+for src, hf in zip({srcs!r}, {hfs!r}):
+    ckpt.merge([src], hf, output_format="hf", max_shard_bytes=2 << 30)  # one source: a bit-exact copy
+    with open(hf + "/config.json", "w") as f:
+        json.dump({config!r}, f)
+print("{{}}")
+"""
+
+
 STREAM_CODE = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024 / 2**30
 import json, time, ckpt
 t = time.perf_counter()
 r = ckpt.merge({srcs!r}, {out!r}, "uniform")
-print(json.dumps({{"merge_s": time.perf_counter() - t}}))
+print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
 
 NAIVE_CODE = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024 / 2**30
 import json, time, torch, ckpt
 from ckpt.reader import CheckpointReader
 torch.set_num_threads(1)
@@ -170,10 +200,14 @@ models = [{{k: r.read(k) for k in r.keys()}} for r in readers]  # everything in 
 w = 1.0 / len(models)
 avg = {{k: sum(m[k] * w for m in models) for k in models[0]}}
 ckpt.save(avg, {out!r})
-print(json.dumps({{"merge_s": time.perf_counter() - t}}))
+print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
 
 NAIVE_RUNNING_CODE = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024 / 2**30
 import json, time, torch, ckpt
 from ckpt.reader import CheckpointReader
 torch.set_num_threads(1)
@@ -189,7 +223,7 @@ for p in {srcs!r}:
             avg[k].add_(v, alpha=1 / {n})
     del m
 ckpt.save(avg, {out!r})
-print(json.dumps({{"merge_s": time.perf_counter() - t}}))
+print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
 
 
@@ -210,6 +244,7 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--repeat", type=int, default=3, help="disk probe + ckpt.merge runs, interleaved (medians)")
     args = ap.parse_args()
 
     shapes, layers = llama_shapes(args.gib)
@@ -220,33 +255,48 @@ def main() -> None:
     if free < need * 1.1:
         sys.exit(f"needs {need * 1.1 / GIB:.1f} GiB free under {args.dir}, has {free / GIB:.1f} GiB; lower --gib")
     root = tempfile.mkdtemp(prefix="bench-merge-", dir=args.dir)
-    info = machine_info()
     cold = page_cache_droppable()
-    results: dict = {"machine": info, "sources": args.sources, "source_gib": size / GIB, "cold_cache": cold}
+    results: dict = {"sources": args.sources, "source_gib": size / GIB, "cold_cache": cold}
     rows = []
     try:
         srcs = [os.path.join(root, f"src-{i}") for i in range(args.sources)]
-        t = time.perf_counter()
-        generate(srcs, shapes)
-        print(f"generated {args.sources} x {size / GIB:.2f} GiB in {time.perf_counter() - t:.0f}s under {root}")
+        here = os.path.dirname(os.path.abspath(__file__))
+        gen = run_child(GENERATE_CODE.format(here=here, srcs=srcs, gib=args.gib))
+        info = results["machine"] = {k: v for k, v in gen.items() if k not in ("process_s", "peak_rss_gib")}
+        print(f"generated {args.sources} x {size / GIB:.2f} GiB in {gen['process_s']:.0f}s under {root}")
 
-        if cold:
-            drop_page_cache()
-        nread, t_read = read_to_devnull([f for s in srcs for f in files_under(s)])
-        t_write = write_fsync(os.path.join(root, "write-probe"), size)
-        disk = t_read + t_write
-        results["disk"] = {"read_bytes": nread, "read_s": t_read, "write_bytes": size, "write_s": t_write}
+        disks, merges = [], []
+        for _ in range(args.repeat):  # interleaved: the machine is shared, its load drifts
+            if cold:
+                drop_page_cache()
+            nread, t_read = read_to_devnull([f for s in srcs for f in files_under(s)])
+            t_write = write_fsync(os.path.join(root, "write-probe"), size)
+            disks.append({"read_bytes": nread, "read_s": t_read, "write_bytes": size, "write_s": t_write})
+            out = os.path.join(root, "merged")
+            merges.append(run_child(STREAM_CODE.format(srcs=srcs, out=out), cold))
+            shutil.rmtree(out)
+        results["disk"], results["ckpt_merge"] = disks, merges
+        t_read = median([d["read_s"] for d in disks])
+        t_write = median([d["write_s"] for d in disks])
+        disk = median([d["read_s"] + d["write_s"] for d in disks])
         print(
-            f"disk: read {nread / GIB:.2f} GiB in {t_read:.2f}s ({nread / GIB / t_read:.2f} GiB/s), "
-            f"write+fsync {size / GIB:.2f} GiB in {t_write:.2f}s ({size / GIB / t_write:.2f} GiB/s)"
+            f"disk (median of {args.repeat}): read {nread / GIB:.2f} GiB in {t_read:.2f}s "
+            f"({nread / GIB / t_read:.2f} GiB/s), write+fsync {size / GIB:.2f} GiB in {t_write:.2f}s "
+            f"({size / GIB / t_write:.2f} GiB/s)"
         )
         rows.append(["read all + write output (disk)", disk, float("nan"), float("nan"), 1.0])
-
-        out = os.path.join(root, "merged")
-        r = run_child(STREAM_CODE.format(srcs=srcs, out=out), cold)
-        results["ckpt_merge"] = r
-        rows.append(["ckpt.merge (streaming)", r["merge_s"], r["process_s"], r["peak_rss_gib"], r["merge_s"] / disk])
-        shutil.rmtree(out)
+        r = {k: median([m[k] for m in merges]) for k in ("merge_s", "process_s", "peak_rss_gib")}
+        ratios = [m["merge_s"] / (d["read_s"] + d["write_s"]) for m, d in zip(merges, disks)]
+        results["ckpt_merge_ratio_to_disk"] = ratios
+        rows.append(
+            [
+                "ckpt.merge (streaming)",
+                r["merge_s"],
+                r["process_s"],
+                max(m["peak_rss_gib"] for m in merges),
+                median(ratios),
+            ]
+        )
 
         if not args.skip_naive:
             full = mem_available() > size * (args.sources + 2) * 1.2
@@ -276,21 +326,16 @@ def main() -> None:
         f"load avg at start {info['loadavg_at_start'][0]:.1f} on {info['cpus']} cpus"
     )
     print(format_table(["", "merge s", "process s", "peak RSS GiB", "x disk time"], rows))
+    print("ckpt.merge: median of the runs, peak RSS the highest, x disk time the median of per-run ratios;")
+    print("process s = the child's whole life (imports included); mergekit's figures are its whole process.")
     if args.json:
         write_json(args.json, results)
 
 
 def bench_mergekit(mergekit: str, srcs: list[str], root: str, layers: int, cold: bool, size: int) -> dict:
     """Export every source as an HF model (ckpt.merge of one source = a bit-exact copy), merge linearly."""
-    import ckpt
-
-    models = []
-    for i, s in enumerate(srcs):
-        hf = os.path.join(root, f"hf-{i}")
-        ckpt.merge([s], hf, output_format="hf", max_shard_bytes=2 * GIB)
-        with open(os.path.join(hf, "config.json"), "w") as f:
-            json.dump(llama_config(layers), f)
-        models.append(hf)
+    models = [os.path.join(root, f"hf-{i}") for i in range(len(srcs))]
+    run_child(EXPORT_CODE.format(srcs=srcs, hfs=models, config=llama_config(layers)))
     cfg = os.path.join(root, "mergekit.yml")
     with open(cfg, "w") as f:
         f.write("merge_method: linear\ndtype: float32\nmodels:\n")

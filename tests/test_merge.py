@@ -368,3 +368,13 @@ def test_parse_size():
     assert parse_size("123") == 123
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("five")
+
+
+def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, tmp_path, capsys):
+    args = _cli(["merge", mixed_sources[0], str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
+    assert args.func(args) == 2
+    assert "no committed checkpoint" in capsys.readouterr().err
+    args = _cli(["merge", *mixed_sources, "-o", mixed_sources[0] + "-copy"])
+    assert args.func(args) == 0
+    assert args.func(args) == 2  # the output exists now
+    assert "committed checkpoint exists" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import Any
 
 import fsspec
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from .driver import FORMATS, merge
 from .methods import method_names
 
@@ -122,7 +122,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``ckpt merge``: 0 on success, 1 on a merge error, 2 on bad arguments."""
+    """Handler of ``ckpt merge``: 0 on success, 2 on a usage error (bad options or weights,
+    a missing source, an existing output), 1 on any other failure (mismatched or damaged
+    sources, a failing evaluation, I/O)."""
     try:
         sources = expand_sources(args.sources)
         base: int | str | None = args.base
@@ -143,11 +145,11 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             **_method_options(args),
         )
-    except (TypeError, ValueError) as e:
-        print(f"ckpt merge: error: {e}", file=sys.stderr)
+    except (TypeError, ValueError, CheckpointNotFoundError, CheckpointExistsError, FileNotFoundError) as e:
+        print(f"ckpt merge: error: {e}", file=sys.stderr)  # how it was asked: usage
         return 2
     except (CheckpointError, OSError) as e:
-        print(f"ckpt merge: error: {e}", file=sys.stderr)
+        print(f"ckpt merge: error: {e}", file=sys.stderr)  # what the sources hold, I/O, evaluation
         return 1
     width = max(len(u) for u in result.weights)
     for uri, w in result.weights.items():
