@@ -378,3 +378,12 @@ def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, 
     assert args.func(args) == 0
     assert args.func(args) == 2  # the output exists now
     assert "committed checkpoint exists" in capsys.readouterr().err
+
+
+def test_task_arithmetic_end_to_end(mixed_sources, tmp_path):
+    out = str(tmp_path / "ta")
+    r = ckpt.merge(mixed_sources, out, "task_arithmetic", pretrained=0, scale=0.5)
+    assert list(r.weights.values()) == [-0.5, 0.5, 0.5, 0.5]
+    got = read_all(out)
+    for k, exp in expected({0: -0.5, 1: 0.5, 2: 0.5, 3: 0.5}).items():
+        torch.testing.assert_close(got[k].double(), exp, rtol=1e-5, atol=1e-5, msg=k)

@@ -148,3 +148,17 @@ def test_registry_makes_methods_pluggable():
         make_method("ema", decayy=0.5)
     with pytest.raises(WeightError, match="3 weights for 2 sources"):
         check_weights([1, 2, 3], 2, "x")
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_to_the_base():
+    from ckpt.merge.methods import TaskArithmetic
+
+    s = series(3, steps=[5, 1, 3])  # given order: base (pretrained) first, then two fine-tunes
+    ordered = sorted(s, key=lambda x: x.step)
+    w = dict(zip((x.position for x in ordered), TaskArithmetic(pretrained=0, scale=0.3).weights(ordered)))
+    thetas = {0: 10.0, 1: 12.0, 2: 7.0}
+    expected = 10.0 + 0.3 * ((12.0 - 10.0) + (7.0 - 10.0))
+    assert math.fsum(w[i] * thetas[i] for i in thetas) == pytest.approx(expected)
+    assert math.fsum(w.values()) == pytest.approx(1.0)
+    with pytest.raises(WeightError, match="pretrained=5, but there are 3 sources"):
+        TaskArithmetic(pretrained=5).weights(s)

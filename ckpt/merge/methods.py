@@ -242,3 +242,32 @@ class MWA(Method):
             "penalty": self.penalty,
             "higher_is_better": self.higher_is_better,
         }
+
+
+@register_method
+class TaskArithmetic(Method):
+    """``theta = theta_base + scale * sum_i (theta_i - theta_base)`` over the other sources.
+
+    ``pretrained`` is the base model's position in the list the sources were given in.
+    As weights: ``scale`` for every other source and ``1 - scale * (N - 1)`` for the base
+    (they sum to 1; the base's may be negative).
+    """
+
+    name = "task_arithmetic"
+
+    def __init__(self, pretrained: int = 0, scale: float = 1.0) -> None:
+        self.pretrained, self.scale = int(pretrained), float(scale)
+
+    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+        n = len(series)
+        if n < 2:
+            raise WeightError("task arithmetic needs a base model and at least one fine-tuned model")
+        if not -n <= self.pretrained < n:
+            raise WeightError(f"task arithmetic: pretrained={self.pretrained}, but there are {n} sources")
+        if not math.isfinite(self.scale):
+            raise WeightError(f"task arithmetic: scale must be finite, got {self.scale}")
+        base = self.pretrained % n
+        return [1.0 - self.scale * (n - 1) if s.position == base else self.scale for s in series]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "pretrained": self.pretrained, "scale": self.scale}
