@@ -291,10 +291,13 @@ def _start(
             report_failure(storage, save_id, rank, error)
         raise error
 
+    # The stream the caller's kernels run on: the copy must follow them, even from the lazy thread.
+    after = torch.cuda.current_stream() if any(e.local.is_cuda for e in tensors.values()) else None
+
     def do_stage() -> None:
         try:
             with timings.phase("stage"):
-                chunks = stage(tensors, plan.items, slots, buf)
+                chunks = stage(tensors, plan.items, slots, buf, after=after)
             handle._future = persister.submit(job(chunks), timings, release=buf.busy, buf=buf)
         except BaseException as e:
             handle._stage_error = e

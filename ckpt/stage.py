@@ -80,18 +80,24 @@ def _pin_in_place(t: torch.Tensor) -> None:
 
 
 def stage(
-    tensors: dict[str, TensorEntry], items: list[WriteItem], slots: list[Slot], buf: HostBuffer
+    tensors: dict[str, TensorEntry],
+    items: list[WriteItem],
+    slots: list[Slot],
+    buf: HostBuffer,
+    after: torch.cuda.Stream | None = None,
 ) -> list[StagedChunk]:
     """Copy each chunk into its slot; return the staged chunks (views of ``buf``).
 
     Device tensors are copied on a side stream with non-blocking copies into
-    pinned memory; the call returns once every copy has landed.
+    pinned memory, after the work queued on ``after`` (the caller's stream when
+    the save was called: a lazy snapshot stages from another thread, whose
+    current stream is not the trainer's); the call returns once every copy has landed.
     """
     pieces = {(i.key, i.chunk): i.piece for i in items}
     stream = None
     if any(e.local.is_cuda for e in tensors.values()):
         stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(after if after is not None else torch.cuda.current_stream())
     staged = []
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
         for slot in slots:

@@ -406,3 +406,82 @@ def test_lazy_staging_failure_is_raised_by_wait_not_by_the_training_step(tmp_pat
     want = _tensors(_training_state(model, opt))
     ckpt.async_save(_training_state(model, opt), uri, options=SaveOptions(on_busy="refuse")).wait(timeout=GATE_S)
     assert_state_bitwise(_tensors(_load_training_state(uri, seed=4)), want)
+
+
+# -- CUDA (run where a GPU is present; skipped elsewhere) ---------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _slow_result(n: int = 4096, rounds: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernels queued on the current stream that take a while, and what they produce."""
+    a = torch.randn(n, n, device="cuda") / n**0.5
+    out = torch.empty(n, n, device="cuda")
+    x = a
+    for _ in range(rounds):
+        x = x @ a
+    out.copy_(x)
+    return out, a
+
+
+@needs_cuda
+def test_cuda_snapshot_is_pinned_follows_queued_kernels_and_ignores_later_ones(tmp_path, monkeypatch):
+    allocations: list = []
+    real_buffer = save_module.HostBuffer
+
+    def counting(*args, **kwargs):
+        allocations.append(real_buffer(*args, **kwargs))
+        return allocations[-1]
+
+    monkeypatch.setattr(save_module, "HostBuffer", counting)
+    w, _ = _slow_result()  # still being computed when async_save is called
+    state = {f"{tag()}.w": w, "b": random_tensor((1000,), torch.bfloat16, 1).cuda()}
+    h = ckpt.async_save(state, str(tmp_path / "c"))
+    want = {k: v.cpu() for k, v in state.items()}  # what the tensors held when the call returned
+    for v in state.values():
+        v.view(torch.uint8).bitwise_not_()  # queued after the call: must not reach the checkpoint
+    h.wait()
+    assert allocations and allocations[0].data.is_pinned()
+    assert_state_bitwise(load_state(want, str(tmp_path / "c")), want)
+
+
+@needs_cuda
+def test_cuda_lazy_snapshot_follows_the_callers_stream(tmp_path):
+    """The lazy copy runs in another thread; it must still wait for the kernels the
+    caller queued on its own (non-default) stream before the call."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        w, _ = _slow_result()
+        key = f"{tag()}.w"
+        h = ckpt.async_save({key: w}, str(tmp_path / "c"), lazy=True)
+        h.wait_staged()
+        want = w.cpu()
+    h.wait()
+    assert_state_bitwise(load_state({key: want}, str(tmp_path / "c")), {key: want})
+
+
+@needs_cuda
+def test_cuda_lazy_guard_holds_the_step_until_the_copy_is_done(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 2048).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(64, 2048, device="cuda")).square().mean().backward()
+        opt.step()
+    want = _tensors(_training_state(model, opt))
+    uri = str(tmp_path / "c")
+    h = ckpt.async_save(_training_state(model, opt), uri, lazy=True, guard=opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(64, 2048, device="cuda")).square().mean().backward()
+        opt.step()
+    h.wait()
+    target_model = torch.nn.Linear(2048, 2048).cuda()
+    target_opt = torch.optim.AdamW(target_model.parameters())
+    target_model(torch.randn(1, 2048, device="cuda")).sum().backward()
+    target_opt.step()
+    target = _training_state(target_model, target_opt)
+    ckpt.load(target, uri)
+    got = _tensors(target)
+    assert_state_bitwise({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in want.items()})
