@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from common import format_table, machine_info, median, run_ranks, write_json
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import BlockingAsyncStager, DefaultStager, StagingOptions
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -64,6 +64,8 @@ class Config:
     compute_s: float  # length of the compute loop that covers a lazy copy
     systems: tuple[str, ...]
     device: str = "cpu"  # where the state lives: "cpu", or "cuda" (pinned staging, D2H copies)
+    layout: str = "dtensor"  # "dtensor" (Shard(0)) or "plain" (rank-local tensors under per-rank keys)
+    dcp_stager: str = "default"  # "blocking": DCP's BlockingAsyncStager (torch < 2.13, whose DefaultStager fails)
 
 
 ALL_SYSTEMS = (
@@ -81,7 +83,7 @@ ALL_SYSTEMS = (
 # --------------------------------------------------------------------------- the state
 
 
-def build_state(gib: float, rank: int, world: int, device: str) -> dict[str, Any]:
+def build_state(gib: float, rank: int, world: int, device: str, layout: str) -> dict[str, Any]:
     """Eight layers of (bf16 weight, fp32 master/exp_avg/exp_avg_sq), 14 bytes per
     parameter, as Shard(0) DTensors; about ``gib`` GiB over all ranks."""
     mesh = init_device_mesh(device, (world,))
@@ -102,6 +104,9 @@ def build_state(gib: float, rank: int, world: int, device: str) -> dict[str, Any
             values = torch.arange(local.numel(), dtype=torch.float32, device=device).mul_(1e-3).add_(rank + i)
             local.view(-1).copy_(values)
             del values
+            if layout == "plain":  # what DCP's stagers in torch < 2.13 can copy (they fail on DTensor)
+                group[f"r{rank}.{name}"] = local
+                continue
             group[name] = DTensor.from_local(
                 local, mesh, [Shard(0)], run_check=False, shape=(rows, COLS), stride=(COLS, 1)
             )
@@ -109,7 +114,7 @@ def build_state(gib: float, rank: int, world: int, device: str) -> dict[str, Any
 
 
 def local_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
-    return [t.to_local() for g in ("model", "optim") for t in state[g].values()]
+    return [t.to_local() if isinstance(t, DTensor) else t for g in ("model", "optim") for t in state[g].values()]
 
 
 def state_bytes(state: dict[str, Any]) -> int:
@@ -160,7 +165,7 @@ class Ctx:
     rank: int
     state: dict[str, Any]
     dcp_pg: Any  # DCP's background thread runs collectives: never on the trainer's group
-    stagers: dict[str, DefaultStager]
+    stagers: dict[str, Any]
     guard: torch.optim.Optimizer
     compute: Compute
     floor_buf: torch.Tensor
@@ -205,7 +210,7 @@ def run_ckpt_lazy(ctx: Ctx, path: str) -> dict[str, float]:
 
 def run_dcp_async(ctx: Ctx, path: str) -> dict[str, float]:
     t0 = time.perf_counter()
-    fut = dcp.async_save(ctx.state, checkpoint_id=path, process_group=ctx.dcp_pg)
+    fut = dcp.async_save(ctx.state, checkpoint_id=path, process_group=ctx.dcp_pg, async_stager=ctx.stagers.get("fresh"))
     stall = time.perf_counter() - t0
     train_update(ctx.state)
     fut.result()
@@ -258,7 +263,7 @@ RUNNERS: dict[str, Callable[[Ctx, str], dict[str, float]]] = {
 def verify(ctx: Ctx, path: str) -> None:
     """The checkpoint holds the state as it is now, bitwise (untimed)."""
     target = build_like(ctx.state)
-    ckpt.load(target, path)
+    ckpt.load(target, path, strict=ctx.cfg.layout == "dtensor")  # plain: the other ranks' keys are not here
     for want, got in zip(local_tensors(ctx.state), local_tensors(target)):
         if not torch.equal(want.view(torch.uint8), got.view(torch.uint8)):
             raise AssertionError(f"{path}: a tensor does not match the state that was saved")
@@ -266,35 +271,40 @@ def verify(ctx: Ctx, path: str) -> None:
 
 
 def build_like(state: dict[str, Any]) -> dict[str, Any]:
+    """Zeros of the same structure, sharding and device."""
     out: dict[str, Any] = {"step": -1}
     for g in ("model", "optim"):
-        out[g] = {
-            k: DTensor.from_local(
-                torch.zeros_like(v.to_local()),
-                v.device_mesh,
-                v.placements,
-                run_check=False,
-                shape=v.shape,
-                stride=v.stride(),
-            )
-            for k, v in state[g].items()
-        }
+        out[g] = {k: _zeros_like(v) for k, v in state[g].items()}
     return out
+
+
+def _zeros_like(v: torch.Tensor) -> torch.Tensor:
+    if not isinstance(v, DTensor):
+        return torch.zeros_like(v)
+    local = torch.zeros_like(v.to_local())
+    return DTensor.from_local(local, v.device_mesh, v.placements, run_check=False, shape=v.shape, stride=v.stride())
+
+
+def dcp_stagers(cfg: Config) -> dict[str, Any]:
+    """DCP's staging, at its best options: pinned memory and non-blocking copies need CUDA."""
+    cuda = cfg.device == "cuda"
+    if cfg.dcp_stager == "blocking":
+        return {"fresh": BlockingAsyncStager(cache_staged_state_dict=False), "cached": BlockingAsyncStager(True)}
+    return {
+        "cached": DefaultStager(StagingOptions(cuda, False, False, cuda)),
+        "lazy": DefaultStager(StagingOptions(cuda, False, True, cuda)),
+    }
 
 
 def bench_rank(rank: int, world: int, cfg: Config) -> dict[str, Any]:
     cuda = cfg.device == "cuda"
-    state = build_state(cfg.gib, rank, world, cfg.device)
+    state = build_state(cfg.gib, rank, world, cfg.device, cfg.layout)
     ctx = Ctx(
         cfg,
         rank,
         state,
         dist.new_group(backend="gloo"),
-        {
-            # Its best options here: pinned memory and non-blocking copies need CUDA.
-            "cached": DefaultStager(StagingOptions(cuda, False, False, cuda)),
-            "lazy": DefaultStager(StagingOptions(cuda, False, True, cuda)),
-        },
+        dcp_stagers(cfg),
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
         Compute(cfg.compute_s, cfg.device),
         torch.empty(state_bytes(state), dtype=torch.uint8, pin_memory=cuda),
@@ -334,8 +344,8 @@ def bench_rank(rank: int, world: int, cfg: Config) -> dict[str, Any]:
         dist.barrier()
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)
-    for s in ctx.stagers.values():
-        s.close()
+    for stager in ctx.stagers.values():
+        stager.close()
     return {"bytes": state_bytes(state), "runs": runs}
 
 
@@ -396,6 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed saves per system; medians are reported")
     ap.add_argument("--compute-s", type=float, default=1.0, help="compute loop that covers a lazy copy (s)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the state lives (default cpu)")
+    ap.add_argument(
+        "--layout", choices=("dtensor", "plain"), default="dtensor", help="DTensor Shard(0) or per-rank keys"
+    )
+    ap.add_argument(
+        "--dcp-stager",
+        choices=("default", "blocking"),
+        default="default",
+        help="DCP staging: DefaultStager (default) or BlockingAsyncStager (torch < 2.13: no dcp-async-lazy)",
+    )
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="subset to run, comma-separated")
     ap.add_argument("--daemon-args", default="", help="extra ckpt-server arguments, e.g. '--no-ram-tier'")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir on the local disk)")
@@ -419,8 +438,22 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(launch_daemon(sock_dirs[-1], daemon_args))
         for name, proc, d in zip([n for n in wanted if n in systems], procs, sock_dirs):
             daemons[name] = await_daemon(proc, d)
-        cfg = Config(args.gib, args.world, max(1, args.repeats), root, daemons, args.compute_s, systems, args.device)
-        print(f"world={cfg.world} gib={cfg.gib} repeats={cfg.repeats} dir={root} systems={','.join(systems)}")
+        cfg = Config(
+            args.gib,
+            args.world,
+            max(1, args.repeats),
+            root,
+            daemons,
+            args.compute_s,
+            systems,
+            args.device,
+            args.layout,
+            args.dcp_stager,
+        )
+        print(
+            f"world={cfg.world} gib={cfg.gib} device={cfg.device} layout={cfg.layout} repeats={cfg.repeats} "
+            f"dir={root} systems={','.join(systems)}"
+        )
         t0 = time.perf_counter()
         per_rank = run_ranks(bench_rank, cfg.world, cfg)
         print(f"ran in {time.perf_counter() - t0:.0f}s", flush=True)

@@ -271,6 +271,53 @@ def test_on_busy_wait_waits_for_previous_save(tmp_path, persist_gate):
     assert_state_bitwise(load_state(want_second, str(tmp_path / "b")), want_second)
 
 
+def _refuse_on_one_rank(rank: int, world: int, root: str) -> dict:
+    """Rank 1's persistence of save A lingers after its data is durable (gate file);
+    save B is refused there while rank 0 proceeds."""
+    import os
+    import time
+
+    if rank == 1:
+        real = ckpt.persist.persist_rank
+
+        def lingering(job, timings):
+            real(job, timings)
+            deadline = time.monotonic() + GATE_S
+            while not os.path.exists(f"{root}/release") and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        ckpt.persist.persist_rank = lingering
+    state = make_state("refuse", seed=rank)
+    options = SaveOptions(on_busy="refuse", commit_timeout_s=120)
+    h = ckpt.async_save(state, f"{root}/a", options=options)
+    if rank == 0:
+        h.wait()  # committed: rank 1's data is durable, only its persister thread lingers
+    out: dict = {}
+    t0 = time.monotonic()
+    try:
+        ckpt.async_save(state, f"{root}/b", options=options).wait()
+        out["b"] = "committed"
+    except (SaveBusyError, ckpt.SaveAbortedError) as e:
+        out["b"] = f"{type(e).__name__}: {e}"
+    out["b_s"] = time.monotonic() - t0
+    if rank == 1:
+        open(f"{root}/release", "w").close()
+        h.wait()
+    ckpt.async_save(state, f"{root}/c", options=SaveOptions(commit_timeout_s=120)).wait()
+    return out
+
+
+def test_a_save_refused_on_one_rank_aborts_the_others_promptly(tmp_path):
+    from dist import run_ranks
+
+    r0, r1 = run_ranks(_refuse_on_one_rank, 2, str(tmp_path), start_method="forkserver", timeout=240)
+    assert r1["b"].startswith("SaveBusyError"), r1
+    assert r0["b"].startswith("SaveAbortedError") and "SaveBusyError" in r0["b"], r0
+    assert r0["b_s"] < 60, "rank 0 learnt of rank 1's refusal only at its commit timeout"
+    assert not (tmp_path / "b" / MANIFEST).exists()
+    assert (tmp_path / "a" / MANIFEST).exists() and (tmp_path / "c" / MANIFEST).exists()
+
+
 # -- lazy snapshots -------------------------------------------------------------------------
 
 
