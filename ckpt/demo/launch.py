@@ -42,7 +42,20 @@ def warm_up() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _rank_entry(fn: Callable, rank: int, world: int, store: str, err: str, args: tuple) -> None:
+    _die_with_parent()  # the forkserver: it exits when the driver does
     os.environ["OMP_NUM_THREADS"] = "1"
     if os.path.exists("/sys/class/net/lo"):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # rank-to-rank traffic stays on loopback
@@ -107,12 +120,16 @@ class Job:
         return all(p.exitcode == 0 for p in self.procs)
 
     def wait(self, timeout_s: float) -> None:
+        """Until every rank exited cleanly; on a failure, a timeout or Ctrl-C the ranks are killed."""
         deadline = time.monotonic() + timeout_s
-        while not self.check():
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"{self.name} on {self.world} ranks did not finish in {timeout_s:.0f}s")
-            time.sleep(0.05)
+        try:
+            while not self.check():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} on {self.world} ranks did not finish in {timeout_s:.0f}s")
+                time.sleep(0.05)
+        except BaseException:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL every rank still running (no cleanup runs in them, as in a node failure)."""
@@ -125,17 +142,6 @@ class Job:
 
 
 # --- the daemon ------------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass

@@ -38,14 +38,15 @@ def _listing(entries: list[Entry], marker: str | None) -> list[str]:
 
 def _saves(phase: Phase, persist: dict[str, dict[str, float]]) -> list[str]:
     rows = []
-    for step, s in sorted(phase.saves().items()):
+    for i, (step, s) in enumerate(sorted(phase.saves().items())):
         t = s["timings"]
         rest = s["stall_s"] - t.get("plan", 0.0) - t.get("stage", 0.0)
         p = persist.get(f"step-{step:08d}", {})
         persisted = f"{p['committed'] - p['accepted']:.2f} s" if "committed" in p else "not committed"
+        note = "   (first of this job: plans, allocates the buffer)" if i == 0 else ""
         rows.append(
             f"  {step:>5} {phase.world:>6} {_ms(s['stall_s']):>8} {_ms(t.get('plan', 0.0)):>8} "
-            f"{_ms(t.get('stage', 0.0)):>9} {_ms(rest):>8}   {persisted}"
+            f"{_ms(t.get('stage', 0.0)):>9} {_ms(rest):>8}   {persisted}{note}"
         )
     return rows
 
@@ -66,15 +67,19 @@ def report(res: DemoResult) -> str:
         f"1. train   {cfg.train_world} ranks from step 1, {_median(res.train.step_seconds):.2f} s/step (median)",
     ]
     if kill is not None:
-        if kill.committed_after_kill_s is not None:
-            fate = f"the daemon, holding the snapshot, committed it {kill.committed_after_kill_s:.2f} s after the kill"
+        if kill.manifest_at_kill:
+            fate = "that checkpoint had already committed (the daemon was quicker than the kill)"
+        elif kill.committed_after_kill_s is not None:
+            fate = (
+                "that save was in flight (no manifest yet); the daemon holds its snapshot and "
+                f"committed it {kill.committed_after_kill_s:.2f} s after the kill"
+            )
         else:
-            fate = "it never committed (not every rank had handed over its part); restore skips it"
-        state = "had already committed" if kill.manifest_at_kill else "had no manifest yet (in flight)"
+            fate = "that checkpoint never committed; restore skips it"
         lines += [
             f"2. kill    SIGKILL to all {cfg.train_world} ranks {_ms(kill.after_handoff_s)} after they handed the save "
             f"of step {kill.step} to the daemon;",
-            f"          that checkpoint {state}; {fate}.",
+            f"          {fate}.",
             f"          The latest marker still names {kill.latest_marker or 'nothing'} (rank 0's marker thread died); "
             "restore scans instead.",
             "          run/ after the kill:",
@@ -118,6 +123,9 @@ def report(res: DemoResult) -> str:
         f"   before the kill  ({cfg.train_world} ranks)  {_losses(res.train.losses, sorted(res.train.losses)[-4:])}",
         f"   after the resume ({cfg.resume_world} ranks)  {_losses(res.resume.losses, sorted(res.resume.losses)[:4])}",
     ]
+    held_out = [f"{e['step']}: {e['loss']:.4f}" for e in res.train.of("eval") if e["step"] <= (res.resume_at or 1) - 1]
+    resumed = [f"{e['step']}: {e['loss']:.4f}" for e in res.resume.of("eval")]
+    lines.append(f"   held-out loss at the saves  {'  '.join(held_out)}  | restored {'  '.join(resumed)}")
     overlap = sorted(set(res.train.losses) & set(res.resume.losses))
     if overlap:
         d = max(abs(res.train.losses[s] - res.resume.losses[s]) / abs(res.train.losses[s]) for s in overlap)

@@ -201,20 +201,23 @@ def _run_until_kill(job: Job, prefix: str, cfg: DemoConfig) -> tuple[float, floa
     Returns (the last handoff's time, the kill's time), wall clock.
     """
     deadline = time.monotonic() + cfg.timeout_s
-    while True:
-        if job.check():
-            raise RuntimeError(f"the job finished before step {cfg.kill_at} could be killed")
-        handed = []
-        for evs in _phase_events(prefix, job.world):
-            t = [e["t"] for e in evs if e["kind"] == "save" and e["step"] == cfg.kill_at]
-            handed.append(t[0] if t else None)
-        if all(t is not None for t in handed):
-            job.kill()
-            return max(t for t in handed if t is not None), time.time()
-        if time.monotonic() > deadline:
-            job.kill()
-            raise TimeoutError(f"step {cfg.kill_at} was not reached within {cfg.timeout_s:.0f}s")
-        time.sleep(0.005)
+    try:
+        while True:
+            if job.check():
+                raise RuntimeError(f"the job finished before step {cfg.kill_at} could be killed")
+            handed = []
+            for evs in _phase_events(prefix, job.world):
+                t = [e["t"] for e in evs if e["kind"] == "save" and e["step"] == cfg.kill_at]
+                handed.append(t[0] if t else None)
+            if all(t is not None for t in handed):
+                job.kill()
+                return max(t for t in handed if t is not None), time.time()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"step {cfg.kill_at} was not reached within {cfg.timeout_s:.0f}s")
+            time.sleep(0.005)
+    except BaseException:
+        job.kill()
+        raise
 
 
 def _persist_times(daemon: Daemon) -> dict[str, dict[str, float]]:
