@@ -8,7 +8,7 @@ import statistics
 from ckpt.catalog import COMPLETE, Entry
 
 from .model import entropy, n_params
-from .story import EVAL_RTOL, DemoResult, Phase
+from .story import EVAL_RTOL, DemoResult, Phase, checkpoint_name
 
 
 def size(n: float) -> str:
@@ -21,6 +21,10 @@ def size(n: float) -> str:
 
 def _ms(s: float) -> str:
     return f"{s * 1e3:.0f} ms"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.0f} k"
 
 
 def _median(xs: list[float]) -> float:
@@ -41,7 +45,7 @@ def _saves(phase: Phase, persist: dict[str, dict[str, float]]) -> list[str]:
     for i, (step, s) in enumerate(sorted(phase.saves().items())):
         t = s["timings"]
         rest = s["stall_s"] - t.get("plan", 0.0) - t.get("stage", 0.0)
-        p = persist.get(f"step-{step:08d}", {})
+        p = persist.get(checkpoint_name(step), {})
         persisted = f"{p['committed'] - p['accepted']:.2f} s" if "committed" in p else "not committed"
         note = "   (first of this job: plans, allocates the buffer)" if i == 0 else ""
         rows.append(
@@ -59,7 +63,7 @@ def report(res: DemoResult) -> str:
     """A readable account of the run."""
     cfg, m, kill, r = res.cfg, res.cfg.model, res.kill, res.restored
     lines = [
-        f"ckpt demo: a {m.layers}-layer transformer, {n_params(m) / 1e6:.1f} M params (dim {m.dim}, vocab {m.vocab}), "
+        f"ckpt demo: a {m.layers}-layer transformer, {_count(n_params(m))} params (dim {m.dim}, vocab {m.vocab}), "
         f"{m.batch}x{m.seq} tokens/step, FSDP2 on CPU gloo ranks;",
         f"ckpt.Manager saves every {cfg.every} steps through a ckpt-server daemon; one checkpoint is "
         f"{size(res.sizes['total'])} (model {size(res.sizes['model'])}, AdamW state {size(res.sizes['optim'])})",
@@ -80,8 +84,12 @@ def report(res: DemoResult) -> str:
             f"2. kill    SIGKILL to all {cfg.train_world} ranks {_ms(kill.after_handoff_s)} after they handed the save "
             f"of step {kill.step} to the daemon;",
             f"          {fate}.",
-            f"          The latest marker still names {kill.latest_marker or 'nothing'} (rank 0's marker thread died); "
-            "restore scans instead.",
+            (
+                "          The latest marker names it too (rank 0 moved it before it died)."
+                if kill.latest_marker == checkpoint_name(kill.step)
+                else f"          The latest marker still names {kill.latest_marker or 'nothing'} (rank 0's marker "
+                "thread died); restore scans instead."
+            ),
             "          run/ after the kill:",
             *_listing(kill.checkpoints, kill.latest_marker),
         ]

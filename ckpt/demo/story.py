@@ -3,7 +3,7 @@
 1. A ``ckpt-server`` daemon starts on a Unix socket in a temp dir.
 2. ``train_world`` ranks train the model (FSDP2), ``ckpt.Manager`` handing a
    snapshot to the daemon every ``every`` steps and going straight back to
-   training (the stall is the snapshot copy).
+   training (the stall is planning, the snapshot copy and the handoff).
 3. As soon as every rank has handed over the save of step ``kill_at``, the
    driver SIGKILLs all ranks: the save is in flight in the daemon, the
    trainers that would wait for it and move the ``latest`` marker are gone.
@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 import ckpt
 from ckpt.catalog import COMPLETE, Entry, scan
 from ckpt.format import LATEST
@@ -48,6 +46,11 @@ from .train import RunSpec, read_events, train_rank
 # (observed ~1e-7); a wrong or partial restore moves them by orders of magnitude more.
 EVAL_RTOL = 1e-4
 ARTIFACTS = ("run", "merged", "reference", "events", "ckpt-server.log")
+
+
+def checkpoint_name(step: int) -> str:
+    """What ``ckpt.Manager`` (default ``name_format``) calls the checkpoint of ``step``."""
+    return ckpt.Manager.name_format.format(step=step)
 
 
 @dataclass(frozen=True)
@@ -308,7 +311,7 @@ def _story(cfg: DemoConfig, work: str, root: str, events: str, daemon: Daemon) -
     job = Job.start("train", train_rank, cfg.train_world, events, spec)
     handed_at, killed_at = _run_until_kill(job, prefix, cfg)
     train = Phase("train", cfg.train_world, _phase_events(prefix, cfg.train_world), time.perf_counter() - t0)
-    in_flight = os.path.join(root, f"step-{cfg.kill_at:08d}")
+    in_flight = os.path.join(root, checkpoint_name(cfg.kill_at))
     manifest_at_kill = os.path.exists(os.path.join(in_flight, "manifest.json"))
     daemon.wait_idle(timeout_s=spec.commit_timeout_s + 30)  # whatever it accepted is committed or failed now
     persist = _persist_times(daemon).get(os.path.basename(in_flight), {})
@@ -359,7 +362,6 @@ def _story(cfg: DemoConfig, work: str, root: str, events: str, daemon: Daemon) -
         "optim": sum(r.nbytes for k, r in manifest.tensors.items() if k.startswith("optim.")),
         "total": last.size,
     }
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     res = DemoResult(
         cfg=cfg,
         directory="",
