@@ -13,6 +13,9 @@ from ckpt.merge.methods import check_weights, ema_weights, make_method, method_n
 
 metrics = st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=20)
 penalties = st.floats(0.0, 50.0, allow_nan=False)
+# Metrics on a 1e-3 grid: distinct values stay distinct under the affine maps below (a spread
+# of 1e-212 next to a shift of 1.0 is rounded away by float64 itself, not by MWA).
+coarse_metrics = st.lists(st.integers(-(10**9), 10**9).map(lambda i: i / 1000), min_size=1, max_size=20)
 
 
 def series(n: int, steps=None, metrics=None) -> list[SourceInfo]:
@@ -65,7 +68,7 @@ def test_mwa_large_penalty_concentrates_on_the_best(values):
 
 
 @settings(max_examples=100, deadline=None)
-@given(metrics, penalties, st.floats(0.01, 100), st.floats(-100, 100))
+@given(coarse_metrics, penalties, st.floats(0.01, 100), st.floats(-100, 100))
 def test_mwa_ignores_the_metric_unit_and_higher_is_better_mirrors(values, pf, scale, shift):
     w = mwa_weights(values, pf)
     assert mwa_weights([v * scale + shift for v in values], pf) == pytest.approx(w, abs=1e-9)
