@@ -20,11 +20,13 @@ import math
 import os
 import signal
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 import torch
 from ckpt_server.main import main as server_main
@@ -45,6 +47,7 @@ from dist import run_ranks, run_ranks_outcomes
 import ckpt
 import ckpt.client
 from ckpt import SaveAbortedError, SaveOptions, Sharded
+from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
 from ckpt.format import MANIFEST, Manifest
 
 RANK_TIMEOUT_S = 240.0
@@ -348,6 +351,42 @@ def test_tcp_with_token_streams_the_snapshot(tmp_path, daemons, monkeypatch):
     assert jobs_ok(d) == before + 1
 
 
+def test_persist_maps_only_staging_files_and_only_for_local_clients(tmp_path, daemons):
+    """Persist makes the daemon map a file by name (and delete it once its trainer is
+    dead): a remote client must not reach it, and no client may name another file."""
+    victim = tmp_path / "precious"
+    victim.write_bytes(b"x" * 4096)
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead_pid = proc.pid
+    request = ckpt_pb2.PersistRequest(
+        uri=str(tmp_path / "c"),
+        save_id="x-000000",
+        rank=0,
+        world_size=1,
+        shm_path=str(victim),
+        buffer_bytes=4096,
+        block_bytes=4096,
+        commit_timeout_s=5,
+        client_pid=dead_pid,
+    )
+    d = daemons.a
+    with grpc.insecure_channel(d.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ckpt_pb2_grpc.CheckpointerStub(ch).Persist(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "staging file" in e.value.details()
+    with grpc.insecure_channel(d.tcp) as ch:
+        request.shm_path = "/dev/shm/ckpt-0-nothing"
+        with pytest.raises(grpc.RpcError) as e:
+            ckpt_pb2_grpc.CheckpointerStub(ch).Persist(
+                request, timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    time.sleep(0.5)
+    assert victim.read_bytes() == b"x" * 4096
+    assert not os.path.exists(tmp_path / "c")
+
+
 # -- operability ------------------------------------------------------------------------------------------
 
 
@@ -404,7 +443,7 @@ def test_memory_budget_refuses_a_save_larger_than_it_and_queues_concurrent_ones(
     options = SaveOptions(daemon=d.address)
     too_big = {"x": torch.zeros((2 << 20) // 4)}
     t0 = time.monotonic()
-    with pytest.raises(SaveAbortedError, match="memory budget"):
+    with pytest.raises(SaveAbortedError, match="RESOURCE_EXHAUSTED: memory budget.* can never fit"):
         ckpt.async_save(too_big, str(tmp_path / "big"), options=options)
     assert time.monotonic() - t0 < 30, "a save that can never fit was not refused at once"
 

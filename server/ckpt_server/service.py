@@ -73,9 +73,19 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self.draining = threading.Event()
+        # Staging files trainers handed over, by path -> trainer pid. A trainer killed after its
+        # save finished leaves its file behind (RAM in /dev/shm): swept once the trainer is gone.
+        self._staging_files: dict[str, int] = {}
+        threading.Thread(target=self._sweep_loop, name="shm-sweep", daemon=True).start()
 
     # -- RPCs -------------------------------------------------------------------------------
     def Persist(self, request: ckpt_pb2.PersistRequest, context: grpc.ServicerContext) -> ckpt_pb2.PersistReply:
+        # The daemon maps (and, once its trainer is gone, deletes) the named file: only a trainer on
+        # this node's Unix socket may name one, and only a staging file in /dev/shm.
+        if not context.peer().startswith("unix:"):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "Persist is served on the Unix socket only")
+        if not _is_staging_file(request.shm_path):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a /dev/shm/ckpt-* staging file: {request.shm_path!r}")
         self._admit(request, context)
         try:
             size = max(request.buffer_bytes, 1)
@@ -83,6 +93,9 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         except Exception as e:
             self.budget.release(request.buffer_bytes)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot map {request.shm_path}: {e}")
+        if request.client_pid:
+            with self._lock:
+                self._staging_files[request.shm_path] = request.client_pid
         return self._start(request, data)
 
     def PersistStream(self, request_iterator, context: grpc.ServicerContext) -> ckpt_pb2.PersistReply:
@@ -141,6 +154,12 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "ckpt-server is shutting down")
         if not self.budget.acquire(request.buffer_bytes, self.budget_wait_s):
+            if self.budget.limit is not None and request.buffer_bytes > self.budget.limit:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"memory budget: a snapshot of {request.buffer_bytes} bytes can never fit the daemon's "
+                    f"--memory-budget of {self.budget.limit} bytes",
+                )
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"memory budget: {request.buffer_bytes} bytes do not fit "
@@ -215,6 +234,25 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         for k in [k for k, j in self.jobs.items() if j.finished_at and now - j.finished_at > keep_s]:
             del self.jobs[k]
 
+    def sweep(self) -> None:
+        """Unlink the staging files of trainers that are gone (the mappings jobs hold stay valid)."""
+        with self._lock:
+            files = list(self._staging_files.items())
+        for path, pid in files:
+            if not _alive(pid):
+                _unlink(path)
+                with self._lock:
+                    if self._staging_files.get(path) == pid:
+                        del self._staging_files[path]
+
+    def _sweep_loop(self, every_s: float = 2.0) -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                self.sweep()
+            except Exception as e:  # never let the sweeper die
+                log.warning("sweep failed", extra={"error": f"{type(e).__name__}: {e}"})
+
     def drain(self, timeout_s: float | None = None) -> bool:
         """Refuse new work and wait for every accepted job to finish."""
         self.draining.set()
@@ -238,14 +276,24 @@ def _nbytes(c: ckpt_pb2.ChunkRef) -> int:
     return n
 
 
+def _is_staging_file(path: str) -> bool:
+    real = os.path.realpath(path)
+    return os.path.dirname(real) == "/dev/shm" and os.path.basename(real).startswith("ckpt-") and os.path.isfile(real)
+
+
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def _unlink(path: str) -> None:
