@@ -6,20 +6,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from .describe import TensorEntry, flatten, local_view
-from .engine import as_bytes, checksum
+from .describe import TensorEntry, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
-from .format import MANIFEST, Manifest, TensorRecord, itemsize
+from .fetch import Fetcher, target_view
+from .format import MANIFEST, Manifest
 from .ramtier import RamTierStorage
-from .readplan import Need, Read, ReadSettings, Segment, intersect_chunks, plan_reads
-from .regions import Box, span_view
+from .readplan import Need, ReadSettings, intersect_chunks, plan_reads
 from .storage import Storage
 
 log = logging.getLogger("ckpt.load")
@@ -143,7 +139,7 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
     needs: list[Need] = []
     for key, entry in targets.items():
         rec = manifest.tensors[key]
-        size = itemsize(rec.dtype)
+        size = rec.dtype.itemsize
         for i, piece in enumerate(entry.pieces):
             got, covered = intersect_chunks(key, i, piece.box, rec.chunks, size, options.max_gap_bytes)
             if covered != piece.box.numel:
@@ -158,10 +154,10 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
         entry = targets[n.key]
         if entry.dtype != manifest.tensors[n.key].dtype or entry.local.device.type != "cpu":
             return False
-        return _target_view(entry, n.piece, n.chunk.box).is_contiguous()
+        return target_view(entry, n.piece, n.chunk.box).is_contiguous()
 
     reads = plan_reads(needs, settings, direct_ok)
-    worker = _ReadWorker(storage, manifest, targets, options.verify)
+    worker = Fetcher(storage, manifest, targets, options.verify)
     threads = max(1, min(options.io_threads, len(reads)))
     if threads == 1:
         for r in reads:
@@ -170,100 +166,3 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
     with ThreadPoolExecutor(threads, thread_name_prefix="ckpt-read") as pool:
         for _ in pool.map(worker, reads):
             pass
-
-
-def _aligned(n: int) -> int:
-    """Scratch slices start on a cache line (and so on any element size)."""
-    return -(-n // 64) * 64
-
-
-def as_tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a flat uint8 tensor (a view)."""
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
-def _target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
-    p = entry.pieces[piece]
-    rel = box.relative_to(p.box)
-    return local_view(entry.local.detach(), p)[rel.slices()]
-
-
-class _ReadWorker:
-    """Executes one coalesced read: fetch, verify, copy out.
-
-    Whole chunks land straight in their targets (one copy, by ``preadv`` on
-    local files). Reads that also need scratch space (partial chunks, as in
-    resharding) are served from a mapping of the local file, so the bytes are
-    hashed and copied out of the page cache without a read copy or fresh,
-    page-faulting buffers; other backends read into a per-thread scratch arena
-    that is reused from one read to the next.
-    """
-
-    def __init__(self, storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], verify: bool):
-        self.storage, self.manifest, self.targets, self.verify = storage, manifest, targets, verify
-        self.mapped = isinstance(storage, Storage) and storage.local
-        self._local = threading.local()
-
-    def __call__(self, read: Read) -> None:
-        if self.mapped and any(seg.direct is None for seg in read.segments):
-            self._from_mapping(read)
-            return
-        bufs: list[torch.Tensor] = []
-        scratch = self._scratch(sum(_aligned(seg.stop - seg.start) for seg in read.segments if seg.direct is None))
-        at = 0
-        for seg in read.segments:
-            if seg.direct is not None:
-                bufs.append(_target_view(self.targets[seg.direct.key], seg.direct.piece, seg.direct.chunk.box))
-            else:
-                bufs.append(scratch[at : at + seg.stop - seg.start])
-                at += _aligned(seg.stop - seg.start)
-        self.storage.read_into_many(read.object, read.start, [as_bytes(b) for b in bufs])
-        for seg, buf in zip(read.segments, bufs):
-            if self.verify:
-                self._verify(read.object, seg, as_bytes(buf))
-            for n in seg.needs:
-                self._copy_out(seg, buf, n)
-
-    def _from_mapping(self, read: Read) -> None:
-        view = self.storage.map_range(read.object, read.start, read.stop)
-        assert view is not None
-        whole = torch.frombuffer(view, dtype=torch.uint8) if len(view) else torch.empty(0, dtype=torch.uint8)
-        for seg in read.segments:
-            lo, hi = seg.start - read.start, seg.stop - read.start
-            if self.verify:
-                self._verify(read.object, seg, view[lo:hi])
-            buf = whole[lo:hi]
-            if seg.direct is not None:
-                n = seg.direct
-                as_tensor_bytes(_target_view(self.targets[n.key], n.piece, n.chunk.box)).copy_(buf)
-            for n in seg.needs:
-                self._copy_out(seg, buf, n)
-
-    def _scratch(self, nbytes: int) -> torch.Tensor:
-        """This thread's scratch arena, grown to ``nbytes`` and reused across reads."""
-        arena = getattr(self._local, "arena", None)
-        if arena is None or arena.numel() < nbytes:
-            arena = self._local.arena = torch.empty(nbytes, dtype=torch.uint8)
-        return arena
-
-    def _verify(self, obj: str, seg: Segment, buf: memoryview) -> None:
-        B = self.manifest.block_bytes
-        for (_, b), chunk in seg.blocks.items():
-            lo = chunk.offset + b * B
-            hi = min(lo + B, chunk.offset + chunk.length)
-            if checksum(buf[lo - seg.start : hi - seg.start]) != chunk.checksums[b]:
-                key = next((k for k, r in self.manifest.tensors.items() if chunk in r.chunks), "?")
-                raise CorruptChunkError(
-                    f"{self.storage.describe(obj)}: bytes [{lo}, {hi}) of {key} chunk {chunk.box} "
-                    f"do not match their checksum (block {b})"
-                )
-
-    def _copy_out(self, seg: Segment, buf: torch.Tensor, n: Need) -> None:
-        rec: TensorRecord = self.manifest.tensors[n.key]
-        raw = buf[n.byte_start - seg.start : n.byte_stop - seg.start]
-        if raw.data_ptr() % n.itemsize:
-            raw = raw.clone()
-        src = raw.view(rec.dtype)
-        sizes, strides, offset = span_view(n.chunk.box, n.span)
-        src = torch.as_strided(src, sizes, strides, src.storage_offset() + offset)
-        _target_view(self.targets[n.key], n.piece, n.span.box).copy_(src)

@@ -84,6 +84,9 @@ def intersect_chunks(
         if inter is None:
             continue
         covered += inter.numel
+        if inter == c.box:  # the whole chunk (the common case): one span, no geometry
+            needs.append(Need(key, piece, c, itemsize, Span(0, inter.numel, inter)))
+            continue
         for span in read_spans(c.box, inter, max(0, max_gap_bytes // itemsize)):
             needs.append(Need(key, piece, c, itemsize, span))
     return needs, covered
