@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import Future
@@ -14,7 +15,7 @@ import grpc
 import torch
 
 from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
-from ckpt.engine import ChunkSpec, PersistJob, StagedChunk, Timings, persist_rank
+from ckpt.engine import ChunkSpec, PersistJob, StagedChunk, Timings, object_name, persist_rank
 from ckpt.format import dtype_from_name
 from ckpt.ramtier import TeeStorage
 from ckpt.regions import Box
@@ -64,6 +65,7 @@ class Job:
     future: Future
     timings: Timings = field(default_factory=Timings)
     finished_at: float | None = None
+    mirror: bool = False  # copy the committed object into the RAM tier afterwards
 
 
 class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
@@ -73,6 +75,8 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self.draining = threading.Event()
+        self._mirroring: dict[str, int] = {}  # uri -> its rank objects still being copied to the RAM tier
+        self._mirror_cond = threading.Condition()
         # Staging files trainers handed over, by path -> trainer pid. A trainer killed after its
         # save finished leaves its file behind (RAM in /dev/shm): swept once the trainer is gone.
         self._staging_files: dict[str, int] = {}
@@ -139,6 +143,8 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         return ckpt_pb2.MetricsReply(text=self.metrics.render(ram_tier_bytes=ram))
 
     def Lookup(self, request: ckpt_pb2.LookupRequest, context) -> ckpt_pb2.LookupReply:
+        with self._mirror_cond:  # a copy on its way is worth a short wait
+            self._mirror_cond.wait_for(lambda: request.uri not in self._mirroring, timeout=30)
         copy = self.ram_tier.lookup(request.uri) if self.ram_tier is not None else None
         if copy is None:
             return ckpt_pb2.LookupReply(found=False)
@@ -177,7 +183,9 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 for c in request.chunks
             ]
             storage = Storage(request.uri, **json.loads(request.storage_options_json or "{}"))
-            if self.ram_tier is not None and self.ram_tier.admits(request.buffer_bytes):
+            if self.ram_tier is not None and not storage.local and self.ram_tier.admits(request.buffer_bytes):
+                # Remote storage: mirror while uploading (memory is far faster than the upload).
+                # Local files are copied after the commit instead, off the save's critical path.
                 storage = TeeStorage(storage, self.ram_tier.directory(request.uri))
         except Exception:
             self.budget.release(request.buffer_bytes)
@@ -193,6 +201,10 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
             request.commit_timeout_s,
         )
         job = Job(job_id, request.buffer_bytes, Future())
+        job.mirror = self.ram_tier is not None and storage.local and self.ram_tier.admits(request.buffer_bytes)
+        if job.mirror:
+            with self._mirror_cond:
+                self._mirroring[request.uri] = self._mirroring.get(request.uri, 0) + 1
         with self._lock:
             self._prune()
             self.jobs[job_id] = job
@@ -214,12 +226,16 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 self.ram_tier.record(request.uri, request.save_id, persist.storage.written)
             job.future.set_result(None)
             log.info("committed" if persist.rank == 0 else "persisted", extra={"job": job.id, **job.timings})
+            if job.mirror:
+                self._mirror_local(persist.storage, request)
         except BaseException as e:
             if isinstance(persist.storage, TeeStorage):
                 persist.storage.discard()
             job.future.set_exception(e)
             log.error("failed", extra={"job": job.id, "error": f"{type(e).__name__}: {e}"})
         finally:
+            if job.mirror:
+                self._mirrored(request.uri)
             persist.chunks.clear()  # drop the views so the mapping can go
             self.budget.release(job.nbytes)
             self.metrics.job_finished(job.nbytes, ok, dict(job.timings))
@@ -228,6 +244,29 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 _unlink(request.shm_path)  # its trainer is gone; nobody else will
             with self._lock:
                 self._threads.discard(threading.current_thread())
+
+    def _mirrored(self, uri: str) -> None:
+        with self._mirror_cond:
+            self._mirroring[uri] -= 1
+            if not self._mirroring[uri]:
+                del self._mirroring[uri]
+            self._mirror_cond.notify_all()
+
+    def _mirror_local(self, storage: Storage, request: ckpt_pb2.PersistRequest) -> None:
+        """Copy this rank's committed data object into the RAM tier (kernel-side copy from
+        the page cache); until it is there, restores read storage."""
+        rel = object_name(request.save_id, request.rank)
+        if not request.chunks or not storage.exists(rel):
+            return
+        dst = os.path.join(self.ram_tier.directory(request.uri), rel)
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(storage.path(rel), dst)
+            self.ram_tier.record(request.uri, request.save_id, {rel: os.path.getsize(dst)})
+        except OSError as e:  # a full tmpfs costs speed, never the checkpoint
+            _unlink(dst)
+            job_id = f"{request.save_id}/r{request.rank:05d}"
+            log.warning("ram tier copy failed", extra={"job": job_id, "error": str(e)})
 
     def _prune(self, keep_s: float = 3600.0) -> None:
         now = time.monotonic()
