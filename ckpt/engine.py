@@ -204,7 +204,8 @@ class ObjectWriter:
             exc = ValueError(f"{self.rel}: {len(self.records)} of {len(self.specs)} chunks written")
             self._ctx.__exit__(ValueError, exc, None)
             raise exc
-        self._ctx.__exit__(exc_type, exc, tb)
+        with self.timings.phase("upload"):  # closing makes it durable: fsync, or the last part's PUT
+            self._ctx.__exit__(exc_type, exc, tb)
 
 
 def write_object(
