@@ -291,6 +291,12 @@ def report_failure(storage: Storage, save_id: str, rank: int, error: BaseExcepti
         pass
 
 
+def poll_cap(storage: Storage) -> float:
+    """Longest pause between polls of the commit protocol: short on a local disk; on an
+    object store every poll is a request per rank, so back off to a second."""
+    return 0.05 if storage.local else 1.0
+
+
 def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:
     """Wait for every rank's index, then write the manifest (the commit point)."""
     names = [f"rank-{r:05d}.json" for r in range(world_size)]
@@ -312,7 +318,7 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
             waiting = ", ".join(m[:-5] for m in missing)
             _abort(storage, save_id, f"timed out after {timeout_s:.0f}s waiting for {waiting}")
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, poll_cap(storage))
 
     indexes = [json.loads(storage.read_bytes(staging_name(save_id, n))) for n in names]
     head = indexes[0]
@@ -385,7 +391,7 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float) 
         if time.monotonic() > deadline:
             raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, poll_cap(storage))
 
 
 @dataclass
