@@ -19,6 +19,10 @@ class CheckpointFormatError(CheckpointError):
     """The manifest or a data object is not what the format says it must be."""
 
 
+class TruncatedObjectError(CheckpointFormatError, EOFError):
+    """A data object ends before the bytes the manifest says it holds."""
+
+
 class CorruptChunkError(CheckpointError):
     """Bytes read back do not match the checksum recorded at save time."""
 

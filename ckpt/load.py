@@ -77,7 +77,7 @@ def load(
     if options.daemon:
         storage = _with_ram_tier(storage, manifest, options.daemon)
     tensors, values, slots = flatten(state_dict)
-    _check_match(manifest, tensors, values, options)
+    _check_match(manifest, tensors, values, slots, options)
     read_tensors(storage, manifest, {k: e for k, e in tensors.items() if k in manifest.tensors}, options)
     for key in values:
         if key in manifest.values:
@@ -99,7 +99,9 @@ def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage
     return RamTierStorage(storage, directory, objects & set(manifest.objects))
 
 
-def _check_match(manifest: Manifest, tensors: dict[str, TensorEntry], values: dict[str, Any], options: LoadOptions):
+def _check_match(
+    manifest: Manifest, tensors: dict[str, TensorEntry], values: dict[str, Any], slots: dict, options: LoadOptions
+):
     problems = []
     for key, e in tensors.items():
         rec = manifest.tensors.get(key)
@@ -116,6 +118,8 @@ def _check_match(manifest: Manifest, tensors: dict[str, TensorEntry], values: di
                 f"{key}: dtype {e.dtype} here, {rec.dtype} in the checkpoint (allow_dtype_cast=True to cast)"
             )
     for key in values:
+        if key in manifest.values and isinstance(slots[key].container, tuple):
+            problems.append(f"{key}: a value inside a tuple cannot be assigned in place (use a list)")
         if key in manifest.tensors:
             problems.append(f"{key}: the checkpoint holds a tensor here, not a value")
         elif key not in manifest.values and options.strict:
@@ -128,8 +132,6 @@ def _check_match(manifest: Manifest, tensors: dict[str, TensorEntry], values: di
 
 
 def _assign(slot, value: Any) -> None:
-    if isinstance(slot.container, tuple):
-        raise StateDictMismatchError([f"{slot.key}: cannot assign a value inside a tuple"])
     old = slot.container[slot.key]
     slot.container[slot.key] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
 

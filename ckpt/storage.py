@@ -27,6 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from . import s3
+from .errors import TruncatedObjectError
 from .multipart import MultipartWriter
 from .retry import RetryPolicy
 
@@ -195,7 +196,7 @@ class Storage:
                 b[:take] = data[at : at + take]
                 at += len(b)
         if got < n:
-            raise EOFError(
+            raise TruncatedObjectError(
                 f"{self.describe(rel)}: bytes [{start}, {start + n}) requested, object ends at {start + got}"
             )
 
@@ -204,7 +205,7 @@ class Storage:
 
         A private (copy-on-write) mapping: readers may view it as a writable
         tensor without touching the file. None on other backends. Objects are
-        immutable once written; a short file raises EOFError here, never SIGBUS later.
+        immutable once written; a short file raises TruncatedObjectError here, never SIGBUS later.
         """
         if not self.local:
             return None
@@ -212,7 +213,9 @@ class Storage:
         try:
             size = os.fstat(fd).st_size
             if stop > size:
-                raise EOFError(f"{self.describe(rel)}: bytes [{start}, {stop}) requested, object ends at {size}")
+                raise TruncatedObjectError(
+                    f"{self.describe(rel)}: bytes [{start}, {stop}) requested, object ends at {size}"
+                )
             if stop <= start:
                 return memoryview(bytearray(0))
             base = start - start % mmap.ALLOCATIONGRANULARITY
