@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from common import (
     cpu_seconds,
     drop_page_cache,
+    filesystem_of,
     format_table,
     io_counters,
     machine_info,
@@ -72,7 +73,7 @@ class ModelShape:
     def for_gib(cls, gib: float, layers: int = 4) -> ModelShape:
         """Pick the hidden size so that weights + AdamW state come to about ``gib``."""
         per_h2 = 2 * 16 + layers * (4 + 3 * 2.75)  # parameters / hidden^2 (vocab = 16 * hidden)
-        hidden = max(64, int(round(math.sqrt(gib * (1 << 30) / (BYTES_PER_PARAM * per_h2)) / 48)) * 48)
+        hidden = max(48, int(round(math.sqrt(gib * (1 << 30) / (BYTES_PER_PARAM * per_h2)) / 12)) * 12)
         return cls(hidden, int(hidden * 2.75), 16 * hidden, layers)
 
     def params(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -355,14 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     cold = not args.no_cold and page_cache_droppable()
     cfg = Config(shape, root, max(1, args.repeats), tuple(int(t) for t in args.dcp_threads.split(",")), cold)
     n_tensors = len(tensor_specs(shape))
+    fstype = filesystem_of(root)
     print(
         f"state: {nbytes / 2**30:.3f} GiB in {n_tensors} tensors ({shape}); repeats={cfg.repeats}; "
-        f"dir={root}; page cache drop: {'yes' if cold else 'no (warm only)'}",
+        f"dir={root} ({fstype}); page cache drop: {'yes' if cold else 'no (warm only)'}",
         flush=True,
     )
+    if fstype == "tmpfs":
+        print("warning: the checkpoint dir is on tmpfs (RAM): these are not disk figures", flush=True)
     results: dict[str, Any] = {
         "machine": machine_info(),
-        "config": {**asdict(cfg), "state_bytes": nbytes, "tensors": n_tensors, "argv": sys.argv},
+        "config": {**asdict(cfg), "state_bytes": nbytes, "tensors": n_tensors, "argv": sys.argv, "fs": fstype},
         "phases": {},
     }
     try:

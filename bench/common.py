@@ -143,6 +143,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def filesystem_of(path: str) -> str:
+    """The filesystem type holding ``path`` (from /proc/mounts): a benchmark on
+    tmpfs measures memory, not a disk, and should say so."""
+    path = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, mnt, typ = line.split()[:3]
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) > len(best):
+                    best, fstype = mnt, typ
+    except OSError:
+        pass
+    return fstype
+
+
 def write_json(path: str, doc: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
