@@ -165,7 +165,7 @@ class ObjectWriter:
     def __enter__(self) -> ObjectWriter:
         self._ctx = self.storage.open_write(self.rel)
         self._f = self._ctx.__enter__()
-        _write_all(self._f, memoryview(self.header))
+        write_all(self._f, memoryview(self.header))
         self._unflushed = 0  # offset from which bytes may still be only in the page cache
         return self
 
@@ -186,7 +186,7 @@ class ObjectWriter:
         pending = _hash_pool().submit(block_checksums, buf, self.block_bytes) if len(buf) >= _OVERLAP_BYTES else None
         try:
             with self.timings.phase("upload"):
-                _write_all(self._f, buf)
+                write_all(self._f, buf)
         except BaseException:
             if pending is not None:
                 futures.wait([pending])  # the caller may reuse ``data`` once this returns
@@ -225,7 +225,8 @@ def write_object(
     return w.records
 
 
-def _write_all(f, buf: memoryview) -> None:
+def write_all(f, buf: memoryview) -> None:
+    """Write every byte: raw files may take fewer than offered."""
     while len(buf):
         n = f.write(buf)
         if n is None or n == len(buf):

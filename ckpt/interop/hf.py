@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..engine import as_bytes
+from ..engine import as_bytes, write_all
 from ..format import safetensors_code
 from ..regions import Box, row_major_strides
 from ..storage import Storage
@@ -281,19 +281,11 @@ def _write_file(
 ) -> None:
     header, order = _header(tensors, keys, metadata)
     with storage.open_write(rel) as f:
-        _write_all(f, memoryview(header))
+        write_all(f, memoryview(header))
         for k in order:
             for box in slabs(tensors[k], slab_bytes):
                 data = source.read(k, box).contiguous()
                 if data.numel():
-                    _write_all(f, as_bytes(data))
+                    write_all(f, as_bytes(data))
                 if progress:
                     progress(box.numel * tensors[k].dtype.itemsize)
-
-
-def _write_all(f, buf: memoryview) -> None:
-    while len(buf):
-        n = f.write(buf)
-        if n is None or n == len(buf):
-            return
-        buf = buf[n:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..engine import as_bytes
+from ..engine import as_bytes, write_all
 from ..errors import CheckpointExistsError
 from ..format import safetensors_code
 from ..regions import Box, split_into_chunks
@@ -205,12 +205,12 @@ class HFSink(Sink):
             self._written.append(rel)
             self._ctx = self.storage.open_write(rel)
             self._f = self._ctx.__enter__()
-            _write_all(self._f, memoryview(_header(self.shards[i], self.meta)))
+            write_all(self._f, memoryview(_header(self.shards[i], self.meta)))
         self._key = plan.key
 
     def send(self, data: torch.Tensor) -> None:
         if data.numel():
-            _write_all(self._f, as_bytes(data.contiguous()))
+            write_all(self._f, as_bytes(data.contiguous()))
 
     def end(self) -> None:
         if self._key in self._last and self._ctx is not None:
@@ -254,14 +254,6 @@ class HFSink(Sink):
         for tmp in self._written:
             self.storage.delete(tmp)
         self._written = []
-
-
-def _write_all(f, buf: memoryview) -> None:
-    while len(buf):
-        n = f.write(buf)
-        if n is None or n == len(buf):
-            return
-        buf = buf[n:]
 
 
 class SinkThread:
