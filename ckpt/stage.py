@@ -23,6 +23,15 @@ from .plan import WriteItem
 ALIGN = 64  # every chunk starts on a cache line in the buffer
 
 
+@dataclass
+class _Route:
+    spec: ChunkSpec
+    piece: int  # index of the local piece holding the chunk
+    src_index: tuple[slice, ...] | None  # the chunk inside that piece (filled on first use)
+    dst: torch.Tensor  # uint8 view of the slot
+    typed: torch.Tensor | None  # the same bytes as the chunk's dtype and shape
+
+
 @dataclass(frozen=True)
 class Slot:
     spec: ChunkSpec
@@ -60,6 +69,22 @@ class HostBuffer:
             self.data = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         # Held from the start of staging until persistence is done with the bytes.
         self.busy = threading.Lock()
+        self.routes: list[_Route] | None = None  # per slot, computed on the first stage
+
+    def route(self, slots: list[Slot], items: list[WriteItem]) -> list[_Route]:
+        """Where each slot's bytes come from and go to: fixed for the plan, so worked out once
+        (a reused save then pays only for the copies, not for index arithmetic per chunk)."""
+        if self.routes is None:
+            pieces = {(i.key, i.chunk): i.piece for i in items}
+            routes = []
+            for slot in slots:
+                spec = slot.spec
+                piece = pieces[(spec.key, spec.box)]
+                dst = self.view(slot)
+                typed = dst.view(spec.dtype).view(spec.box.sizes) if spec.nbytes else None
+                routes.append(_Route(spec, piece, None, dst, typed))
+            self.routes = routes
+        return self.routes
 
     def view(self, slot: Slot) -> torch.Tensor:
         return self.data[slot.offset : slot.offset + slot.spec.nbytes]
@@ -93,22 +118,22 @@ def stage(
     the save was called: a lazy snapshot stages from another thread, whose
     current stream is not the trainer's); the call returns once every copy has landed.
     """
-    pieces = {(i.key, i.chunk): i.piece for i in items}
+    routes = buf.route(slots, items)
     stream = None
     if any(e.local.is_cuda for e in tensors.values()):
         stream = torch.cuda.Stream()
         stream.wait_stream(after if after is not None else torch.cuda.current_stream())
     staged = []
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        for slot in slots:
-            spec = slot.spec
+        for r in routes:
+            spec = r.spec
             entry = tensors[spec.key]
-            piece = entry.pieces[pieces[(spec.key, spec.box)]]
-            src = local_view(entry.local.detach(), piece)[spec.box.relative_to(piece.box).slices()]
-            dst = buf.view(slot)
-            if spec.nbytes:
-                dst.view(spec.dtype).view(spec.box.sizes).copy_(src, non_blocking=stream is not None)
-            staged.append(StagedChunk(spec, dst))
+            piece = entry.pieces[r.piece]
+            if r.src_index is None:
+                r.src_index = spec.box.relative_to(piece.box).slices()
+            if r.typed is not None:
+                r.typed.copy_(local_view(entry.local.detach(), piece)[r.src_index], non_blocking=stream is not None)
+            staged.append(StagedChunk(spec, r.dst))
     if stream is not None:
         stream.synchronize()
     return staged
