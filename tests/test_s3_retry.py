@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
@@ -87,12 +86,37 @@ def test_gives_up_naming_object_operation_and_cause():
     assert isinstance(info.value, OSError) and info.value.attempts == 5
 
 
-def test_total_time_is_bounded_by_the_deadline():
+class FakeClock:
+    """Stands in for the time module: sleeping advances the clock, each attempt costs ``attempt_s``."""
+
+    def __init__(self, attempt_s: float) -> None:
+        self.now, self.attempt_s, self.attempt_starts = 0.0, attempt_s, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def failing_attempt(self):
+        self.attempt_starts.append(self.now)
+        self.now += self.attempt_s
+        raise ConnectionResetError()
+
+
+@pytest.mark.parametrize("attempt_s", [0.0, 0.03, 0.2])
+def test_no_attempt_starts_after_the_deadline(monkeypatch, attempt_s):
+    # A fake clock: the rule under test is about time, and a loaded machine must not decide it.
+    clock = FakeClock(attempt_s)
+    monkeypatch.setattr("ckpt.retry.time", clock)
     policy = RetryPolicy(max_attempts=1000, base_delay_s=0.05, max_delay_s=0.1, deadline_s=0.5)
-    start = time.monotonic()
-    with pytest.raises(StorageOperationError, match="GetObject failed after"):
-        policy.call("GetObject", "s3://b/k", lambda: (_ for _ in ()).throw(ConnectionResetError()))
-    assert time.monotonic() - start < 0.5 + 0.2
+    with pytest.raises(StorageOperationError, match="GetObject failed after") as info:
+        policy.call("GetObject", "s3://b/k", clock.failing_attempt)
+    assert len(clock.attempt_starts) == info.value.attempts >= 2
+    assert all(t < 0.5 for t in clock.attempt_starts)
+    assert clock.now < 0.5 + attempt_s  # the last attempt began before the deadline and took attempt_s
+    # It kept trying while there was time: one more backoff (at most max_delay_s) would pass the deadline.
+    assert clock.now + 0.1 >= 0.5 - attempt_s
 
 
 def test_definite_errors_surface_at_once_with_their_type():
