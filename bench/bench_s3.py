@@ -32,7 +32,17 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the SeaweedFS launcher
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from common import format_table, machine_info, median, rate, run_ranks, timed_collective, write_json  # noqa: E402
+from common import (  # noqa: E402
+    cpu_seconds,
+    format_table,
+    machine_info,
+    median,
+    process_cpu_seconds,
+    rate,
+    run_ranks,
+    timed_collective,
+    write_json,
+)
 from seaweed import SeaweedFS  # noqa: E402
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
@@ -75,13 +85,34 @@ def _check(got: dict[str, DTensor], want: dict[str, DTensor], what: str) -> None
             raise AssertionError(f"{what}: {k} differs from what was saved")
 
 
+def timed_with_cpu(fn, server_pid: int) -> tuple[float, float, float]:
+    """(wall s, server CPU s, CPU s of all ranks) of one collective operation.
+
+    On a small machine the server shares the cores with the clients, so the
+    CPU figures say how much of the wall time is the server's work and how
+    much each client's.
+    """
+    server0, client0 = process_cpu_seconds(server_pid), cpu_seconds()
+    wall = timed_collective(fn)
+    server = process_cpu_seconds(server_pid) - server0
+    client = torch.tensor([cpu_seconds() - client0], dtype=torch.float64)
+    dist.all_reduce(client)
+    return wall, server, float(client)
+
+
 def rank_main(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
-    """One rank: alternate ckpt / DCP saves and loads; return per-system timings."""
+    """One rank: alternate ckpt / DCP saves and loads; return per-system timings and CPU."""
     mesh = init_device_mesh("cpu", (world,))
     state = make_state(args["gib"], mesh)
     opts = args["storage_options"]
     base = args["base"]
     out: dict[str, list[float]] = {"ckpt_save": [], "dcp_save": [], "ckpt_load": [], "dcp_load": []}
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in out}  # (server, clients) per run
+
+    def timed(key: str, fn) -> None:
+        wall, server, clients = timed_with_cpu(fn, args["server_pid"])
+        out[key].append(wall)
+        cpu[key].append((server, clients))
 
     def ckpt_save(i: int) -> None:
         ckpt.save(state, f"{base}/ckpt-{i}", options=ckpt.SaveOptions(storage_options=opts))
@@ -99,14 +130,14 @@ def rank_main(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
         order = ["ckpt", "dcp"] if i % 2 == 0 else ["dcp", "ckpt"]
         for system in order:
             fn = ckpt_save if system == "ckpt" else dcp_save
-            out[f"{system}_save"].append(timed_collective(lambda fn=fn, i=i: fn(i)))
+            timed(f"{system}_save", lambda fn=fn, i=i: fn(i))
         for system in order:
             target = zeros_like_state(state)
             fn = ckpt_load if system == "ckpt" else dcp_load
-            out[f"{system}_load"].append(timed_collective(lambda fn=fn, i=i, target=target: fn(i, target)))
+            timed(f"{system}_load", lambda fn=fn, i=i, target=target: fn(i, target))
             _check(target, state, f"{system} load {i}")
             del target
-    return {"times": out, "bytes": nbytes(state)}
+    return {"times": out, "cpu": cpu, "bytes": nbytes(state)}
 
 
 def sweep_main(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,6 +176,7 @@ def main() -> None:
     a = p.parse_args()
     world = 2
     info = machine_info()
+    cores = len(os.sched_getaffinity(0))
     t0 = time.time()
     with SeaweedFS() as server:
         print(f"SeaweedFS up at {server.endpoint_url} in {time.time() - t0:.1f}s", flush=True)
@@ -155,6 +187,7 @@ def main() -> None:
             "repeats": a.repeats,
             "storage_options": server.storage_options(),
             "base": f"s3://{bucket}/bench",
+            "server_pid": server.proc.pid,
         }
         results = run_ranks(rank_main, world, args)
         sweep = None
@@ -162,7 +195,7 @@ def main() -> None:
             args["parts"] = [int(x) for x in a.parts.split(",")]
             args["concurrency"] = [int(x) for x in a.concurrency.split(",")]
             sweep = run_ranks(sweep_main, world, args)[0]
-    times = results[0]["times"]
+    times, cpu = results[0]["times"], results[0]["cpu"]
     # the timed region is barrier to barrier, so rank 0's figures are the collective's
     total = results[0]["bytes"]  # global bytes (every rank reports the same)
     rows, ratios = [], {}
@@ -173,6 +206,13 @@ def main() -> None:
     print(f"\n{total / (1 << 30):.2f} GiB, {world} ranks, SeaweedFS on loopback, median of {a.repeats}")
     headers = ["op", "ckpt s", "ckpt GiB/s", "DCP s", "DCP GiB/s", "speedup", "target"]
     print(format_table(headers, rows))
+    cpu_rows = []
+    for key in ("ckpt_save", "dcp_save", "ckpt_load", "dcp_load"):
+        server_s = median([c[0] for c in cpu[key]])
+        client_s = median([c[1] for c in cpu[key]])
+        cpu_rows.append([key.replace("_", " "), median(times[key]), server_s, client_s, (server_s + client_s) / cores])
+    print(f"\nCPU seconds per operation (median); the floor is all CPU work spread over {cores} cores")
+    print(format_table(["op", "wall s", "server CPU s", "clients CPU s", "floor s"], cpu_rows))
     if sweep:
         print("\nckpt save by multipart part size x concurrency (one run each)")
         sweep_rows = [[r["part_mib"], r["concurrency"], r["seconds"], rate(total, r["seconds"])] for r in sweep]
@@ -184,6 +224,7 @@ def main() -> None:
             "bytes": total,
             "world": world,
             "times": times,
+            "cpu": cpu,
             "speedup": ratios,
             "targets": TARGETS,
             "sweep": sweep,

@@ -99,6 +99,13 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def io_counters() -> dict[str, int]:
     """This process's cumulative I/O (/proc/self/io): rchar/wchar count every
     read/write syscall byte, read_bytes/write_bytes only those that hit storage."""

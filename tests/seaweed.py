@@ -70,7 +70,8 @@ def pick_ports(n: int, lo: int = 20000, hi: int = 45000) -> list[int]:
 class SeaweedFS:
     """One `weed server -s3` process; use :meth:`start` / :meth:`stop` (or ``with``)."""
 
-    def __init__(self, workdir: str | None = None) -> None:
+    def __init__(self, workdir: str | None = None, extra_args: list[str] | None = None) -> None:
+        self.extra_args = list(extra_args or [])
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="ckpt-seaweed-"))
         self.access_key = "ckpt" + secrets.token_hex(6)
@@ -152,6 +153,7 @@ class SeaweedFS:
             f"-s3.localSocket={self.dir / 's3.sock'}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            *self.extra_args,
         ]
         log = open(self.log_path, "ab")
         try:
