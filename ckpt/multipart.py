@@ -8,10 +8,18 @@ each request under the storage's :class:`RetryPolicy`, and on any failure
 aborts the multipart upload so no parts are left behind (billed, invisible).
 
 Memory: at most ``concurrency + 1`` part buffers per open object.
+
+Each request body is a :class:`PartBody`, a stream of views into the part's
+buffer. Handed a bytes-like body, aiohttp writes it to asyncio's transport in
+one call, and on Python < 3.12 the transport copies whatever the socket did not
+take at once (nearly all of a large part) into its own buffer, twice, in fresh
+memory: that was 40% of a save's client CPU on this machine. A stream is sent
+in 256 KiB pieces that the socket mostly takes whole.
 """
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -85,11 +93,11 @@ class MultipartWriter:
         self._closed = True
         try:
             if self.upload_id is None:
-                body = _exact(self._buf, self._fill)
+                body = memoryview(self._buf)[: self._fill]
                 self.retry.call(
                     "PutObject",
                     self.target,
-                    lambda: self._s3("put_object", Bucket=self.bucket, Key=self.key, Body=body),
+                    lambda: self._s3("put_object", Bucket=self.bucket, Key=self.key, Body=PartBody(body)),
                 )
             else:
                 if self._fill:
@@ -156,12 +164,17 @@ class MultipartWriter:
         self._fill = 0
 
     def _upload_part(self, number: int, buf: bytearray, fill: int) -> bytearray:
-        body = _exact(buf, fill)
+        body = memoryview(buf)[:fill]
         out = self.retry.call(
             f"UploadPart {number}",
             self.target,
             lambda: self._s3(
-                "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body
+                "upload_part",
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=PartBody(body),
             ),
         )
         part = {"PartNumber": number, "ETag": out["ETag"]}
@@ -241,8 +254,40 @@ class MultipartWriter:
         self._free.clear()
 
 
-def _exact(buf: bytearray, fill: int) -> bytearray:
-    """``buf`` cut to its first ``fill`` bytes, in place (botocore takes bytes or bytearray, not memoryview)."""
-    if len(buf) != fill:
-        del buf[fill:]
-    return buf
+class PartBody(io.RawIOBase):
+    """A request body read as views into a buffer: botocore checksums and signs it
+    piece by piece (seeking back after each pass) and aiohttp sends it likewise.
+    A fresh one per attempt, so a retry starts from the first byte."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data, self._pos = data, 0
+
+    def __len__(self) -> int:  # botocore's Content-Length
+        return len(self._data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = min(max(0, base + offset), len(self._data))
+        return self._pos
+
+    def read(self, size: int | None = -1) -> memoryview | bytes:
+        end = len(self._data) if size is None or size < 0 else min(len(self._data), self._pos + size)
+        if end <= self._pos:
+            return b""
+        view, self._pos = self._data[self._pos : end], end
+        return view
+
+    def readinto(self, b) -> int:
+        view = self.read(len(b))
+        b[: len(view)] = view
+        return len(view)

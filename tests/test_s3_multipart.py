@@ -54,9 +54,9 @@ class FakeS3:
                 raise PermissionError("Access Denied")
             if n == self.flaky_part and sum(1 for c in self.calls if c == ("upload_part", n)) == 1:
                 raise ClientError({"Error": {"Code": "SlowDown"}}, "UploadPart")
-            assert isinstance(kw["Body"], (bytes, bytearray))
+            body = _consume(kw["Body"])
             with self.lock:
-                self.uploads[kw["UploadId"]][n] = bytes(kw["Body"])
+                self.uploads[kw["UploadId"]][n] = body
             return {"ETag": f'"{n}"'}
         if method == "complete_multipart_upload":
             parts = self.uploads.pop(kw["UploadId"])
@@ -68,9 +68,20 @@ class FakeS3:
             self.uploads.pop(kw["UploadId"])
             return {}
         if method == "put_object":
-            self.objects[kw["Key"]] = bytes(kw["Body"])
+            self.objects[kw["Key"]] = _consume(kw["Body"])
             return {}
         raise AssertionError(method)
+
+
+def _consume(body) -> bytes:
+    """Read a request body as botocore and aiohttp do: its length, a checksum pass in
+    pieces, a seek back to where it started, then the send pass."""
+    size, start = len(body), body.tell()
+    first = b"".join(bytes(c) for c in iter(lambda: body.read(333), b""))
+    body.seek(start)
+    sent = b"".join(bytes(c) for c in iter(lambda: body.read(1 << 20), b""))
+    assert first == sent and len(sent) == size
+    return sent
 
 
 @pytest.fixture(autouse=True)
