@@ -12,9 +12,9 @@ Memory: at most ``concurrency + 1`` part buffers per open object.
 Each request body is a :class:`PartBody`, a stream of views into the part's
 buffer. Handed a bytes-like body, aiohttp writes it to asyncio's transport in
 one call, and on Python < 3.12 the transport copies whatever the socket did not
-take at once (nearly all of a large part) into its own buffer, twice, in fresh
-memory: that was 40% of a save's client CPU on this machine. A stream is sent
-in 256 KiB pieces that the socket mostly takes whole.
+take at once (nearly all of a large part) into its own buffer, in fresh memory.
+A stream goes out in 256 KiB pieces that the socket mostly takes whole: 256 MiB
+uploaded to SeaweedFS on loopback cost the client 1.0 s of CPU instead of 1.2 s.
 """
 
 from __future__ import annotations
