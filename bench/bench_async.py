@@ -49,6 +49,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import ckpt
+from ckpt.client import daemon_persister
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLS = 2048
@@ -317,8 +318,15 @@ def bench_rank(rank: int, world: int, cfg: Config) -> dict[str, Any]:
     def one(name: str, tag: str) -> dict[str, float]:
         path = os.path.join(cfg.root, f"{name}-{tag}")
         sync(cfg.device)  # the previous update has landed: time this save alone
+        if rank == 0:
+            os.sync()  # nor let the disk still be busy with the previous system's files (deleted or not)
         dist.barrier()
         r = RUNNERS[name](ctx, path)
+        if name in cfg.daemons:
+            # Its RAM tier copies the checkpoint after the commit, off this save's critical path;
+            # let that finish so it does not run into the next system's save (in training, saves
+            # are minutes apart). Lookup answers once no copy of ``path`` is on its way.
+            daemon_persister(cfg.daemons[name]).lookup(path)
         dist.barrier()
         if rank == 0 and name != "floor":
             shutil.rmtree(path, ignore_errors=True)
