@@ -6,7 +6,9 @@ import multiprocessing.util
 import os
 import secrets
 import threading
+import time
 import weakref
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +61,19 @@ class SaveOptions:
             raise ValueError(f"on_busy must be 'wait' or 'refuse', not {self.on_busy!r}")
 
 
+KEEP_BUFFERS = 2  # staging buffers kept per process: e.g. a full state and a model-only one
+
+
 class _Planner:
     """Caches save plans by state-dict structure: collectives only on a new structure."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_buffers: int = KEEP_BUFFERS) -> None:
         self._plans: dict[tuple[str, int], SavePlan] = {}
         self._counts: dict[str, int] = {}
-        self._buffers: dict[tuple[str, str], tuple[HostBuffer, list[Slot]]] = {}
+        # Least recently used first. A buffer is as large as the rank's state: keeping one per
+        # structure ever saved would grow without bound (a job saving many distinct subsets).
+        self._buffers: OrderedDict[tuple[str, str, bool], _CachedBuffer] = OrderedDict()
+        self.keep_buffers = max(1, keep_buffers)  # the buffer being handed out is never freed
 
     def plan(
         self, tensors: dict[str, TensorEntry] | None, error: str | None, options: SaveOptions, group
@@ -105,18 +113,36 @@ class _Planner:
         """The plan's staging buffer, allocated on first use and reused after."""
         # Shared memory or not is part of the key: a Unix-socket daemon maps the buffer by name.
         key = (plan.token, persister.name, persister.needs_shared_memory)
-        if key not in self._buffers:
+        cached = self._buffers.get(key)
+        if cached is None:
             slots, nbytes = layout(tensors, plan.items)
             pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
             rank, _ = _rank_world(None)
             shm = persister.shm_path(f"{plan.token}-r{rank:05d}") if persister.needs_shared_memory else None
             buf = HostBuffer(nbytes, pinned=pinned, shm_path=shm)
-            if shm is not None:
-                # Remove the name at exit (a daemon that mapped it keeps the bytes). Not atexit:
-                # multiprocessing children (mp.spawn trainers) skip it, leaking RAM in /dev/shm.
-                multiprocessing.util.Finalize(None, buf.close, exitpriority=0)
-            self._buffers[key] = (buf, slots)
-        return self._buffers[key]
+            # Remove a shm name at exit (a daemon that mapped it keeps the bytes). Not atexit:
+            # multiprocessing children (mp.spawn trainers) skip it, leaking RAM in /dev/shm.
+            closer = multiprocessing.util.Finalize(None, buf.close, exitpriority=0)
+            cached = self._buffers[key] = _CachedBuffer(buf, slots, closer)
+        self._buffers.move_to_end(key)
+        self._evict()
+        return cached.buf, cached.slots
+
+    def _evict(self) -> None:
+        """Free the least recently used buffers beyond ``keep_buffers``; one still
+        persisting is kept until a later save finds it idle."""
+        for key in list(self._buffers)[: max(0, len(self._buffers) - self.keep_buffers)]:
+            cached = self._buffers[key]
+            if cached.buf.busy.acquire(blocking=False):
+                del self._buffers[key]
+                cached.closer()  # unlinks a shm name; the memory goes with the last reference
+
+
+@dataclass
+class _CachedBuffer:
+    buf: HostBuffer
+    slots: list[Slot]
+    closer: multiprocessing.util.Finalize
 
 
 _planner = _Planner()
@@ -164,9 +190,13 @@ class SaveHandle:
         return self._future is not None and self._future.done()
 
     def wait(self, timeout: float | None = None) -> str:
+        """Block until committed (or raise why not); ``timeout`` covers a lazy snapshot too."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._staged.wait(timeout):
+            raise TimeoutError(f"{self.uri}: save {self.save_id}: the snapshot was not taken within {timeout}s")
         self.wait_staged()
         assert self._future is not None
-        self._future.result(timeout)
+        self._future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self.save_id
 
 

@@ -55,6 +55,7 @@ class HostBuffer:
     def __init__(self, nbytes: int, *, pinned: bool = False, shm_path: str | None = None) -> None:
         self.nbytes = nbytes
         self.shm_path = shm_path
+        self._registered = False  # page-locked by us (cudaHostRegister), to undo before unmapping
         size = max(nbytes, 1)
         if shm_path is not None:
             fd = os.open(shm_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -65,6 +66,7 @@ class HostBuffer:
             self.data = torch.from_file(shm_path, shared=True, size=size, dtype=torch.uint8)
             if pinned:
                 _pin_in_place(self.data)
+                self._registered = True
         else:
             self.data = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         # Held from the start of staging until persistence is done with the bytes.
@@ -90,6 +92,10 @@ class HostBuffer:
         return self.data[slot.offset : slot.offset + slot.spec.nbytes]
 
     def close(self) -> None:
+        """Give up the name of a shared buffer (its bytes live on while mapped) and its page lock."""
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
+            self._registered = False
         if self.shm_path is not None:
             try:
                 os.unlink(self.shm_path)

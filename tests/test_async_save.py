@@ -233,6 +233,51 @@ def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch):
     assert len(allocations) == 2
 
 
+def test_buffers_of_structures_not_saved_lately_are_freed(tmp_path, monkeypatch):
+    """A job that saves many distinct structures keeps only the last few staging buffers
+    (each is as large as the rank's state); a busy one is kept until it is idle."""
+    monkeypatch.setattr(save_module, "_planner", save_module._Planner(keep_buffers=2))
+    closed: list[save_module.HostBuffer] = []
+    real_close = save_module.HostBuffer.close
+
+    def spying_close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(save_module.HostBuffer, "close", spying_close)
+    a, b, c = (make_state(tag(), seed=i) for i in range(3))
+    ckpt.async_save(a, str(tmp_path / "a0")).wait()
+    ckpt.async_save(b, str(tmp_path / "b0")).wait()
+    buffers = [cached.buf for cached in save_module._planner._buffers.values()]
+    assert closed == []
+    ckpt.async_save(a, str(tmp_path / "a1")).wait()  # a is now the most recently used
+    ckpt.async_save(c, str(tmp_path / "c0")).wait()  # so b's buffer goes
+    assert closed == [buffers[1]]
+    assert [cached.buf for cached in save_module._planner._buffers.values()][0] is buffers[0]
+    ckpt.async_save(b, str(tmp_path / "b1")).wait()  # b again: a fresh buffer, a (least recent) goes
+    assert closed == [buffers[1], buffers[0]]
+    for name, state in (("a1", a), ("b1", b), ("c0", c)):
+        assert_state_bitwise(load_state(state, str(tmp_path / name)), state)
+
+
+def test_a_buffer_still_persisting_is_not_freed(tmp_path, persist_gate, monkeypatch):
+    monkeypatch.setattr(save_module, "_planner", save_module._Planner(keep_buffers=1))
+    a, b = make_state(tag(), seed=1), make_state(tag(), seed=2)
+    want_a = clone_state(a)
+    h = ckpt.async_save(a, str(tmp_path / "a"))
+    assert persist_gate.entered.wait(GATE_S)  # a's bytes are still being persisted
+    a_buf = next(iter(save_module._planner._buffers.values())).buf
+    hb = ckpt.async_save(b, str(tmp_path / "b"))  # over the limit, but a's buffer is busy
+    assert any(cached.buf is a_buf for cached in save_module._planner._buffers.values())
+    persist_gate.open()
+    h.wait(timeout=GATE_S)
+    hb.wait(timeout=GATE_S)
+    assert_state_bitwise(load_state(want_a, str(tmp_path / "a")), want_a)
+    assert_state_bitwise(load_state(b, str(tmp_path / "b")), b)
+    ckpt.async_save(b, str(tmp_path / "b2")).wait()  # a is idle now: the next save frees it
+    assert all(cached.buf is not a_buf for cached in save_module._planner._buffers.values())
+
+
 def test_on_busy_refuse_raises_while_previous_save_persists(tmp_path, persist_gate):
     t = tag()
     first, second = make_state(t, seed=1), make_state(t, seed=2)
@@ -430,6 +475,18 @@ def test_wait_staged_without_guard(tmp_path, stage_gate):
         v.view(torch.uint8).bitwise_not_()
     h.wait(timeout=GATE_S)
     assert_state_bitwise(load_state(want, uri), want)
+
+
+def test_wait_timeout_covers_a_lazy_snapshot(tmp_path, stage_gate):
+    state = make_state(tag())
+    h = ckpt.async_save(state, str(tmp_path / "c"), lazy=True)
+    assert stage_gate.entered.wait(GATE_S)
+    with pytest.raises(TimeoutError, match="snapshot was not taken"):
+        h.wait(timeout=0.1)
+    assert not h.done()
+    stage_gate.open()
+    assert h.wait(timeout=GATE_S) == h.save_id
+    assert_state_bitwise(load_state(state, str(tmp_path / "c")), state)
 
 
 def test_lazy_staging_failure_is_raised_by_wait_not_by_the_training_step(tmp_path, monkeypatch):
