@@ -387,6 +387,36 @@ def test_persist_maps_only_staging_files_and_only_for_local_clients(tmp_path, da
     assert not os.path.exists(tmp_path / "c")
 
 
+def test_default_budget_refuses_a_stream_no_machine_could_hold_before_reading_it(tmp_path, daemons):
+    """Without --memory-budget the daemon still bounds what it holds (half of RAM): a remote
+    client announcing a snapshot the size of all RAM is refused before any allocation."""
+    d = daemons.a  # default budget
+    all_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    request = ckpt_pb2.PersistRequest(
+        uri=str(tmp_path / "c"),
+        save_id="x-000000",
+        rank=0,
+        world_size=1,
+        buffer_bytes=all_ram,
+        block_bytes=4096,
+        commit_timeout_s=5,
+    )
+
+    def parts():
+        yield ckpt_pb2.PersistPart(request=request)
+        yield ckpt_pb2.PersistPart(data=b"x" * 1024)
+
+    with grpc.insecure_channel(d.tcp) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ckpt_pb2_grpc.CheckpointerStub(ch).PersistStream(
+                parts(), timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "can never fit" in e.value.details()
+    assert samples_of(d.address)["ckpt_bytes_held"] == 0
+    assert not os.path.exists(tmp_path / "c")
+
+
 # -- operability ------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,11 @@
 Listens on a Unix socket (mode 0600) by default; TCP only when asked, and then
 only with a token (and optionally TLS). SIGTERM drains accepted checkpoints
 before exiting.
+
+Memory is bounded by default: snapshots held at once (mapped from trainers'
+shared memory or received over TCP) within half of this machine's RAM, the
+RAM tier within a quarter; a save that does not fit waits --budget-wait
+seconds for room, then is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from .ramtier import RamTier
 from .service import Budget, CheckpointerService
 
 log = logging.getLogger("ckpt_server")
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_socket() -> str:
@@ -80,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="read the token from this file")
     p.add_argument("--tls-cert", help="PEM certificate for TLS on the TCP listener")
     p.add_argument("--tls-key", help="PEM private key for TLS on the TCP listener")
-    p.add_argument("--memory-budget", type=parse_bytes, help="most snapshot bytes held at once, e.g. 16GiB")
+    p.add_argument(
+        "--memory-budget",
+        type=parse_bytes,
+        default=physical_memory() // 2,
+        help="most snapshot bytes held at once, e.g. 16GiB (default: half of RAM, %(default)s)",
+    )
     p.add_argument("--budget-wait", type=float, default=30.0, help="seconds a job waits for budget before refusal")
     p.add_argument(
         "--ram-tier",
@@ -90,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ram-tier-dir", help="tmpfs directory for the RAM tier (default: under /dev/shm)")
     p.add_argument(
-        "--ram-tier-budget", type=parse_bytes, help="most bytes the RAM tier holds (default: --memory-budget)"
+        "--ram-tier-budget",
+        type=parse_bytes,
+        default=physical_memory() // 4,
+        help="most bytes the RAM tier holds (default: a quarter of RAM, %(default)s)",
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on 127.0.0.1:PORT (0: any)")
     p.add_argument("--drain-timeout", type=float, default=None, help="on SIGTERM, wait at most this long")
@@ -118,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = hashlib.sha256(os.path.abspath(args.socket).encode()).hexdigest()[:12]
         base = args.ram_tier_dir or f"/dev/shm/ckpt-ram-{os.getuid()}-{tag}"
         shutil.rmtree(base, ignore_errors=True)  # copies of a previous daemon: their index died with it
-        ram_tier = RamTier(base, args.ram_tier_budget if args.ram_tier_budget is not None else args.memory_budget)
+        ram_tier = RamTier(base, args.ram_tier_budget)
     service = CheckpointerService(Budget(args.memory_budget), args.budget_wait, metrics, ram_tier)
     health_servicer = health.HealthServicer()
 
