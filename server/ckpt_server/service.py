@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -220,6 +221,8 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
     def _run(self, job: Job, persist: PersistJob, request: ckpt_pb2.PersistRequest) -> None:
         ok = False
         try:
+            if request.shm_path:
+                _map_in(persist.chunks)
             persist_rank(persist, job.timings)
             ok = True
             if isinstance(persist.storage, TeeStorage):
@@ -306,6 +309,18 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
             if deadline is not None and time.monotonic() >= deadline:
                 with self._lock:
                     return not self._threads
+
+
+def _map_in(chunks: list[StagedChunk]) -> None:
+    """Map every page of a trainer's snapshot into this process before writing it out.
+
+    write() from pages of a fresh shared mapping faults them in one at a time inside the
+    kernel (512 MiB: 0.36 s instead of 0.13 s here); a read of one byte per page from user
+    space maps them 16 at a time, in 20 ms.
+    """
+    for c in chunks:
+        if c.data.numel():
+            c.data[:: mmap.PAGESIZE].sum()
 
 
 def _nbytes(c: ckpt_pb2.ChunkRef) -> int:
