@@ -24,6 +24,7 @@ from .retention import CheckpointInfo, RetentionPolicy, select_deletions
 from .storage import Storage
 
 COMPLETE, INCOMPLETE, DAMAGED = "complete", "incomplete", "damaged"
+STALE_UPLOAD_S = 24 * 3600.0  # no save takes this long: an upload this old lost its writer
 
 
 @dataclass
@@ -119,6 +120,43 @@ def plan_gc(
     doomed = set(select_deletions(infos, policy, now if now is not None else time.time(), in_flight))
     # The marker's checkpoint survives, but still counts towards the rules (keep_last, ...).
     return [e for e in candidates if e.name in doomed and not e.latest]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished multipart upload under a root (object stores only)."""
+
+    key: str  # relative to the root
+    upload_id: str
+    started: float | None  # seconds since the epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "upload_id": self.upload_id, "started": _iso(self.started)}
+
+
+def open_uploads(root: str, storage_options: dict[str, Any] | None = None) -> list[Upload]:
+    storage = Storage(root, **(storage_options or {}))
+    return [Upload(k, u, t) for k, u, t in storage.open_uploads()]
+
+
+def stale_uploads(
+    uploads: list[Upload], doomed: list[Entry], now: float, max_age_s: float = STALE_UPLOAD_S
+) -> list[Upload]:
+    """Uploads nobody will finish: those inside a checkpoint being deleted, and any that
+    started more than ``max_age_s`` ago (a save in flight has a recent one). Their parts
+    are stored and billed but belong to no object until aborted."""
+    gone = tuple(f"{e.name}/" for e in doomed if e.name != ".")
+
+    def stale(u: Upload) -> bool:
+        if gone and u.key.startswith(gone):
+            return True
+        return u.started is not None and now - u.started > max_age_s
+
+    return [u for u in uploads if stale(u)]
+
+
+def abort_upload(root: str, upload: Upload, storage_options: dict[str, Any] | None = None) -> None:
+    Storage(root, **(storage_options or {})).abort_upload(upload.key, upload.upload_id)
 
 
 def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:

@@ -64,6 +64,32 @@ def object_exists(fs: Any, path: str) -> bool:
     return True
 
 
+def open_uploads(fs: Any, root: str) -> list[tuple[str, str, float | None]]:
+    """Multipart uploads in progress under ``root`` ("bucket/prefix"): (key relative to
+    ``root``, upload id, when it started), every page of the listing."""
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    found = []
+    while True:
+        page = fs.call_s3("list_multipart_uploads", **request)
+        for u in page.get("Uploads", []):
+            started = u.get("Initiated")
+            found.append((u["Key"][len(prefix) :], u["UploadId"], started.timestamp() if started else None))
+        if not page.get("IsTruncated"):
+            return found
+        request.update(KeyMarker=page.get("NextKeyMarker", ""), UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+
+def abort_upload(fs: Any, path: str, upload_id: str) -> None:
+    """Discard a multipart upload and the parts it holds (gone already is fine)."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    except FileNotFoundError:
+        pass
+
+
 def read_into(fs: Any, path: str, start: int, bufs: list[memoryview]) -> int:
     """One ranged GET of bytes [start, start + sum(len(bufs))) streamed into ``bufs``
     in order; returns how many bytes arrived (fewer only if the object ends first).

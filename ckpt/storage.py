@@ -254,6 +254,17 @@ class Storage:
         except FileNotFoundError:
             pass
 
+    def open_uploads(self) -> list[tuple[str, str, float | None]]:
+        """Unfinished multipart uploads under this location: (path relative to it, upload id,
+        start time). Only object stores have them; a killed writer leaves them behind."""
+        if not self.s3:
+            return []
+        return self._call("ListMultipartUploads", "", lambda: s3.open_uploads(self.fs, self.root))
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        if self.s3:
+            self._call("AbortMultipartUpload", rel, lambda: s3.abort_upload(self.fs, self.path(rel), upload_id))
+
     def invalidate(self) -> None:
         """Forget cached listings (object stores) so polling sees new objects."""
         if self.s3:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 
 import pytest
 import torch
 from seaweed import shared_server, stop_shared
 
 import ckpt
+import ckpt.storage
 from ckpt.cli import main
 from ckpt.reader import CheckpointReader
 
@@ -76,3 +78,52 @@ def test_every_subcommand_on_s3(s3_root, tmp_path):
     assert [e["name"] for e in json.loads(out)] == ["step-30"]
     code, _, err = run("verify", f"{s3_root}/step-10")
     assert code == 2 and "step-10" in err
+
+
+def _uploads(server, root: str) -> list[str]:
+    """Keys (relative to ``root``) of the multipart uploads open under it."""
+    import s3fs
+
+    bucket, prefix = root.removeprefix("s3://").split("/", 1)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    found = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
+    return sorted(u["Key"][len(prefix) + 1 :] for u in found)
+
+
+def _start_upload(server, root: str, key: str) -> None:
+    """What a writer killed mid-object leaves: a multipart upload with a part, never completed."""
+    import s3fs
+
+    bucket, prefix = root.removeprefix("s3://").split("/", 1)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    uid = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=f"{prefix}/{key}")["UploadId"]
+    fs.call_s3("upload_part", Bucket=bucket, Key=f"{prefix}/{key}", UploadId=uid, PartNumber=1, Body=b"x" * 1024)
+
+
+def test_gc_aborts_the_uploads_of_killed_writers_and_keeps_a_save_in_flight(s3_root, s3_server):
+    ckpt.save(state(1), f"{s3_root}/step-1", step=1)
+    ckpt.save(state(2), f"{s3_root}/step-2", step=2)
+    # step-0: a save killed mid-upload (a rank's index landed, rank 0's object never did)
+    with ckpt.storage.Storage(f"{s3_root}/step-0").open_write("_staging/dead/rank-00001.json") as f:
+        f.write(b"{}")
+    _start_upload(s3_server, s3_root, "step-0/data/dead-r00000.safetensors")
+    _start_upload(s3_server, s3_root, "step-3/data/live-r00000.safetensors")  # a save in flight right now
+    both = ["step-0/data/dead-r00000.safetensors", "step-3/data/live-r00000.safetensors"]
+    assert _uploads(s3_server, s3_root) == both
+
+    code, out, _ = run("gc", s3_root, "--json")  # dry run: reports, touches nothing
+    report = json.loads(out)
+    assert code == 0 and [u["key"] for u in report["would_abort_uploads"]] == [both[0]]
+    assert [e["name"] for e in report["would_delete"]] == ["step-0"]
+    assert _uploads(s3_server, s3_root) == both
+
+    code, out, _ = run("gc", s3_root, "--yes", "--json")
+    assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[0]]
+    assert _uploads(s3_server, s3_root) == [both[1]], "the in-flight save's upload must survive"
+
+    time.sleep(1.1)  # S3 start times have one-second resolution
+    code, out, _ = run("gc", s3_root, "--yes", "--abort-uploads-after", "0", "--json")
+    assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[1]]
+    assert _uploads(s3_server, s3_root) == []
+    code, out, _ = run("ls", s3_root, "--json")
+    assert [e["name"] for e in json.loads(out)] == ["step-1", "step-2"]
