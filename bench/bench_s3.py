@@ -149,8 +149,12 @@ def sweep_main(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         for conc in args["concurrency"]:
             opts = {**args["storage_options"], "default_block_size": part * MiB, "max_concurrency": conc}
             uri = f"{args['base']}/sweep-{part}-{conc}"
-            t = timed_collective(lambda u=uri, o=opts: ckpt.save(state, u, options=ckpt.SaveOptions(storage_options=o)))
-            rows.append({"part_mib": part, "concurrency": conc, "seconds": t})
+            t, server, clients = timed_with_cpu(
+                lambda u=uri, o=opts: ckpt.save(state, u, options=ckpt.SaveOptions(storage_options=o)),
+                args["server_pid"],
+            )
+            row = {"part_mib": part, "concurrency": conc, "seconds": t}
+            rows.append({**row, "server_cpu": server, "clients_cpu": clients})
     dist.barrier()
     return rows
 
@@ -215,8 +219,12 @@ def main() -> None:
     print(format_table(["op", "wall s", "server CPU s", "clients CPU s", "floor s"], cpu_rows))
     if sweep:
         print("\nckpt save by multipart part size x concurrency (one run each)")
-        sweep_rows = [[r["part_mib"], r["concurrency"], r["seconds"], rate(total, r["seconds"])] for r in sweep]
-        print(format_table(["part MiB", "in flight", "save s", "GiB/s"], sweep_rows))
+        sweep_rows = [
+            [r["part_mib"], r["concurrency"], r["seconds"], rate(total, r["seconds"]), r["server_cpu"]]
+            + [r["clients_cpu"]]
+            for r in sweep
+        ]
+        print(format_table(["part MiB", "in flight", "save s", "GiB/s", "server CPU s", "clients CPU s"], sweep_rows))
     write_json(
         a.out,
         {

@@ -21,11 +21,12 @@ from typing import Any
 
 import fsspec.asyn
 
-# Measured against SeaweedFS on loopback (bench/bench_s3.py --sweep; 128 MiB objects):
-# on this 2-core machine the server's CPU is the bottleneck, and parts of 16-64 MiB
-# with 1-8 in flight were within noise of each other (6.7-8.8 s). 32 MiB x 4 was at
-# the fast end, bounds buffers at 160 MiB per open object, and gives a remote
-# store (where one connection carries ~50-100 MB/s) four streams per object.
+# Measured against SeaweedFS on loopback (bench/bench_s3.py --sweep, 1 GiB on 2 ranks): on
+# this 2-core machine the server's CPU is the bottleneck (15-18 CPU s per GiB, mostly MD5).
+# Parts of 16-64 MiB made no difference; 1 part in flight per object was ~1 s (10%) faster
+# than 4, the server spending that much less CPU on contention. 32 MiB x 4 stays the
+# default: it bounds buffers at 160 MiB per open object and gives a remote store (where
+# one connection carries ~50-100 MB/s) four streams per object.
 DEFAULT_PART_BYTES = 32 << 20
 DEFAULT_UPLOAD_CONCURRENCY = 4
 READ_PIECE_BYTES = 4 << 20  # a response is copied into the caller's buffers this much at a time
