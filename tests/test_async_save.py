@@ -234,8 +234,8 @@ def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_buffers_of_structures_not_saved_lately_are_freed(tmp_path, monkeypatch):
-    """A job that saves many distinct structures keeps only the last few staging buffers
-    (each is as large as the rank's state); a busy one is kept until it is idle."""
+    """A job that saves many distinct structures keeps only the most recently used staging
+    buffers (each is as large as the rank's state); the others are closed and dropped."""
     monkeypatch.setattr(save_module, "_planner", save_module._Planner(keep_buffers=2))
     closed: list[save_module.HostBuffer] = []
     real_close = save_module.HostBuffer.close
