@@ -12,6 +12,11 @@ endpoint); everything else is each system's default. Figures are medians over
 --repeats, timed barrier to barrier (the slowest rank); the systems alternate
 order between repeats; every load is checked bitwise outside the timed region.
 
+Each operation also reports the CPU seconds of the server and of both ranks,
+and their sum spread over the cores: on a small machine the server shares the
+cores with the clients, and this floor shows how much of the wall time no
+client could save (see bench/README.md).
+
 --sweep also times ckpt saves over multipart part sizes and concurrencies
 (the figures behind ckpt/s3.py's defaults).
 
