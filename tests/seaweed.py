@@ -224,6 +224,17 @@ class SeaweedFS:
         s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options()).mkdir(name)
         return name
 
+    def open_uploads(self, where: str) -> list[str]:
+        """Keys, relative to ``where`` ("bucket/prefix" or an s3:// URL), of the multipart
+        uploads in progress under it: what a failed or killed writer left behind."""
+        import s3fs
+
+        bucket, _, prefix = where.removeprefix("s3://").partition("/")
+        prefix = f"{prefix.rstrip('/')}/" if prefix else ""
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options())
+        found = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        return sorted(u["Key"][len(prefix) :] for u in found)
+
     def __enter__(self) -> SeaweedFS:
         return self.start()
 

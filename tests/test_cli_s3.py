@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-from seaweed import shared_server, stop_shared
 
 import ckpt
 import ckpt.storage
@@ -26,13 +25,6 @@ def run(*argv: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(argv))
     return code, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    server = shared_server()  # one per session, shared with the other S3 test modules
-    yield server
-    stop_shared()
 
 
 @pytest.fixture
@@ -80,16 +72,6 @@ def test_every_subcommand_on_s3(s3_root, tmp_path):
     assert code == 2 and "step-10" in err
 
 
-def _uploads(server, root: str) -> list[str]:
-    """Keys (relative to ``root``) of the multipart uploads open under it."""
-    import s3fs
-
-    bucket, prefix = root.removeprefix("s3://").split("/", 1)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
-    found = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
-    return sorted(u["Key"][len(prefix) + 1 :] for u in found)
-
-
 def _start_upload(server, root: str, key: str) -> None:
     """What a writer killed mid-object leaves: a multipart upload with a part, never completed."""
     import s3fs
@@ -109,21 +91,21 @@ def test_gc_aborts_the_uploads_of_killed_writers_and_keeps_a_save_in_flight(s3_r
     _start_upload(s3_server, s3_root, "step-0/data/dead-r00000.safetensors")
     _start_upload(s3_server, s3_root, "step-3/data/live-r00000.safetensors")  # a save in flight right now
     both = ["step-0/data/dead-r00000.safetensors", "step-3/data/live-r00000.safetensors"]
-    assert _uploads(s3_server, s3_root) == both
+    assert s3_server.open_uploads(s3_root) == both
 
     code, out, _ = run("gc", s3_root, "--json")  # dry run: reports, touches nothing
     report = json.loads(out)
     assert code == 0 and [u["key"] for u in report["would_abort_uploads"]] == [both[0]]
     assert [e["name"] for e in report["would_delete"]] == ["step-0"]
-    assert _uploads(s3_server, s3_root) == both
+    assert s3_server.open_uploads(s3_root) == both
 
     code, out, _ = run("gc", s3_root, "--yes", "--json")
     assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[0]]
-    assert _uploads(s3_server, s3_root) == [both[1]], "the in-flight save's upload must survive"
+    assert s3_server.open_uploads(s3_root) == [both[1]], "the in-flight save's upload must survive"
 
     time.sleep(1.1)  # S3 start times have one-second resolution
     code, out, _ = run("gc", s3_root, "--yes", "--abort-uploads-after", "0", "--json")
     assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[1]]
-    assert _uploads(s3_server, s3_root) == []
+    assert s3_server.open_uploads(s3_root) == []
     code, out, _ = run("ls", s3_root, "--json")
     assert [e["name"] for e in json.loads(out)] == ["step-1", "step-2"]

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import s3fs
 import torch
 import torch.distributed as dist
 from dist import run_ranks
 from faultproxy import FaultProxy
-from seaweed import shared_prefix, shared_server, stop_shared
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -27,19 +25,6 @@ from ckpt.storage import Storage
 from ckpt.writer import CheckpointWriter
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    server = shared_server()  # one per session, shared with the other S3 test modules
-    yield server
-    stop_shared()
-
-
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh "bucket/prefix" of its own for each test."""
-    return shared_prefix()
 
 
 def _state(seed: int = 0) -> dict:
@@ -76,13 +61,6 @@ def _assert_equal(a: dict, b: dict) -> None:
             assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
         else:
             assert v == b[k], k
-
-
-def _open_uploads(server, where: str) -> list[dict]:
-    """Multipart uploads in progress under ``where`` ("bucket/prefix")."""
-    bucket, prefix = where.split("/", 1)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
-    return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
 
 
 def test_save_load_with_storage_options(s3_server, s3_bucket):
@@ -143,7 +121,7 @@ def test_large_objects_go_multipart_small_ones_single_put(s3_server, s3_bucket):
     got = {"big": torch.zeros_like(big), "small": torch.zeros(3, dtype=torch.int64)}
     ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=s3_server.storage_options()))
     assert torch.equal(got["big"], big) and torch.equal(got["small"], torch.arange(3))
-    assert _open_uploads(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
 
 
 def test_reads_are_ranged_and_only_what_a_region_needs(s3_server, s3_bucket):
@@ -210,7 +188,7 @@ def test_failed_streaming_write_aborts_its_multipart_upload(s3_server, s3_bucket
                     if i == 4:  # 16 MiB sent: three parts are up
                         raise RuntimeError("producer died")
                     stream.send(torch.full((1, MiB), float(i)))
-    assert _open_uploads(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
     storage = Storage(uri, **opts)
     assert not storage.exists(MANIFEST)
     assert storage.listdir("data") == []  # nothing was published under the object's key
@@ -269,7 +247,7 @@ def test_two_ranks_save_and_reshard_load(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/dist/step-11"
     opts = s3_server.storage_options()
     run_ranks(_save_then_reshard_load, 2, uri, opts, s3_server.env())
-    assert _open_uploads(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
     torch.manual_seed(0)
     full = torch.randn(64, 33)
     one = {"w": torch.zeros(64, 33)}  # and on one process, whole

@@ -11,10 +11,8 @@ import threading
 import time
 
 import pytest
-import s3fs
 import torch
 from faultproxy import Fault, FaultProxy
-from seaweed import shared_prefix, shared_server, stop_shared
 
 import ckpt
 from ckpt.format import MANIFEST
@@ -23,19 +21,6 @@ from ckpt.storage import Storage
 
 MiB = 1 << 20
 RETRY = {"max_attempts": 8, "base_delay_s": 0.02, "max_delay_s": 0.2, "deadline_s": 20.0}
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    server = shared_server()  # one per session, shared with the other S3 test modules
-    yield server
-    stop_shared()
-
-
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh "bucket/prefix" of its own for each test."""
-    return shared_prefix()
 
 
 @pytest.fixture
@@ -71,13 +56,6 @@ def _same(a: dict, b: dict) -> bool:
     return torch.equal(a["big"], b["big"]) and torch.equal(a["small"], b["small"]) and a["step"] == b["step"]
 
 
-def _open_uploads(server, where: str) -> list[dict]:
-    """Multipart uploads in progress under ``where`` ("bucket/prefix")."""
-    bucket, prefix = where.split("/", 1)
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
-    return fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
-
-
 def test_throttling_and_server_errors_are_retried(s3_server, s3_bucket, proxy):
     uri = f"s3://{s3_bucket}/throttled/step-1"
     opts = _opts(s3_server, proxy)
@@ -95,7 +73,7 @@ def test_throttling_and_server_errors_are_retried(s3_server, s3_bucket, proxy):
 
     proxy.add(Fault("status", 503), op="GetObject", times=3)
     assert _same(_load(uri, opts), sd)
-    assert _open_uploads(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
 
 
 def test_dropped_connections_are_retried(s3_server, s3_bucket, proxy):
@@ -164,7 +142,7 @@ def test_persistent_throttling_fails_cleanly_within_the_budget(s3_server, s3_buc
     assert "UploadPart" in msg and "SlowDown" in msg and f"{uri}/data/" in msg and ".safetensors" in msg
     assert elapsed < 3.0 + 5.0  # the deadline plus the requests in flight when it passed
     assert seen_manifest and not any(seen_manifest)
-    assert _open_uploads(s3_server, s3_bucket) == []  # the upload was aborted
+    assert s3_server.open_uploads(s3_bucket) == []  # the upload was aborted
     assert proxy.entries(op="AbortMultipartUpload")
     with pytest.raises(ckpt.CheckpointNotFoundError):
         _load(uri, s3_server.storage_options())
@@ -189,4 +167,4 @@ def test_not_retryable_errors_surface_at_once(s3_server, s3_bucket, proxy):
         ckpt.save(_state(8), uri, options=ckpt.SaveOptions(storage_options=opts))
     denied = [e.query.rsplit("partNumber=", 1)[1] for e in proxy.log if e.fault]
     assert 1 <= len(denied) == len(set(denied)) <= 2  # no part asked twice (2 were in flight at most)
-    assert _open_uploads(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
