@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
+from ckpt_server.main import read_json_log
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
@@ -71,16 +71,7 @@ class Daemon:
 
     def logs(self) -> list[dict]:
         """The JSON log records so far (non-JSON lines, e.g. a traceback, are skipped)."""
-        out = []
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(doc, dict):
-                    out.append(doc)
-        return out
+        return read_json_log(self.log_path)
 
     def log_text(self) -> str:
         with open(self.log_path, errors="replace") as f:

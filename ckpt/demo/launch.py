@@ -11,7 +11,6 @@ daemon gets SIGKILL from the kernel if the driver dies (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import ctypes
-import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -169,16 +168,9 @@ class Daemon:
         return cls(proc, socket, log_path, ram_dir)
 
     def logs(self) -> list[dict[str, Any]]:
-        out = []
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(doc, dict):
-                    out.append(doc)
-        return out
+        from ckpt_server.main import read_json_log
+
+        return read_json_log(self.log_path)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s

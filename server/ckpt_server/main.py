@@ -64,6 +64,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def read_json_log(path: str) -> list[dict]:
+    """The records a :class:`JsonFormatter` wrote to ``path``; other lines (a traceback
+    on a crash, say) are skipped."""
+    records = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                records.append(doc)
+    return records
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (TCP listeners)."""
 
