@@ -224,12 +224,13 @@ def main() -> None:
     print(format_table(["op", "wall s", "server CPU s", "clients CPU s", "floor s"], cpu_rows))
     if sweep:
         print("\nckpt save by multipart part size x concurrency (one run each)")
-        sweep_rows = [
-            [r["part_mib"], r["concurrency"], r["seconds"], rate(total, r["seconds"]), r["server_cpu"]]
-            + [r["clients_cpu"]]
-            for r in sweep
-        ]
-        print(format_table(["part MiB", "in flight", "save s", "GiB/s", "server CPU s", "clients CPU s"], sweep_rows))
+        headers = ["part MiB", "in flight", "save s", "GiB/s", "server CPU s", "clients CPU s"]
+        sweep_rows = []
+        for r in sweep:
+            seconds = r["seconds"]
+            row = [r["part_mib"], r["concurrency"], seconds, rate(total, seconds)]
+            sweep_rows.append([*row, r["server_cpu"], r["clients_cpu"]])
+        print(format_table(headers, sweep_rows))
     write_json(
         a.out,
         {
