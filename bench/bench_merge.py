@@ -175,23 +175,26 @@ print("{{}}")
 """
 
 
-STREAM_CODE = """
+# Every timed child reports its own peak RSS (VmHWM) beside its time.
+PEAK_RSS = """
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) * 1024 / 2**30
-import json, time, ckpt
+"""
+
+STREAM_CODE = (
+    PEAK_RSS
+    + """import json, time, ckpt
 t = time.perf_counter()
 r = ckpt.merge({srcs!r}, {out!r}, "uniform")
 print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
+)
 
-NAIVE_CODE = """
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024 / 2**30
-import json, time, torch, ckpt
+NAIVE_CODE = (
+    PEAK_RSS
+    + """import json, time, torch, ckpt
 from ckpt.reader import CheckpointReader
 torch.set_num_threads(1)
 t = time.perf_counter()
@@ -202,13 +205,11 @@ avg = {{k: sum(m[k] * w for m in models) for k in models[0]}}
 ckpt.save(avg, {out!r})
 print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
+)
 
-NAIVE_RUNNING_CODE = """
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024 / 2**30
-import json, time, torch, ckpt
+NAIVE_RUNNING_CODE = (
+    PEAK_RSS
+    + """import json, time, torch, ckpt
 from ckpt.reader import CheckpointReader
 torch.set_num_threads(1)
 t = time.perf_counter()
@@ -225,6 +226,7 @@ for p in {srcs!r}:
 ckpt.save(avg, {out!r})
 print(json.dumps({{"merge_s": time.perf_counter() - t, "vm_hwm_gib": hwm()}}))
 """
+)
 
 
 def mem_available() -> int:
