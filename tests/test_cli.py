@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 import fsspec
 import pytest
 import torch
+from damage import flip_bits
 
 import ckpt
 from ckpt import SaveOptions
@@ -88,14 +89,6 @@ def one(tmp_path) -> str:
     uri = str(tmp_path / "c")
     save(uri)
     return uri
-
-
-def flip_byte(path: str, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        b = f.read(1)
-        f.seek(at)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 # --- parser, help, entry point -------------------------------------------------------------------
@@ -213,7 +206,7 @@ def test_verify_names_each_corrupt_chunk(one):
     before = snapshot(one)
     targets = [m.tensors["model.w"].chunks[1], m.tensors["model.ids"].chunks[0]]
     for c in targets:
-        flip_byte(os.path.join(one, c.object), c.offset + 3)
+        flip_bits(os.path.join(one, c.object), c.offset + 3, 0xFF)
     corrupted = snapshot(one)
     assert corrupted != before
     code, out, err = run("verify", one)

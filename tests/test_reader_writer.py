@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from damage import flip_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -143,23 +144,15 @@ def test_iter_chunks_tiles_the_tensor_in_stored_order(written):
     assert torch.equal(seen, torch.ones_like(seen))
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 def test_verify_reports_each_corrupt_chunk(tmp_path):
     uri = str(tmp_path / "c")
     m = write_example(uri)
     assert CheckpointReader(uri).verify() == []
     bad = [("big", m.tensors["big"].chunks[1]), ("big", m.tensors["big"].chunks[3])]
     bad.append(("streamed", m.tensors["streamed"].chunks[-1]))
-    _flip(os.path.join(uri, bad[0][1].object), bad[0][1].offset + bad[0][1].length - 1)
-    _flip(os.path.join(uri, bad[1][1].object), bad[1][1].offset + 5)
-    _flip(os.path.join(uri, bad[2][1].object), bad[2][1].offset)
+    flip_bits(os.path.join(uri, bad[0][1].object), bad[0][1].offset + bad[0][1].length - 1, 0x01)
+    flip_bits(os.path.join(uri, bad[1][1].object), bad[1][1].offset + 5, 0x01)
+    flip_bits(os.path.join(uri, bad[2][1].object), bad[2][1].offset, 0x01)
     failures = CheckpointReader(uri).verify()
     assert len(failures) == 3, failures
     for line, (key, c) in zip(failures, bad):

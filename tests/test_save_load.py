@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import fsspec
 import pytest
 import torch
+from damage import flip_bits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -584,14 +585,6 @@ def test_failed_save_leaves_previous_checkpoint_intact(simple, monkeypatch, tmp_
 # ---------------------------------------------------------------- corruption
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
-
-
 def test_flipped_byte_is_caught_naming_object_key_and_range(tmp_path):
     src = {"w": random_tensor((50, 40), torch.float32, 30), "v": random_tensor((10,), torch.float32, 31)}
     path = str(tmp_path / "c")
@@ -599,7 +592,7 @@ def test_flipped_byte_is_caught_naming_object_key_and_range(tmp_path):
     rec = manifest_of(path).tensors["w"]
     chunk = rec.chunks[2]
     at = chunk.offset + 300
-    _flip(os.path.join(path, chunk.object), at)
+    flip_bits(os.path.join(path, chunk.object), at, 0x10)
     with pytest.raises(CorruptChunkError) as ei:
         ckpt.load({k: torch.zeros_like(v) for k, v in src.items()}, path)
     msg = str(ei.value)
