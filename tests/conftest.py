@@ -1,12 +1,26 @@
-"""What every test module shares: this folder on sys.path, and the S3 server fixtures."""
+"""What every test module shares: this folder on sys.path, a checkpoint location on each
+local backend, and the S3 server fixtures."""
 
 import os
 import sys
+import uuid
 
+import fsspec
 import pytest
 
 # Tests import their rank functions from this folder (tests/dist.py, helpers) in spawned processes.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(params=["file", "memory"])
+def any_uri(request, tmp_path):
+    """A fresh checkpoint location on the local disk, then in fsspec's in-memory filesystem."""
+    if request.param == "file":
+        yield str(tmp_path / "c")
+        return
+    root = f"ckpt-tests/{uuid.uuid4().hex}"
+    yield f"memory://{root}/c"
+    fsspec.filesystem("memory").rm(root, recursive=True)
 
 
 @pytest.fixture(scope="session")

@@ -369,16 +369,6 @@ def read_log(monkeypatch):
     return log
 
 
-@pytest.fixture(params=["file", "memory"])
-def any_uri(request, tmp_path):
-    if request.param == "file":
-        yield str(tmp_path / "c")
-        return
-    uri = f"memory://ckpt-tests/{uuid.uuid4().hex}/c"
-    yield uri
-    fsspec.filesystem("memory").rm(uri.split("://", 1)[1].rsplit("/", 1)[0], recursive=True)
-
-
 def test_partial_load_reads_only_the_touched_blocks(any_uri, read_log):
     # one 2 MiB chunk; a row is 8 KiB = 2 blocks, the box touches one block per row
     full = random_tensor((256, 2048), torch.float32, 17)
