@@ -40,11 +40,6 @@ def target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
     return local_view(entry.local.detach(), p)[box.relative_to(p.box).slices()]
 
 
-def as_tensor_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a flat uint8 tensor (a view)."""
-    return t.detach().reshape(-1).view(torch.uint8)
-
-
 class Fetcher:
     """Runs one :class:`~ckpt.readplan.Read` at a time; safe to call from several threads."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,12 +90,6 @@ def slabs(info: TensorInfo, max_bytes: int) -> list[Box]:
     Each slab is contiguous in the tensor's row-major flattening, so formats
     that store tensors contiguously serve it with one range read."""
     return split_into_chunks(Box.full(info.shape), info.dtype.itemsize, max_bytes)
-
-
-def iter_slabs(source: Source, key: str, max_bytes: int) -> Iterator[tuple[Box, torch.Tensor]]:
-    info = source.tensors()[key]
-    for box in slabs(info, max_bytes):
-        yield box, source.read(key, box)
 
 
 class CkptSource(Source):
