@@ -7,15 +7,17 @@ everything is a region of a global tensor.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from .errors import UnsupportedValueError
-from .regions import Box, Shape, flat_range_to_boxes
+from .regions import Box, Runs, Shape, chunk_bounds, concat_runs, flat_range_to_boxes, runs_length, select_runs
 
 JSON_SCALARS = (bool, int, float, str, type(None))
 
@@ -112,36 +114,85 @@ def describe_tensor(key: str, value: Any) -> TensorEntry:
 
 def _describe_dtensor(key: str, dt: DTensor) -> TensorEntry:
     shape = tuple(dt.shape)
-    local_shape, offsets, layout = _dtensor_layout(key, shape, dt.device_mesh, tuple(dt.placements))
+    local_shape, pieces, layout = _dtensor_layout(key, shape, dt.device_mesh, tuple(dt.placements))
     with torch.no_grad():  # a view of the local shard, without autograd bookkeeping
         local = dt.to_local()
     if tuple(local.shape) != local_shape:
         raise UnsupportedValueError(f"{key}: local shape {tuple(local.shape)} does not match its placements")
-    piece = Piece(Box(offsets, local_shape), (0,) * len(shape))
-    return TensorEntry(key, local, shape, (piece,), layout)
+    return TensorEntry(key, local, shape, pieces, layout)
 
 
-_layouts: dict[tuple, tuple[Shape, Shape, str]] = {}
+_layouts: dict[tuple, tuple[Shape, tuple[Piece, ...], str]] = {}
 
 
-def _dtensor_layout(key: str, shape: Shape, mesh, placements: tuple) -> tuple[Shape, Shape, str]:
-    """(local shape, global offsets, description) of this rank's shard, cached: the same
+def _dtensor_layout(key: str, shape: Shape, mesh, placements: tuple) -> tuple[Shape, tuple[Piece, ...], str]:
+    """(local shape, pieces, description) of this rank's shard, cached: the same
     layout recurs for every save, and computing it costs ~0.1 ms a tensor."""
     cache_key = (shape, mesh, placements)
     found = _layouts.get(cache_key)
     if found is not None:
         return found
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    for p in placements:
-        if type(p) not in (Shard, Replicate):
-            raise UnsupportedValueError(
-                f"{key}: placement {p} is not supported; redistribute to Shard/Replicate before saving"
-            )
-    local_shape, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
-    found = (tuple(local_shape), tuple(offsets), f"DTensor(mesh={tuple(mesh.shape)}, placements={placements})")
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise UnsupportedValueError(f"{key}: this rank is not in the DTensor's mesh {mesh}")
+    local_shape, pieces = dtensor_pieces(key, shape, tuple(mesh.shape), tuple(coord), placements)
+    found = (local_shape, pieces, f"DTensor(mesh={tuple(mesh.shape)}, placements={placements})")
     _layouts[cache_key] = found
     return found
+
+
+def dtensor_pieces(
+    key: str, shape: Shape, mesh_shape: Shape, coord: Shape, placements: Sequence[Placement]
+) -> tuple[Shape, tuple[Piece, ...]]:
+    """(local shape, pieces) of the shard at mesh coordinate ``coord``, as DTensor lays it out.
+
+    Placements apply left to right, each cutting what the previous ones left along its
+    tensor dim: ``Shard`` takes one ``torch.chunk`` part; ``_StridedShard(d, sf)`` (FSDP2
+    over TP: the mesh dims to its right already sharded ``d`` into ``sf`` parts) cuts the
+    held rows into ``sf`` parts and takes the same ``torch.chunk`` part of each, so one
+    local tensor holds ``sf`` separate row blocks. Each tensor dim thus holds a list of
+    runs of global indices; the pieces are their products. ``Partial`` (unreduced values)
+    and unknown placements are refused, naming the key.
+    """
+    runs: list[Runs] = [((0, n),) if n else () for n in shape]
+    for mesh_dim, p in enumerate(placements):
+        kind = type(p)
+        if kind is Replicate:
+            continue
+        if kind not in (Shard, _StridedShard):
+            why = "holds unreduced partial values" if isinstance(p, Partial) else "is not supported"
+            raise UnsupportedValueError(
+                f"{key}: placement {p!r} on mesh dim {mesh_dim} {why}; redistribute to Shard/Replicate before saving"
+            )
+        d, parts, index = p.dim, mesh_shape[mesh_dim], coord[mesh_dim]
+        held = runs[d]
+        if kind is Shard:
+            runs[d] = select_runs(held, *chunk_bounds(runs_length(held), parts, index))
+            continue
+        split, cut = int(p.split_factor), []
+        for j in range(split):
+            lo, hi = chunk_bounds(runs_length(held), split, j)
+            a, b = chunk_bounds(hi - lo, parts, index)
+            cut.append(select_runs(held, lo + a, lo + b))
+        runs[d] = concat_runs(cut)
+    local_shape = tuple(runs_length(r) for r in runs)
+    if 0 in local_shape:
+        offsets = tuple(r[0][0] if r else n for r, n in zip(runs, shape))
+        return local_shape, (Piece(Box(offsets, local_shape), (0,) * len(shape)),)
+    pieces = []
+    for combo in itertools.product(*(_with_local_starts(r) for r in runs)):
+        box = Box(tuple(g for g, _, _ in combo), tuple(c for _, _, c in combo))
+        pieces.append(Piece(box, tuple(at for _, at, _ in combo)))
+    return local_shape, tuple(pieces)
+
+
+def _with_local_starts(runs: Runs) -> list[tuple[int, int, int]]:
+    """(global start, local start, count) of each run."""
+    out, at = [], 0
+    for g, c in runs:
+        out.append((g, at, c))
+        at += c
+    return out
 
 
 def _check_pieces(entry: TensorEntry) -> None:

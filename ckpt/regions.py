@@ -125,6 +125,47 @@ def _flat_boxes(start: int, stop: int, shape: Shape) -> Iterator[Box]:
             yield Box((last_row, *b.offsets), (1, *b.sizes))
 
 
+Runs = tuple[tuple[int, int], ...]
+
+
+def chunk_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
+    """[lo, hi) of part ``index`` when ``size`` items are cut like ``torch.chunk``:
+    parts of ceil(size / parts), the last short, any past the end empty."""
+    step = -(-size // parts)
+    return min(index * step, size), min((index + 1) * step, size)
+
+
+def select_runs(runs: Runs, lo: int, hi: int) -> Runs:
+    """The items at positions [lo, hi) of ``runs``.
+
+    ``runs`` lists, in local order, the global indices one dimension of a local
+    shard holds, as (first global index, count) pairs; the result is the same
+    for a sub-range of those positions, with globally adjacent runs merged.
+    """
+    out: list[tuple[int, int]] = []
+    at = 0
+    for start, count in runs:
+        a, b = max(lo, at), min(hi, at + count)
+        if a < b:
+            g = start + a - at
+            if out and out[-1][0] + out[-1][1] == g:
+                out[-1] = (out[-1][0], out[-1][1] + b - a)
+            else:
+                out.append((g, b - a))
+        at += count
+    return tuple(out)
+
+
+def concat_runs(parts: Sequence[Runs]) -> Runs:
+    """Runs of the concatenation of ``parts``, globally adjacent runs merged."""
+    flat = tuple(r for part in parts for r in part)
+    return select_runs(flat, 0, sum(c for _, c in flat))
+
+
+def runs_length(runs: Runs) -> int:
+    return sum(c for _, c in runs)
+
+
 def split_into_chunks(box: Box, itemsize: int, max_bytes: int) -> list[Box]:
     """Cut a box into row-major slabs of at most ``max_bytes`` (at least one element).
 
