@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import ckpt
 from ckpt import SaveOptions, Sharded
+from ckpt.cli.common import parse_size
+from ckpt.cli.merge import register
 from ckpt.errors import CorruptChunkError
 from ckpt.merge import MergeError, SourceMismatchError, WeightError
-from ckpt.merge.cli import parse_size, register
 from ckpt.reader import CheckpointReader
 from ckpt.writer import CheckpointWriter
 

@@ -167,7 +167,7 @@ def test_mwa_on_the_run_favours_the_best_validation_loss(run, tmp_path):
 def test_cli_lcsc(run, tmp_path, capsys):
     import argparse
 
-    from ckpt.merge.cli import register
+    from ckpt.cli.merge import register
 
     parser = argparse.ArgumentParser(prog="ckpt")
     register(parser.add_subparsers())

@@ -1,39 +1,27 @@
-"""``ckpt merge``: the command-line face of :func:`ckpt.merge`.
-
-``ckpt/cli.py`` owns the ``ckpt`` command and calls :func:`register` to add this
-subcommand; :func:`run` is the handler (it returns the exit status).
-"""
+"""``ckpt merge``: the command-line face of :func:`ckpt.merge` (weighted streaming merges)."""
 
 from __future__ import annotations
 
 import argparse
 import glob
 import json
-import re
 import sys
 from typing import Any
 
-import fsspec
-
 from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
-from .driver import FORMATS, merge
-from .methods import method_names
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LazyChoices, add_command, parse_size
 
 
-def parse_size(text: str) -> int:
-    """``"5GB"`` (10^9, as on the Hub), ``"512MiB"`` (2^20), ``"1000000"`` -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 512MiB, 1000000)")
-    number, unit = float(m.group(1)), (m.group(2) or "").lower()
-    if "i" in unit:
-        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
-    else:
-        factor = _UNITS[unit.rstrip("b")]
-    return int(number * factor)
+def _method_names() -> list[str]:
+    from ..merge.methods import method_names
+
+    return method_names()
+
+
+def _formats() -> tuple[str, ...]:
+    from ..merge.driver import FORMATS
+
+    return FORMATS
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -47,17 +35,20 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``merge`` subcommand (its handler is ``args.func``)."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "merge",
-        help="average / weigh / search a combination of checkpoints (streaming)",
-        description="Merge checkpoints: every floating tensor of the output is sum_i w_i * theta_i. "
+        "average / weigh / search a combination of checkpoints (streaming)",
+        run,
+        "Merge checkpoints: every floating tensor of the output is sum_i w_i * theta_i. "
         "Non-floating tensors and JSON values come from the base source (default: the latest). "
         "See docs/MERGING.md.",
     )
     p.add_argument("sources", nargs="+", help="checkpoints (globs are expanded, also for s3:// and other URLs)")
     p.add_argument("-o", "--output", required=True, help="where to write the merged checkpoint")
-    p.add_argument("--method", default="uniform", choices=method_names(), help="weighting (default: uniform)")
+    p.add_argument(
+        "--method", default="uniform", choices=LazyChoices(_method_names), help="weighting (default: uniform)"
+    )
     p.add_argument("--weights", help="explicit: comma-separated weights, in the order of the sources")
     p.add_argument("--normalize", action="store_true", help="explicit: divide the weights by their sum")
     p.add_argument("--allow-negative", action="store_true", help="explicit: allow negative weights")
@@ -71,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--option", action="append", type=_option, default=[], metavar="KEY=VALUE", help="any other method option"
     )
-    p.add_argument("--format", dest="output_format", default="ckpt", choices=FORMATS, help="output format")
+    p.add_argument(
+        "--format", dest="output_format", default="ckpt", choices=LazyChoices(_formats), help="output format"
+    )
     p.add_argument("--max-shard-size", type=parse_size, help="hf: largest shard, e.g. 5GB (default: one file)")
     p.add_argument("--dtype", help="output dtype of merged tensors: fp32, bf16, fp16, ... (default: as stored)")
     p.add_argument("--base", help="source giving non-floating tensors and values: index or URI (default: latest)")
@@ -80,7 +73,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=parse_size, default=16 << 20, help="output chunk size (default 16MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def expand_sources(patterns: list[str]) -> list[str]:
@@ -91,6 +83,8 @@ def expand_sources(patterns: list[str]) -> list[str]:
             out.append(pat)
             continue
         if "://" in pat:
+            import fsspec
+
             fs, _, paths = fsspec.get_fs_token_paths(pat)
             matches = sorted(fs.unstrip_protocol(p) for p in paths)
         else:
@@ -125,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``ckpt merge``: 0 on success, 2 on a usage error (bad options or weights,
     a missing source, an existing output), 1 on any other failure (mismatched or damaged
     sources, a failing evaluation, I/O)."""
+    from ..merge.driver import merge
+
     try:
         sources = expand_sources(args.sources)
         base: int | str | None = args.base
@@ -142,15 +138,17 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             chunk_bytes=args.chunk_size,
             max_shard_bytes=args.max_shard_size,
-            progress=not args.no_progress,
+            progress=not (args.no_progress or args.quiet),
             **_method_options(args),
         )
     except (TypeError, ValueError, CheckpointNotFoundError, CheckpointExistsError, FileNotFoundError) as e:
         print(f"ckpt merge: error: {e}", file=sys.stderr)  # how it was asked: usage
-        return 2
+        return EXIT_USAGE
     except (CheckpointError, OSError) as e:
         print(f"ckpt merge: error: {e}", file=sys.stderr)  # what the sources hold, I/O, evaluation
-        return 1
+        return EXIT_FAIL
+    if args.quiet:
+        return EXIT_OK
     width = max(len(u) for u in result.weights)
     for uri, w in result.weights.items():
         print(f"  {uri:<{width}}  {w:+.6f}")
@@ -161,4 +159,4 @@ def run(args: argparse.Namespace) -> int:
         f"merged {len(result.weights)} checkpoints ({result.record['method']}) into {result.uri} "
         f"in {result.seconds:.1f}s"
     )
-    return 0
+    return EXIT_OK

@@ -1,0 +1,7 @@
+"""``python -m ckpt.cli``: the ``ckpt`` command without the console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,176 @@
+"""What every ``ckpt`` command shares: how it registers, exit codes, usage errors, output helpers.
+
+Nothing here imports torch: building the parser (``ckpt --help``) must stay cheap, so each
+command imports what it works with inside its handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from ..errors import CheckpointError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+Handler = Callable[[argparse.Namespace], int]
+
+EPILOG = """\
+locations are local paths or fsspec URLs (s3://bucket/prefix, memory://...); fsspec reads
+credentials and options from its usual environment variables.
+
+exit codes: 0 ok; 1 check failed (corrupt data, damaged manifest, differences, I/O error);
+2 usage error, not a checkpoint, or destination in the way.
+"""
+
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("-q", "--quiet", action="store_true", help="no progress bars or success messages")
+
+
+class UsageError(CheckpointError):
+    """Arguments that do not make sense together."""
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, handler: Handler, description: str | None = None
+) -> argparse.ArgumentParser:
+    """The one way a command joins ``ckpt``: its parser, with ``-q`` and the shared epilog, and
+    ``handler`` (which returns the exit code) as ``args.func``."""
+    sp = subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        parents=[_COMMON],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.set_defaults(func=handler)
+    return sp
+
+
+class LazyChoices:
+    """Choices argparse reads only when it checks a value or prints the command's help, so that
+    building the parser does not import the module (and torch) they come from."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+
+    def __contains__(self, value: object) -> bool:
+        return value in list(self._load())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._load()))
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` (decimal, like the Hub), ``64MiB`` (binary) or plain bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500MB, 64MiB, 1048576)")
+    unit = (m.group(2) or "").lower()
+    scale = _UNITS[unit[:1]] if "i" not in unit else 1 << (10 * " kmgt".index(unit[0]))
+    n = int(float(m.group(1)) * scale)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
+    return n
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return n
+
+
+def writing_options(sp: argparse.ArgumentParser) -> None:
+    """The options of commands that write a ckpt checkpoint (convert, reshard)."""
+    sp.add_argument("--chunk-bytes", type=parse_size, help="largest stored chunk (default 64MiB)")
+    sp.add_argument("--block-bytes", type=parse_size, help="checksum block size (default 4MiB)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST (atomically)")
+
+
+def save_options(args: argparse.Namespace):
+    """The ``SaveOptions`` that :func:`writing_options` asked for."""
+    from ..save import SaveOptions
+
+    kw: dict[str, Any] = {"overwrite": getattr(args, "overwrite", False)}
+    if getattr(args, "chunk_bytes", None):
+        kw["chunk_bytes"] = args.chunk_bytes
+    if getattr(args, "block_bytes", None):
+        if args.block_bytes % 64:
+            raise UsageError("--block-bytes must be a multiple of 64")
+        kw["block_bytes"] = args.block_bytes
+    return SaveOptions(**kw)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def progress(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar on stderr, shown only on a terminal and without --quiet."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=args.quiet or not sys.stderr.isatty(),
+        file=sys.stderr,
+        leave=False,
+    )
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """A success message, unless --quiet."""
+    if not args.quiet:
+        print(text)
+
+
+def emit_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last column (a key or name) is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def timestamp(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"
+
+
+def metrics_text(m: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(m.items())) or "-"
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message folded onto one line (errors are one line on stderr)."""
+    text = str(e) or type(e).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())

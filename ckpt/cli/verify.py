@@ -1,0 +1,48 @@
+"""``ckpt verify``: read every chunk, check every block checksum, name what is corrupt."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import EXIT_FAIL, EXIT_OK, add_command, emit_json, human, progress, say
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sp = add_command(
+        subparsers,
+        "verify",
+        "read every chunk and check every checksum",
+        run,
+        "Read every chunk of CKPT and check every block checksum. Names each corrupt or unreadable "
+        "chunk; exits 1 if there is any.",
+    )
+    sp.add_argument("ckpt", metavar="CKPT")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..interop import UnknownFormatError, detect_format
+    from ..reader import CheckpointReader
+
+    fmt = detect_format(args.ckpt)
+    if fmt != "ckpt":
+        raise UnknownFormatError(f"{args.ckpt}: a {fmt} checkpoint has no checksums to verify; `ckpt convert` it")
+    reader = CheckpointReader(args.ckpt)
+    m = reader.manifest
+    chunks = sum(len(r.chunks) for r in m.tensors.values())
+    total = sum(c.length for r in m.tensors.values() for c in r.chunks)
+    t0 = time.perf_counter()
+    with progress(args, total, "verify") as tick:
+        failures = reader.verify(progress=tick)
+    dt = time.perf_counter() - t0
+    if args.json:
+        emit_json({"uri": args.ckpt, "ok": not failures, "chunks": chunks, "bytes": total, "failures": failures})
+    else:
+        for f in failures:
+            print(f"CORRUPT  {f}")
+        if failures:
+            print(f"FAILED: {len(failures)} of {chunks} chunk(s) corrupt or unreadable in {args.ckpt}")
+        else:
+            say(args, f"OK: {chunks} chunk(s), {human(total)} verified in {dt:.1f} s ({args.ckpt})")
+    return EXIT_FAIL if failures else EXIT_OK
