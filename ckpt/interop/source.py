@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointFormatError
 from ..load import LoadOptions
 from ..reader import CheckpointReader
 from ..regions import Box, split_into_chunks
@@ -25,7 +25,7 @@ class UnknownFormatError(CheckpointError):
     """The path holds nothing this library can read as a checkpoint."""
 
 
-class ForeignFormatError(CheckpointError):
+class ForeignFormatError(CheckpointFormatError):
     """A checkpoint in a foreign format is damaged or holds something unsafe to load."""
 
 
