@@ -6,7 +6,6 @@ visible); one test runs the real console entry point in a subprocess.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -22,7 +21,7 @@ from damage import flip_bits
 
 import ckpt
 from ckpt import SaveOptions
-from ckpt.cli import main, parse_size
+from ckpt.cli import main
 from ckpt.format import MANIFEST
 from ckpt.load import LoadOptions
 from ckpt.reader import CheckpointReader
@@ -132,16 +131,6 @@ def test_usage_errors_exit_2(tmp_path, one):
         code, _, err2 = run(*argv)
         assert code == 2 and "gone" in err2 and len(err2.strip().splitlines()) == 1, argv
     assert not (tmp_path / "r").exists()
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("64MiB") == 64 << 20
-    assert parse_size("1.5KiB") == 1536
-    assert parse_size("4096") == 4096
-    for bad in ("lots", "0", "-3MB"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse_size(bad)
 
 
 def test_console_script_is_declared():

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 import ckpt
 from ckpt import SaveOptions, Sharded
-from ckpt.cli.common import parse_size
 from ckpt.cli.merge import register
 from ckpt.errors import CorruptChunkError
 from ckpt.merge import MergeError, SourceMismatchError, WeightError
@@ -360,15 +359,6 @@ def test_cli_handler(mixed_sources, tmp_path, capsys):
         **{f"model.{k}": torch.bfloat16 for k in SHAPES},
         "opt.count": torch.int64,  # not floating: copied from the base as it is
     }
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("512MiB") == 512 << 20
-    assert parse_size("1.5kb") == 1500
-    assert parse_size("123") == 123
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_size("five")
 
 
 def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, tmp_path, capsys):

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import CheckpointExistsError, CheckpointNotFoundError
 from . import convert, diff, export, gc, info, ls, merge, reshard, verify
-from .common import EPILOG, EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, one_line, parse_size
+from .common import EPILOG, EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, one_line
 
 COMMANDS = (ls, info, verify, diff, convert, export, reshard, gc, merge)  # in the order --help lists them
 
-__all__ = ["COMMANDS", "build_parser", "main", "parse_size"]
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -16,11 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import CheckpointError
+from ..sizes import parse_size
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -71,19 +68,6 @@ class LazyChoices:
         return iter(list(self._load()))
 
 
-def parse_size(text: str) -> int:
-    """``5GB`` (decimal, like the Hub), ``64MiB`` (binary) or plain bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500MB, 64MiB, 1048576)")
-    unit = (m.group(2) or "").lower()
-    scale = _UNITS[unit[:1]] if "i" not in unit else 1 << (10 * " kmgt".index(unit[0]))
-    n = int(float(m.group(1)) * scale)
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size must be positive")
-    return n
-
-
 def positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -113,14 +97,6 @@ def save_options(args: argparse.Namespace):
             raise UsageError("--block-bytes must be a multiple of 64")
         kw["block_bytes"] = args.block_bytes
     return SaveOptions(**kw)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @contextmanager

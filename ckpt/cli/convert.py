@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import EXIT_OK, add_command, human, progress, save_options, say, writing_options
+from ..sizes import format_size
+from .common import EXIT_OK, add_command, progress, save_options, say, writing_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,5 +37,6 @@ def run(args: argparse.Namespace) -> int:
         with progress(args, total, "convert") as tick:
             m = convert(src, args.dst, options, progress=tick, metadata=meta)
     dt = time.perf_counter() - t0
-    say(args, f"converted {src.format} -> ckpt: {len(m.tensors)} tensor(s), {human(total)} in {dt:.1f} s: {args.dst}")
+    what = f"{len(m.tensors)} tensor(s), {format_size(total)}"
+    say(args, f"converted {src.format} -> ckpt: {what} in {dt:.1f} s: {args.dst}")
     return EXIT_OK

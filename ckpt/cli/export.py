@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import EXIT_OK, UsageError, add_command, human, parse_size, progress, say
+from ..sizes import format_size, parse_size
+from .common import EXIT_OK, UsageError, add_command, progress, say
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
                 what = "1 file"
     dt = time.perf_counter() - t0
     n = len(src.tensors())
-    say(args, f"exported {n} tensor(s), {human(total)} as {args.to} ({what}) in {dt:.1f} s: {args.dst}")
+    say(args, f"exported {n} tensor(s), {format_size(total)} as {args.to} ({what}) in {dt:.1f} s: {args.dst}")
     return EXIT_OK

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import EXIT_OK, UsageError, add_command, emit_json, human, positive_int, timestamp
+from ..sizes import format_size
+from .common import EXIT_OK, UsageError, add_command, emit_json, positive_int, timestamp
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
     for e in done:
         why = "retention" if e.status == COMPLETE else "incomplete"
         step = e.step if e.step is not None else "-"
-        print(f"{verb}  {e.name}  (step {step}, {human(e.size)}, {why})")
+        print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why})")
     for u in uploads:
         print(f"{'aborted' if args.yes else 'would abort'}  upload of {u.key}  (started {timestamp(u.started)})")
     freed = sum(e.size for e in done)
     kept = len(entries) - len(done)
-    print(f"{verb} {len(done)} checkpoint(s), {human(freed)}; kept {kept}")
+    print(f"{verb} {len(done)} checkpoint(s), {format_size(freed)}; kept {kept}")
     if (done or uploads) and not args.yes:
         print("dry run: nothing was deleted; pass --yes to delete")
     return EXIT_OK

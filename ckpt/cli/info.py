@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from .common import EXIT_OK, add_command, emit_json, human, metrics_text, table
+from ..sizes import format_size
+from .common import EXIT_OK, add_command, emit_json, metrics_text, table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"metadata    {json.dumps(m.metadata, default=str)}")
     topo = " ".join(f"{k}={v}" for k, v in m.topology.items() if k != "bytes_written_per_rank") or "-"
     print(f"topology    {topo}")
-    print(f"storage     {human(size)} in {len(m.objects)} object(s), checksum blocks of {human(m.block_bytes)}")
-    print(f"contents    {len(tensors)} tensor(s), {human(nbytes)}; {len(m.values)} value(s)")
+    blocks = format_size(m.block_bytes)
+    print(f"storage     {format_size(size)} in {len(m.objects)} object(s), checksum blocks of {blocks}")
+    print(f"contents    {len(tensors)} tensor(s), {format_size(nbytes)}; {len(m.values)} value(s)")
     rows = [("KEY", "SHAPE", "DTYPE", "CHUNKS", "SIZE", "LAYOUT")]
     for key, t in tensors.items():
-        rows.append((key, str(t["shape"]), t["dtype"], str(t["chunks"]), human(t["nbytes"]), t["layout"] or "-"))
+        rows.append((key, str(t["shape"]), t["dtype"], str(t["chunks"]), format_size(t["nbytes"]), t["layout"] or "-"))
         for c in t.get("chunk_list", []):
             box = f"  @{c['offsets']} {c['sizes']}"
-            rows.append((box, "", "", "", human(c["length"]), f"{c['object']} +{c['offset']}"))
+            rows.append((box, "", "", "", format_size(c["length"]), f"{c['object']} +{c['offset']}"))
     print()
     table(rows)
     if m.values:
@@ -103,9 +105,9 @@ def _info_foreign(args: argparse.Namespace, src) -> int:
     nbytes = sum(t["nbytes"] for t in tensors.values())
     print(f"checkpoint  {args.ckpt}")
     print(f"format      {src.format}")
-    print(f"contents    {len(tensors)} tensor(s), {human(nbytes)}; {len(values)} value(s)")
+    print(f"contents    {len(tensors)} tensor(s), {format_size(nbytes)}; {len(values)} value(s)")
     rows = [("KEY", "SHAPE", "DTYPE", "SIZE")]
-    rows += [(k, str(t["shape"]), t["dtype"], human(t["nbytes"])) for k, t in tensors.items()]
+    rows += [(k, str(t["shape"]), t["dtype"], format_size(t["nbytes"])) for k, t in tensors.items()]
     print()
     table(rows)
     for key, v in sorted(values.items()):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_OK, add_command, emit_json, human, metrics_text, one_line, table, timestamp
+from ..sizes import format_size
+from .common import EXIT_OK, add_command, emit_json, metrics_text, one_line, table, timestamp
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     for e in entries:
         step = str(e.step) if e.step is not None else "-"
         name = f"{e.name}  <- latest" if e.latest else e.name
-        rows.append((step, e.status, human(e.size), timestamp(e.created), metrics_text(e.metrics), name))
+        rows.append((step, e.status, format_size(e.size), timestamp(e.created), metrics_text(e.metrics), name))
     table(rows)
     for e in entries:
         if e.error:

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LazyChoices, add_command, parse_size
+from ..sizes import parse_size
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LazyChoices, add_command
 
 
 def _method_names() -> list[str]:

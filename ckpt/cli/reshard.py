@@ -6,7 +6,8 @@ import argparse
 import re
 import time
 
-from .common import EXIT_OK, UsageError, add_command, human, positive_int, progress, save_options, say, writing_options
+from ..sizes import format_size
+from .common import EXIT_OK, UsageError, add_command, positive_int, progress, save_options, say, writing_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 how = f"laid out for {layout.describe()}"
             else:
                 manifest = convert(src, args.dst, options, progress=tick)
-                how = f"rechunked to {human(options.chunk_bytes)} chunks"
+                how = f"rechunked to {format_size(options.chunk_bytes)} chunks"
     dt = time.perf_counter() - t0
-    say(args, f"{how}: {len(manifest.tensors)} tensor(s), {human(total)} in {dt:.1f} s: {args.dst}")
+    say(args, f"{how}: {len(manifest.tensors)} tensor(s), {format_size(total)} in {dt:.1f} s: {args.dst}")
     return EXIT_OK

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import EXIT_FAIL, EXIT_OK, add_command, emit_json, human, progress, say
+from ..sizes import format_size
+from .common import EXIT_FAIL, EXIT_OK, add_command, emit_json, progress, say
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
         if failures:
             print(f"FAILED: {len(failures)} of {chunks} chunk(s) corrupt or unreadable in {args.ckpt}")
         else:
-            say(args, f"OK: {chunks} chunk(s), {human(total)} verified in {dt:.1f} s ({args.ckpt})")
+            say(args, f"OK: {chunks} chunk(s), {format_size(total)} verified in {dt:.1f} s ({args.ckpt})")
     return EXIT_FAIL if failures else EXIT_OK

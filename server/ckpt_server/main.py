@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ckpt._proto import ckpt_pb2_grpc
+from ckpt.sizes import parse_size
 
 from .metrics import Metrics
 from .ramtier import RamTier
@@ -43,14 +44,6 @@ def physical_memory() -> int:
 def default_socket() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     return os.path.join(base, f"ckpt-{os.getuid()}.sock")
-
-
-def parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM private key for TLS on the TCP listener")
     p.add_argument(
         "--memory-budget",
-        type=parse_bytes,
+        type=parse_size,
         default=physical_memory() // 2,
-        help="most snapshot bytes held at once, e.g. 16GiB (default: half of RAM, %(default)s)",
+        help="most snapshot bytes held at once, e.g. 16GiB or 16GB (default: half of RAM, %(default)s)",
     )
     p.add_argument("--budget-wait", type=float, default=30.0, help="seconds a job waits for budget before refusal")
     p.add_argument(
@@ -120,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-tier-dir", help="tmpfs directory for the RAM tier (default: under /dev/shm)")
     p.add_argument(
         "--ram-tier-budget",
-        type=parse_bytes,
+        type=parse_size,
         default=physical_memory() // 4,
         help="most bytes the RAM tier holds (default: a quarter of RAM, %(default)s)",
     )
