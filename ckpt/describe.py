@@ -225,15 +225,15 @@ def _holds_tensors(v: Any) -> bool:
 
 
 @dataclass
-class Slot:
-    """Where a leaf sits in the caller's nested structure (to assign on load)."""
+class LeafRef:
+    """Where a leaf sits in the caller's nested structure: its container and key (to assign on load)."""
 
     container: Any
     key: Any
 
 
-def walk(state_dict: Any) -> Iterator[tuple[str, Any, Slot | None]]:
-    """Yield (flat key, leaf, slot) for every leaf.
+def walk(state_dict: Any) -> Iterator[tuple[str, Any, LeafRef | None]]:
+    """Yield (flat key, leaf, ref) for every leaf.
 
     Dicts are always entered; lists and tuples only when they hold tensors
     (a list of ints is one JSON leaf, as in DCP). Keys are joined with '.'.
@@ -255,7 +255,7 @@ def walk(state_dict: Any) -> Iterator[tuple[str, Any, Slot | None]]:
                 if key in seen:
                     raise UnsupportedValueError(f"{key}: two entries flatten to the same key")
                 seen.add(key)
-                yield key, v, Slot(node, k)
+                yield key, v, LeafRef(node, k)
 
 
 def check_json_value(key: str, v: Any) -> None:
@@ -278,16 +278,16 @@ def check_json_value(key: str, v: Any) -> None:
     )
 
 
-def flatten(state_dict: dict) -> tuple[dict[str, TensorEntry], dict[str, Any], dict[str, Slot]]:
-    """Split a state dict into tensor entries, JSON values and their slots."""
+def flatten(state_dict: dict) -> tuple[dict[str, TensorEntry], dict[str, Any], dict[str, LeafRef]]:
+    """Split a state dict into tensor entries, JSON values and where each leaf sits."""
     tensors: dict[str, TensorEntry] = {}
     values: dict[str, Any] = {}
-    slots: dict[str, Slot] = {}
-    for key, leaf, slot in walk(state_dict):
-        slots[key] = slot
+    refs: dict[str, LeafRef] = {}
+    for key, leaf, ref in walk(state_dict):
+        refs[key] = ref
         if is_tensor_like(leaf):
             tensors[key] = describe_tensor(key, leaf)
         else:
             check_json_value(key, leaf)
             values[key] = leaf
-    return tensors, values, slots
+    return tensors, values, refs

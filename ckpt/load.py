@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .describe import TensorEntry, flatten
+from .describe import LeafRef, TensorEntry, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, target_view
 from .format import MANIFEST, Manifest
@@ -76,12 +76,12 @@ def load(
     manifest = read_manifest(storage)
     if options.daemon:
         storage = _with_ram_tier(storage, manifest, options.daemon)
-    tensors, values, slots = flatten(state_dict)
-    _check_match(manifest, tensors, values, slots, options)
+    tensors, values, refs = flatten(state_dict)
+    _check_match(manifest, tensors, values, refs, options)
     read_tensors(storage, manifest, {k: e for k, e in tensors.items() if k in manifest.tensors}, options)
     for key in values:
         if key in manifest.values:
-            _assign(slots[key], manifest.values[key])
+            _assign(refs[key], manifest.values[key])
     return manifest
 
 
@@ -100,7 +100,11 @@ def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage
 
 
 def _check_match(
-    manifest: Manifest, tensors: dict[str, TensorEntry], values: dict[str, Any], slots: dict, options: LoadOptions
+    manifest: Manifest,
+    tensors: dict[str, TensorEntry],
+    values: dict[str, Any],
+    refs: dict[str, LeafRef],
+    options: LoadOptions,
 ):
     problems = []
     for key, e in tensors.items():
@@ -118,7 +122,7 @@ def _check_match(
                 f"{key}: dtype {e.dtype} here, {rec.dtype} in the checkpoint (allow_dtype_cast=True to cast)"
             )
     for key in values:
-        if key in manifest.values and isinstance(slots[key].container, tuple):
+        if key in manifest.values and isinstance(refs[key].container, tuple):
             problems.append(f"{key}: a value inside a tuple cannot be assigned in place (use a list)")
         if key in manifest.tensors:
             problems.append(f"{key}: the checkpoint holds a tensor here, not a value")
@@ -131,9 +135,9 @@ def _check_match(
         raise StateDictMismatchError(problems)
 
 
-def _assign(slot, value: Any) -> None:
-    old = slot.container[slot.key]
-    slot.container[slot.key] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
+def _assign(ref: LeafRef, value: Any) -> None:
+    old = ref.container[ref.key]
+    ref.container[ref.key] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
 
 
 def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], options: LoadOptions) -> None:
