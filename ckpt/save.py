@@ -23,7 +23,7 @@ from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
 from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
-from .stage import HostBuffer, Slot, layout, stage
+from .stage import HostBuffer, Slot, place_chunks, stage
 from .storage import Storage
 
 
@@ -115,7 +115,7 @@ class _Planner:
         key = (plan.token, persister.name, persister.needs_shared_memory)
         cached = self._buffers.get(key)
         if cached is None:
-            slots, nbytes = layout(tensors, plan.items)
+            slots, nbytes = place_chunks(tensors, plan.items)
             pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
             rank, _ = _rank_world(None)
             shm = persister.shm_path(f"{plan.token}-r{rank:05d}") if persister.needs_shared_memory else None

@@ -34,11 +34,13 @@ class _Route:
 
 @dataclass(frozen=True)
 class Slot:
+    """A chunk's place in the staging buffer (the data object's order, cache-line aligned)."""
+
     spec: ChunkSpec
     offset: int  # in the buffer
 
 
-def layout(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> tuple[list[Slot], int]:
+def place_chunks(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> tuple[list[Slot], int]:
     """Where each chunk goes in the buffer: widest dtype first, as in the data object."""
     specs = [ChunkSpec(i.key, i.chunk, tensors[i.key].dtype) for i in items]
     specs.sort(key=lambda s: -s.dtype.itemsize)
