@@ -14,34 +14,23 @@ hoping: every ordering a test asserts is forced.
 from __future__ import annotations
 
 import importlib
-import math
 import threading
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import bits, manifest_of, random_tensor
 
 import ckpt
 import ckpt.persist
 from ckpt import SaveBusyError, SaveOptions
-from ckpt.format import MANIFEST, Manifest
+from ckpt.format import MANIFEST
 
 # ``ckpt.save`` is the function; the module behind it holds what these tests patch.
 save_module = importlib.import_module("ckpt.save")
 
 GATE_S = 60.0  # how long a gated phase waits before the test gives up
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Random bit patterns (NaN payloads included), so equality below is bitwise."""
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def make_state(tag: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,11 +59,6 @@ def assert_state_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         assert torch.equal(bits(got[k]), bits(want[k])), f"{k} differs"
-
-
-def manifest_of(path: str) -> Manifest:
-    with open(f"{path}/{MANIFEST}", "rb") as f:
-        return Manifest.from_json_bytes(f.read(), path)
 
 
 def tag() -> str:
@@ -119,6 +103,20 @@ def stage_gate(monkeypatch) -> Iterator[Gate]:
     monkeypatch.setattr(save_module, "stage", gate.wrap(save_module.stage))
     yield gate
     gate.open()
+
+
+@pytest.fixture
+def allocations(monkeypatch) -> list[save_module.HostBuffer]:
+    """Every staging buffer the save path allocates from now on, in order."""
+    made: list[save_module.HostBuffer] = []
+    real_buffer = save_module.HostBuffer
+
+    def counting(*args, **kwargs):
+        made.append(real_buffer(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(save_module, "HostBuffer", counting)
+    return made
 
 
 def still_blocked(t: threading.Thread, s: float = 0.3) -> bool:
@@ -200,15 +198,7 @@ def test_persistence_failure_is_reraised_by_wait_and_next_save_works(tmp_path):
     assert_state_bitwise(load_state(state, good), state)
 
 
-def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch):
-    allocations: list[save_module.HostBuffer] = []
-    real_buffer = save_module.HostBuffer
-
-    def counting(*args, **kwargs):
-        allocations.append(real_buffer(*args, **kwargs))
-        return allocations[-1]
-
-    monkeypatch.setattr(save_module, "HostBuffer", counting)
+def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch, allocations):
     staged_at: list[list[int]] = []
     real_submit = ckpt.persist.InProcessPersister.submit
 
@@ -529,15 +519,7 @@ def _slow_result(n: int = 4096, rounds: int = 40) -> tuple[torch.Tensor, torch.T
 
 
 @needs_cuda
-def test_cuda_snapshot_is_pinned_follows_queued_kernels_and_ignores_later_ones(tmp_path, monkeypatch):
-    allocations: list = []
-    real_buffer = save_module.HostBuffer
-
-    def counting(*args, **kwargs):
-        allocations.append(real_buffer(*args, **kwargs))
-        return allocations[-1]
-
-    monkeypatch.setattr(save_module, "HostBuffer", counting)
+def test_cuda_snapshot_is_pinned_follows_queued_kernels_and_ignores_later_ones(tmp_path, allocations):
     w, _ = _slow_result()  # still being computed when async_save is called
     state = {f"{tag()}.w": w, "b": random_tensor((1000,), torch.bfloat16, 1).cuda()}
     h = ckpt.async_save(state, str(tmp_path / "c"))

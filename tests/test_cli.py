@@ -18,6 +18,7 @@ import fsspec
 import pytest
 import torch
 from damage import flip_bits
+from helpers import random_tensor, run_cli
 
 import ckpt
 from ckpt import SaveOptions
@@ -30,25 +31,12 @@ from ckpt.reshard import TargetLayout
 from ckpt.writer import CheckpointWriter
 
 
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
 def state(seed: int = 0) -> dict:
     return {
         "model": {
             "w": torch.randn(40, 24, generator=torch.Generator().manual_seed(seed)),
             "b": torch.arange(24, dtype=torch.float32),
-            "h": rand((6, 10), torch.bfloat16, seed + 1),
+            "h": random_tensor((6, 10), torch.bfloat16, seed + 1),
             "ids": torch.arange(100, dtype=torch.int64),
         },
         "step": 5,
@@ -95,7 +83,7 @@ def one(tmp_path) -> str:
 
 def test_help_lists_every_command_and_exit_codes():
     with pytest.raises(SystemExit) as e:
-        run("--help")
+        run_cli("--help")
     assert e.value.code == 0
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -119,16 +107,16 @@ def test_usage_errors_exit_2(tmp_path, one):
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as e:
         main(["gc", str(tmp_path), "--keep-last", "0"])
     assert e.value.code == 2
-    code, _, err2 = run("reshard", one, str(tmp_path / "r"), "--layout", "shard1")
+    code, _, err2 = run_cli("reshard", one, str(tmp_path / "r"), "--layout", "shard1")
     assert code == 2 and "--for-world" in err2 and not (tmp_path / "r").exists()
-    code, _, err2 = run("reshard", one, str(tmp_path / "r"), "--for-world", "2", "--layout", "rows")
+    code, _, err2 = run_cli("reshard", one, str(tmp_path / "r"), "--for-world", "2", "--layout", "rows")
     assert code == 2 and "shard0" in err2 and not (tmp_path / "r").exists()
     for argv in (
         ("diff", one, str(tmp_path / "gone")),
         ("gc", str(tmp_path / "gone")),
         ("convert", str(tmp_path / "gone"), str(tmp_path / "r")),
     ):
-        code, _, err2 = run(*argv)
+        code, _, err2 = run_cli(*argv)
         assert code == 2 and "gone" in err2 and len(err2.strip().splitlines()) == 1, argv
     assert not (tmp_path / "r").exists()
 
@@ -159,7 +147,7 @@ def test_progress_reports_every_byte_and_stays_off_without_a_tty(tmp_path, one):
             fn(ticks.append)
             assert sum(ticks) == total, name
             assert len(ticks) > len(m.tensors), name  # per chunk/slab, not per tensor
-    code, out, err = run("verify", one)  # stderr is not a terminal here: no bar
+    code, out, err = run_cli("verify", one)  # stderr is not a terminal here: no bar
     assert code == 0 and err == ""
 
 
@@ -167,25 +155,25 @@ def test_progress_reports_every_byte_and_stays_off_without_a_tty(tmp_path, one):
 
 
 def test_info_text_json_and_chunks(one):
-    code, out, _ = run("info", one)
+    code, out, _ = run_cli("info", one)
     assert code == 0
     assert "model.w" in out and "[40, 24]" in out and "float32" in out and "bfloat16" in out
     assert "step        5" in out and "world_size=1" in out
-    code, out, _ = run("info", one, "--json")
+    code, out, _ = run_cli("info", one, "--json")
     doc = json.loads(out)
     assert doc["step"] == 5 and doc["values"] == {"step": 5, "config.lr": 0.25, "config.layers": [1, 2]}
     w = doc["tensors"]["model.w"]
     assert w["shape"] == [40, 24] and w["dtype"] == "float32" and w["nbytes"] == 40 * 24 * 4
     assert w["chunks"] == math.ceil(40 * 24 * 4 / 1024)
-    code, out, _ = run("info", one, "--json", "--chunks")
+    code, out, _ = run_cli("info", one, "--json", "--chunks")
     chunks = json.loads(out)["tensors"]["model.w"]["chunk_list"]
     assert sum(math.prod(c["sizes"]) for c in chunks) == 40 * 24
 
 
 def test_verify_ok_and_json(one):
-    code, out, _ = run("verify", one)
+    code, out, _ = run_cli("verify", one)
     assert code == 0 and out.startswith("OK:")
-    code, out, _ = run("verify", one, "--json")
+    code, out, _ = run_cli("verify", one, "--json")
     doc = json.loads(out)
     assert code == 0 and doc["ok"] and doc["failures"] == [] and doc["chunks"] > 4
 
@@ -198,14 +186,14 @@ def test_verify_names_each_corrupt_chunk(one):
         flip_bits(os.path.join(one, c.object), c.offset + 3, 0xFF)
     corrupted = snapshot(one)
     assert corrupted != before
-    code, out, err = run("verify", one)
+    code, out, err = run_cli("verify", one)
     assert code == 1, out + err
     corrupt = [line for line in out.splitlines() if line.startswith("CORRUPT")]
     assert len(corrupt) == 2
     assert any("model.w" in line and str(targets[0].box) in line for line in corrupt)
     assert any("model.ids" in line for line in corrupt)
     assert "FAILED: 2 of" in out
-    code, out, _ = run("verify", one, "--json")
+    code, out, _ = run_cli("verify", one, "--json")
     doc = json.loads(out)
     assert code == 1 and not doc["ok"] and len(doc["failures"]) == 2
     assert snapshot(one) == corrupted  # verify modifies nothing
@@ -217,7 +205,7 @@ def test_verify_truncated_object_names_chunk(one):
     path = os.path.join(one, c.object)
     with open(path, "r+b") as f:
         f.truncate(c.offset + 10)
-    code, out, _ = run("verify", one)
+    code, out, _ = run_cli("verify", one)
     assert code == 1 and "model.w" in out and "CORRUPT" in out
 
 
@@ -230,7 +218,7 @@ def test_not_a_checkpoint_truncated_manifest_unknown_format(tmp_path, one, comma
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint at all" * 10)
     for path, want in ((str(empty), 2), (str(tmp_path / "missing"), 2), (str(junk), 2)):
-        code, out, err = run(command, path, *([dst] if command == "export" else []), *extra)
+        code, out, err = run_cli(command, path, *([dst] if command == "export" else []), *extra)
         assert code == want, (path, out, err)
         assert len(err.strip().splitlines()) == 1 and path in err and "Traceback" not in err
     # a truncated manifest: damaged input, exit 1, one line naming the manifest
@@ -238,7 +226,7 @@ def test_not_a_checkpoint_truncated_manifest_unknown_format(tmp_path, one, comma
     with open(os.path.join(one, MANIFEST), "wb") as f:
         f.write(raw[: len(raw) // 2])
     before = snapshot(str(tmp_path))
-    code, out, err = run(command, one, *([dst] if command == "export" else []), *extra)
+    code, out, err = run_cli(command, one, *([dst] if command == "export" else []), *extra)
     assert code == 1, (out, err)
     assert len(err.strip().splitlines()) == 1 and MANIFEST in err
     assert snapshot(str(tmp_path)) == before and not os.path.exists(dst)
@@ -248,7 +236,7 @@ def test_uncommitted_checkpoint_is_named(tmp_path):
     uri = str(tmp_path / "half")
     write_uncommitted(uri)
     for command in ("info", "verify"):
-        code, _, err = run(command, uri)
+        code, _, err = run_cli(command, uri)
         assert code == 2 and "uncommitted" in err and "gc" in err
 
 
@@ -259,7 +247,7 @@ def test_diff_identical_and_different(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
     save(a)
     save(b)
-    code, out, _ = run("diff", a, b)
+    code, out, _ = run_cli("diff", a, b)
     assert code == 0 and "no differences" in out
     sd = state()
     sd["model"]["w"][3, 4] += 0.5
@@ -268,9 +256,9 @@ def test_diff_identical_and_different(tmp_path):
     sd["model"]["extra"] = torch.zeros(2)
     sd["config"]["lr"] = 0.5
     save(c, sd)
-    code, out, _ = run("diff", a, c)
+    code, out, _ = run_cli("diff", a, c)
     assert code == 1 and "DIFFERENT" in out
-    code, out, _ = run("diff", a, c, "--json")
+    code, out, _ = run_cli("diff", a, c, "--json")
     doc = json.loads(out)
     assert code == 1 and not doc["equal"]
     by = {t["key"]: t for t in doc["tensors"]}
@@ -290,8 +278,8 @@ def test_diff_tolerance_makes_close(tmp_path):
     save(a, sd)
     sd["model"]["w"] += 1e-4
     save(b, sd)
-    assert run("diff", a, b)[0] == 1
-    code, out, _ = run("diff", a, b, "--atol", "1e-3", "--json")
+    assert run_cli("diff", a, b)[0] == 1
+    code, out, _ = run_cli("diff", a, b, "--atol", "1e-3", "--json")
     doc = json.loads(out)
     assert code == 0 and {t["key"]: t["status"] for t in doc["tensors"]}["model.w"] == "close"
 
@@ -300,7 +288,7 @@ def test_diff_shape_mismatch(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     save(a, {"x": torch.zeros(4, 3)})
     save(b, {"x": torch.zeros(3, 4)})
-    code, out, _ = run("diff", a, b)
+    code, out, _ = run_cli("diff", a, b)
     assert code == 1 and "shape" in out and "[4, 3] vs [3, 4]" in out
 
 
@@ -326,14 +314,14 @@ def _root(tmp_path) -> str:
 
 def test_ls_table_and_json(tmp_path):
     root = _root(tmp_path)
-    code, out, _ = run("ls", root)
+    code, out, _ = run_cli("ls", root)
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].split()[:3] == ["STEP", "STATUS", "SIZE"]
     names = [line.split()[-1] for line in lines[1:8]]
     assert names == [f"step-{s:06d}" for s in (100, 150, 200, 250, 300, 400, 500)]
     assert "notes" not in out
-    code, out, _ = run("ls", root, "--json")
+    code, out, _ = run_cli("ls", root, "--json")
     doc = {e["name"]: e for e in json.loads(out)}
     assert set(doc) == {f"step-{s:06d}" for s in (100, 150, 200, 250, 300, 400, 500)}
     assert doc["step-000100"]["status"] == "complete" and doc["step-000100"]["step"] == 100
@@ -341,19 +329,19 @@ def test_ls_table_and_json(tmp_path):
     assert doc["step-000100"]["size"] > 40 * 24 * 4 and doc["step-000100"]["created"]
     assert doc["step-000250"]["status"] == "incomplete" and doc["step-000250"]["step"] == 250
     assert doc["step-000150"]["status"] == "damaged" and MANIFEST in doc["step-000150"]["error"]
-    code, _, err = run("ls", str(tmp_path / "nope"))
+    code, _, err = run_cli("ls", str(tmp_path / "nope"))
     assert code == 2 and "nope" in err
 
 
 def test_gc_dry_run_then_delete(tmp_path):
     root = _root(tmp_path)
     before = snapshot(root)
-    code, out, _ = run("gc", root, "--keep-last", "2")
+    code, out, _ = run_cli("gc", root, "--keep-last", "2")
     assert code == 0 and "dry run" in out
     assert snapshot(root) == before  # nothing deleted without --yes
     would = sorted(line.split()[2] for line in out.splitlines() if line.startswith("would delete  "))
     assert would == ["step-000100", "step-000200", "step-000250"]
-    code, out, _ = run("gc", root, "--keep-last", "2", "--yes", "--json")
+    code, out, _ = run_cli("gc", root, "--keep-last", "2", "--yes", "--json")
     doc = json.loads(out)
     assert sorted(e["name"] for e in doc["deleted"]) == would
     left = sorted(os.listdir(root))
@@ -361,12 +349,12 @@ def test_gc_dry_run_then_delete(tmp_path):
     # the newest complete checkpoint survives any rule, and so does the one `latest` names
     with open(os.path.join(root, "latest"), "w") as f:
         json.dump({"name": "step-000300", "step": 300}, f)
-    code, out, _ = run("ls", root)
+    code, out, _ = run_cli("ls", root)
     assert "step-000300  <- latest" in out
-    code, out, _ = run("gc", root, "--keep-every", "1000", "--yes")
+    code, out, _ = run_cli("gc", root, "--keep-every", "1000", "--yes")
     assert code == 0 and "deleted 0 checkpoint(s)" in out
     os.unlink(os.path.join(root, "latest"))
-    code, out, _ = run("gc", root, "--keep-every", "1000", "--yes")
+    code, out, _ = run_cli("gc", root, "--keep-every", "1000", "--yes")
     assert code == 0 and sorted(os.listdir(root)) == ["notes", "step-000150", "step-000400", "step-000500"]
     m = CheckpointReader(f"{root}/step-000400").manifest
     assert m.step == 400
@@ -376,10 +364,10 @@ def test_gc_keep_every_and_best(tmp_path):
     root = str(tmp_path / "run")
     for step in (100, 200, 300, 400, 500):
         ckpt.save(state(step), f"{root}/s{step}", step=step, metrics={"loss": abs(step - 210)})
-    code, out, _ = run("gc", root, "--keep-every", "200", "--keep-best", "1", "--metric", "loss", "--yes")
+    code, out, _ = run_cli("gc", root, "--keep-every", "200", "--keep-best", "1", "--metric", "loss", "--yes")
     assert code == 0
     assert sorted(os.listdir(root)) == ["s200", "s400", "s500"]  # every 200, best (200), newest (500)
-    code, _, err = run("gc", root, "--keep-best", "1")
+    code, _, err = run_cli("gc", root, "--keep-best", "1")
     assert code == 2 and "--metric" in err
 
 
@@ -388,15 +376,15 @@ def test_gc_keep_every_and_best(tmp_path):
 
 def test_reshard_rechunk_keeps_everything(tmp_path, one):
     dst = str(tmp_path / "r")
-    code, out, err = run("reshard", one, dst, "--chunk-bytes", "128", "--block-bytes", "64")
+    code, out, err = run_cli("reshard", one, dst, "--chunk-bytes", "128", "--block-bytes", "64")
     assert code == 0, err
     src, new = CheckpointReader(one).manifest, CheckpointReader(dst).manifest
     assert len(new.tensors["model.w"].chunks) == 40 > len(src.tensors["model.w"].chunks)  # one 96-byte row each
     assert new.step == src.step and new.metrics == src.metrics and new.values == src.values
-    assert run("diff", one, dst)[0] == 0 and run("verify", dst)[0] == 0
-    code, _, err = run("reshard", one, dst)
+    assert run_cli("diff", one, dst)[0] == 0 and run_cli("verify", dst)[0] == 0
+    code, _, err = run_cli("reshard", one, dst)
     assert code == 2 and "--overwrite" in err
-    assert run("reshard", one, dst, "--overwrite", "--chunk-bytes", "4KiB")[0] == 0
+    assert run_cli("reshard", one, dst, "--overwrite", "--chunk-bytes", "4KiB")[0] == 0
     assert len(CheckpointReader(dst).manifest.tensors["model.w"].chunks) == 1
 
 
@@ -404,17 +392,17 @@ def test_reshard_rechunk_keeps_everything(tmp_path, one):
 def test_reshard_for_world_one_contiguous_object_per_rank(tmp_path, world, dim):
     src = str(tmp_path / "src")
     sd = {
-        "w": rand((10, 7), torch.float32, 1),
-        "e": rand((5, 9, 2), torch.bfloat16, 2),
-        "bias": rand((7,), torch.float32, 3),
-        "tiny": rand((2, 2), torch.int64, 4),  # fewer rows than ranks: some ranks get nothing
+        "w": random_tensor((10, 7), torch.float32, 1),
+        "e": random_tensor((5, 9, 2), torch.bfloat16, 2),
+        "bias": random_tensor((7,), torch.float32, 3),
+        "tiny": random_tensor((2, 2), torch.int64, 4),  # fewer rows than ranks: some ranks get nothing
         "scalar": torch.tensor(3.5),
     }
     ckpt.save(sd, src, step=9, options=SaveOptions(chunk_bytes=64, block_bytes=64))
     dst = str(tmp_path / "laid")
-    code, out, err = run("reshard", src, dst, "--for-world", str(world), "--layout", f"shard{dim}")
+    code, out, err = run_cli("reshard", src, dst, "--for-world", str(world), "--layout", f"shard{dim}")
     assert code == 0, err
-    assert run("diff", src, dst)[0] == 0
+    assert run_cli("diff", src, dst)[0] == 0
     m = CheckpointReader(dst).manifest
     assert m.topology["laid_out_for"] == {"world_size": world, "shard_dim": dim}
     layout = TargetLayout(world, dim)
@@ -450,26 +438,26 @@ def test_memory_urls_end_to_end():
     root = "memory://cli-test/run"
     for step in (1, 2):
         ckpt.save(state(step), f"{root}/step-{step}", step=step)
-    code, out, _ = run("ls", root, "--json")
+    code, out, _ = run_cli("ls", root, "--json")
     assert code == 0 and [e["name"] for e in json.loads(out)] == ["step-1", "step-2"]
-    assert run("verify", f"{root}/step-2")[0] == 0
-    assert run("info", f"{root}/step-2", "--json")[0] == 0
-    code, _, err = run("export", f"{root}/step-2", "memory://cli-test/hf", "--to", "safetensors")
+    assert run_cli("verify", f"{root}/step-2")[0] == 0
+    assert run_cli("info", f"{root}/step-2", "--json")[0] == 0
+    code, _, err = run_cli("export", f"{root}/step-2", "memory://cli-test/hf", "--to", "safetensors")
     assert code == 0, err
-    code, _, err = run("convert", "memory://cli-test/hf", "memory://cli-test/back")
+    code, _, err = run_cli("convert", "memory://cli-test/hf", "memory://cli-test/back")
     assert code == 0, err
-    code, out, _ = run("diff", f"{root}/step-2", "memory://cli-test/back", "--json")
+    code, out, _ = run_cli("diff", f"{root}/step-2", "memory://cli-test/back", "--json")
     assert code == 0 and json.loads(out)["equal"], out
-    code, _, err = run("export", f"{root}/step-2", "memory://cli-test/d", "--to", "dcp")
+    code, _, err = run_cli("export", f"{root}/step-2", "memory://cli-test/d", "--to", "dcp")
     assert code == 0, err
-    assert run("diff", "memory://cli-test/d", f"{root}/step-2")[0] == 0
+    assert run_cli("diff", "memory://cli-test/d", f"{root}/step-2")[0] == 0
     for to, dst in (("safetensors", "memory://cli-test/one.safetensors"), ("torch", "memory://cli-test/x.pt")):
-        code, _, err = run("export", f"{root}/step-2", dst, "--to", to)
+        code, _, err = run_cli("export", f"{root}/step-2", dst, "--to", to)
         assert code == 0, err
-        code, out, _ = run("diff", dst, f"{root}/step-2", "--json")
+        code, out, _ = run_cli("diff", dst, f"{root}/step-2", "--json")
         assert code == 0 and json.loads(out)["equal"], (to, out)  # values kept too
-    assert run("gc", root, "--keep-last", "1", "--yes")[0] == 0
-    code, out, _ = run("ls", root, "--json")
+    assert run_cli("gc", root, "--keep-last", "1", "--yes")[0] == 0
+    code, out, _ = run_cli("ls", root, "--json")
     assert [e["name"] for e in json.loads(out)] == ["step-2"]
     fsspec.filesystem("memory").rm("/cli-test", recursive=True)
 
@@ -478,7 +466,7 @@ def test_merge_subcommand_is_wired(tmp_path):
     a, b, out = (str(tmp_path / n) for n in ("a", "b", "avg"))
     ckpt.save({"w": torch.full((4, 3), 1.0), "step": 1}, a, step=1)
     ckpt.save({"w": torch.full((4, 3), 3.0), "step": 2}, b, step=2)
-    code, _, err = run("merge", a, b, "-o", out, "--no-progress")
+    code, _, err = run_cli("merge", a, b, "-o", out, "--no-progress")
     assert code == 0, err
     assert torch.equal(CheckpointReader(out).read("w"), torch.full((4, 3), 2.0))
-    assert run("verify", out)[0] == 0
+    assert run_cli("verify", out)[0] == 0

@@ -6,25 +6,16 @@ for a user in a shell: the CLI passes no storage options of its own.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 
 import pytest
 import torch
+from helpers import run_cli
 
 import ckpt
 import ckpt.storage
-from ckpt.cli import main
 from ckpt.reader import CheckpointReader
-
-
-def run(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -42,33 +33,33 @@ def state(seed: int) -> dict:
 def test_every_subcommand_on_s3(s3_root, tmp_path):
     for step in (10, 20, 30):
         ckpt.save(state(step), f"{s3_root}/step-{step}", step=step, options=ckpt.SaveOptions(chunk_bytes=64 << 10))
-    code, out, _ = run("ls", s3_root, "--json")
+    code, out, _ = run_cli("ls", s3_root, "--json")
     assert code == 0 and [e["step"] for e in json.loads(out)] == [10, 20, 30]
     last = f"{s3_root}/step-30"
-    assert run("verify", last)[0] == 0
-    code, out, _ = run("info", last, "--json")
+    assert run_cli("verify", last)[0] == 0
+    code, out, _ = run_cli("info", last, "--json")
     assert code == 0 and json.loads(out)["tensors"]["w"]["chunks"] > 1
 
     hf = f"{s3_root}-export/hf"
-    code, _, err = run("export", last, hf, "--to", "safetensors", "--max-shard-size", "100KB")
+    code, _, err = run_cli("export", last, hf, "--to", "safetensors", "--max-shard-size", "100KB")
     assert code == 0, err
     dcp_dir = f"{s3_root}-export/dcp"
-    code, _, err = run("export", last, dcp_dir, "--to", "dcp")
+    code, _, err = run_cli("export", last, dcp_dir, "--to", "dcp")
     assert code == 0, err
     for src, name in ((hf, "from-hf"), (dcp_dir, "from-dcp")):
-        code, _, err = run("convert", src, f"{s3_root}-export/{name}")
+        code, _, err = run_cli("convert", src, f"{s3_root}-export/{name}")
         assert code == 0, err
-        assert run("diff", last, f"{s3_root}-export/{name}")[0] == 0, name
-    code, _, err = run("reshard", last, f"{s3_root}-export/laid", "--for-world", "2")
+        assert run_cli("diff", last, f"{s3_root}-export/{name}")[0] == 0, name
+    code, _, err = run_cli("reshard", last, f"{s3_root}-export/laid", "--for-world", "2")
     assert code == 0, err
     laid = CheckpointReader(f"{s3_root}-export/laid").manifest
     assert laid.topology["laid_out_for"]["world_size"] == 2
 
-    code, out, _ = run("gc", s3_root, "--keep-last", "1", "--yes", "--json")
+    code, out, _ = run_cli("gc", s3_root, "--keep-last", "1", "--yes", "--json")
     assert code == 0 and sorted(e["name"] for e in json.loads(out)["deleted"]) == ["step-10", "step-20"]
-    code, out, _ = run("ls", s3_root, "--json")
+    code, out, _ = run_cli("ls", s3_root, "--json")
     assert [e["name"] for e in json.loads(out)] == ["step-30"]
-    code, _, err = run("verify", f"{s3_root}/step-10")
+    code, _, err = run_cli("verify", f"{s3_root}/step-10")
     assert code == 2 and "step-10" in err
 
 
@@ -93,19 +84,19 @@ def test_gc_aborts_the_uploads_of_killed_writers_and_keeps_a_save_in_flight(s3_r
     both = ["step-0/data/dead-r00000.safetensors", "step-3/data/live-r00000.safetensors"]
     assert s3_server.open_uploads(s3_root) == both
 
-    code, out, _ = run("gc", s3_root, "--json")  # dry run: reports, touches nothing
+    code, out, _ = run_cli("gc", s3_root, "--json")  # dry run: reports, touches nothing
     report = json.loads(out)
     assert code == 0 and [u["key"] for u in report["would_abort_uploads"]] == [both[0]]
     assert [e["name"] for e in report["would_delete"]] == ["step-0"]
     assert s3_server.open_uploads(s3_root) == both
 
-    code, out, _ = run("gc", s3_root, "--yes", "--json")
+    code, out, _ = run_cli("gc", s3_root, "--yes", "--json")
     assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[0]]
     assert s3_server.open_uploads(s3_root) == [both[1]], "the in-flight save's upload must survive"
 
     time.sleep(1.1)  # S3 start times have one-second resolution
-    code, out, _ = run("gc", s3_root, "--yes", "--abort-uploads-after", "0", "--json")
+    code, out, _ = run_cli("gc", s3_root, "--yes", "--abort-uploads-after", "0", "--json")
     assert code == 0 and [u["key"] for u in json.loads(out)["aborted_uploads"]] == [both[1]]
     assert s3_server.open_uploads(s3_root) == []
-    code, out, _ = run("ls", s3_root, "--json")
+    code, out, _ = run_cli("ls", s3_root, "--json")
     assert [e["name"] for e in json.loads(out)] == ["step-1", "step-2"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 import os
 import signal
 import stat
@@ -43,6 +42,7 @@ from daemon_util import (
     wait_for,
 )
 from dist import run_ranks, run_ranks_outcomes
+from helpers import manifest_of, random_tensor
 
 import ckpt
 import ckpt.client
@@ -96,12 +96,6 @@ def count_logs(d: Daemon, msg: str) -> int:
 # -- state every rank and the checking parent agree on ----------------------------------------------
 
 
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
 def global_weight(world: int, seed: int, rows: int, cols: int) -> torch.Tensor:
     return random_tensor((world * rows, cols), torch.float32, seed)
 
@@ -140,11 +134,6 @@ def assert_loads(uri: str, world: int, seed: int, rows: int = 8, cols: int = 96)
     assert torch.equal(target["rep"].view(torch.uint8), replicated(seed).view(torch.uint8)), f"{uri}: rep differs"
     assert target["seed"] == seed
     return manifest
-
-
-def manifest_of(uri: str) -> Manifest:
-    with open(os.path.join(uri, MANIFEST), "rb") as f:
-        return Manifest.from_json_bytes(f.read(), uri)
 
 
 def signal_file(directory: str, name: str) -> None:

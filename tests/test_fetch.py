@@ -4,42 +4,18 @@ mapping row by row as blocks verify, and remote backends through a reused scratc
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 
 import fsspec
 import pytest
 import torch
+from damage import flip_bits
+from helpers import bits, manifest_of, random_tensor
 
 import ckpt
 from ckpt import CorruptChunkError, LoadOptions, SaveOptions, Sharded
 from ckpt.fetch import PIECE_BYTES
-from ckpt.format import MANIFEST, Manifest
-from ckpt.storage import Storage
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def manifest(uri: str) -> Manifest:
-    return Manifest.from_json_bytes(Storage(uri).read_bytes(MANIFEST), uri)
-
-
-def flip(uri: str, rel: str, offset: int) -> None:
-    s = Storage(uri)
-    raw = bytearray(s.read_bytes(rel))
-    raw[offset] ^= 0x01
-    s.delete(rel)
-    with s.open_write(rel) as f:
-        f.write(bytes(raw))
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -73,9 +49,9 @@ def test_flip_in_a_partially_read_chunk_names_object_key_and_block(any_uri):
     full = random_tensor((64, 16), torch.float32, 3)
     B = 256
     ckpt.save({"w": full}, uri, options=SaveOptions(chunk_bytes=1 << 20, block_bytes=B))
-    (chunk,) = manifest(uri).tensors["w"].chunks
+    (chunk,) = manifest_of(uri).tensors["w"].chunks
     at = chunk.offset + 40 * 64 + 4 * 9  # row 40, column 9
-    flip(uri, chunk.object, at)
+    flip_bits(f"{uri}/{chunk.object}", at, 0x01)
     local = torch.zeros(64, 8)
     with pytest.raises(CorruptChunkError) as ei:
         ckpt.load({"w": Sharded.box(local, full.shape, (0, 8))}, uri)
@@ -100,9 +76,9 @@ def test_direct_read_hashes_blocks_that_span_several_pieces(tmp_path):
     out = torch.zeros_like(full)
     ckpt.load({"w": out}, path)
     assert torch.equal(bits(out), bits(full))
-    (chunk,) = manifest(path).tensors["w"].chunks
+    (chunk,) = manifest_of(path).tensors["w"].chunks
     at = chunk.offset + B + PIECE_BYTES  # second block, in its second piece
-    flip(path, chunk.object, at)
+    flip_bits(f"{path}/{chunk.object}", at, 0x01)
     with pytest.raises(CorruptChunkError, match=rf"bytes \[{chunk.offset + B}, {chunk.offset + 2 * B}\)"):
         ckpt.load({"w": torch.zeros_like(full)}, path)
     out = torch.zeros_like(full)

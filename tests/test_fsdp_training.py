@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from dist import run_ranks
+from helpers import assert_bitwise
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -182,11 +183,7 @@ def _assert_bitwise_equal(loaded: dict[str, torch.Tensor], saved: dict[str, torc
     assert sorted(loaded) == sorted(saved)
     assert len(saved) == 4 * 2 + 4 * 2 * 3  # weight and bias of 4 layers; step, exp_avg, exp_avg_sq each
     for key, want in saved.items():
-        got = loaded[key]
-        assert got.dtype == want.dtype and got.shape == want.shape, key
-        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), (
-            f"{key} differs after loading on {world} ranks"
-        )
+        assert_bitwise(loaded[key], want, f"{key} after loading on {world} ranks")
 
 
 def test_resume_on_same_world_is_bitwise(trained) -> None:

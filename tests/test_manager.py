@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from daemon_util import running_daemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -294,23 +295,8 @@ def test_killed_training_always_resumes_from_newest_committed_with_identical_los
 
 @pytest.fixture
 def daemon(tmp_path):
-    sock = str(tmp_path / "d.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckpt_server.main", "--socket", sock, "--ram-tier-dir", str(tmp_path / "ram")],
-        stderr=open(tmp_path / "daemon.log", "w"),
-    )
-    for _ in range(600):
-        if os.path.exists(sock):
-            break
-        assert proc.poll() is None, open(tmp_path / "daemon.log").read()
-        time.sleep(0.1)
-    yield f"unix://{sock}"
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with running_daemon("--ram-tier-dir", str(tmp_path / "ram")) as d:
+        yield d.address
 
 
 def test_restore_through_the_ram_tier_and_with_it_cleared(tmp_path, daemon, monkeypatch):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from dist import run_ranks
+from helpers import assert_bitwise, read_all
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -38,20 +39,6 @@ def state(seed: int, dtype: torch.dtype = torch.float32) -> dict:
 
 def flat(sd_model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in sd_model.items()}
-
-
-def read_all(uri: str) -> dict[str, torch.Tensor]:
-    r = CheckpointReader(uri)
-    return {k: r.read(k) for k in r.keys()}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(bits(a), bits(b)), what
 
 
 def _save_two_ranks(rank: int, world: int, path: str, seed: int) -> None:

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import read_all
 from torch import nn
 
 import ckpt
@@ -50,11 +51,6 @@ def _loss(state: dict[str, torch.Tensor], split: str) -> float:
 def val_loss(state: dict[str, torch.Tensor]) -> float:
     """The search metric (importable as ``test_merge_lcsc:val_loss``)."""
     return _loss(state, "val")
-
-
-def read_all(uri: str) -> dict[str, torch.Tensor]:
-    r = CheckpointReader(uri)
-    return {k: r.read(k) for k in r.keys()}
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 from damage import flip_bits
+from helpers import assert_bitwise, random_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,18 +18,6 @@ from ckpt.errors import UnsupportedValueError
 from ckpt.format import MANIFEST
 from ckpt.reader import CheckpointReader
 from ckpt.writer import CheckpointWriter
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8))
-
 
 OPTS = SaveOptions(chunk_bytes=512, block_bytes=64)
 TENSORS = {

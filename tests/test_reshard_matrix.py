@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
+from helpers import same_bits
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -131,12 +132,6 @@ def local_of(value: object) -> torch.Tensor:
         return value.tensor
     assert isinstance(value, torch.Tensor)
     return value
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def build(

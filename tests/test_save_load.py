@@ -14,6 +14,7 @@ import fsspec
 import pytest
 import torch
 from damage import flip_bits
+from helpers import assert_bitwise, bits, manifest_of, random_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -35,29 +36,6 @@ from ckpt.storage import Storage
 
 ALL_DTYPES = list(_DTYPES)
 SMALL = SaveOptions(chunk_bytes=256, block_bytes=64)
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random bit patterns (NaN payloads, subnormals, ...) so equality is really bitwise."""
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    n = math.prod(shape) * dtype.itemsize
-    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
-    assert torch.equal(bits(got), bits(want))
-
-
-def manifest_of(path: str) -> Manifest:
-    with open(os.path.join(path, MANIFEST), "rb") as f:
-        return Manifest.from_json_bytes(f.read(), path)
 
 
 # ---------------------------------------------------------------- round trips
