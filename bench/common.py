@@ -8,20 +8,23 @@ and noisy), and spawned gloo ranks that report their timings back to the parent.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 # Rank processes inherit this before they import torch: one intra-op thread per
 # rank, so ranks do not fight over the (few) cores with thread pools.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The rank launcher is the tests' own (one launcher for both); like seaweed.py and daemon_util.py it lives in tests/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import dist as _launcher  # noqa: E402
 
 GIB = float(1 << 30)
 
@@ -186,48 +189,10 @@ def timed_collective(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _rank_entry(fn: Callable, rank: int, world: int, store_path: str, args: tuple, out: Any) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
-    try:
-        out.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException:
-        out.put((rank, "error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 1800.0) -> list[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` spawned gloo CPU ranks; return results by rank.
 
-    A FileStore rendezvous needs no port. A rank's exception is re-raised here
-    with its traceback; the other ranks are killed rather than left hanging.
+    The tests' launcher (tests/dist.py: FileStore rendezvous, a failing rank's traceback raised
+    here, the others killed) with a timeout sized for benchmark runs.
     """
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
-        store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_entry, args=(fn, r, world, store, args, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        results: dict[int, Any] = {}
-        error = None
-        try:
-            for _ in range(world):
-                rank, status, value = out.get(timeout=timeout)
-                if status != "ok":
-                    error = f"rank {rank}:\n{value}"
-                    break
-                results[rank] = value
-        finally:
-            for p in procs:
-                p.join(timeout=1 if error else 30)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        if error:
-            raise RuntimeError(error)
-        return [results[r] for r in range(world)]
+    return _launcher.run_ranks(fn, world, *args, timeout=timeout)

@@ -1,8 +1,8 @@
 """Run a function on N CPU ranks (gloo), each in its own process.
 
-Tests use this instead of torchrun: it needs no free port (a FileStore in a
-temp dir), propagates each rank's exception with its traceback, and kills the
-whole group if one rank hangs or dies.
+Tests and benchmarks (through bench/common.py) use this instead of torchrun:
+it needs no free port (a FileStore in a temp dir), propagates each rank's
+exception with its traceback, and kills the whole group if one rank hangs or dies.
 
 ``start_method="forkserver"`` forks ranks from a server that has already
 imported torch and ckpt: a rank then starts in ~10 ms instead of the ~3 s a
