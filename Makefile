@@ -2,15 +2,20 @@
 PY := .venv/bin/python
 # torch is pinned to this machine's CPU build; installing it first keeps pip
 # from ever resolving a CUDA build for the >=2.13,<2.14 range in pyproject.toml.
-TORCH := torch==2.13.0
+# constraints.txt holds that pin and every pip install obeys it (-c), so no
+# dependency added later can replace torch.
+TORCH := $(shell grep '^torch==' constraints.txt)
+PIP := $(PY) -m pip install -q -c constraints.txt
+# Tests that start no process and finish quickly (markers: pyproject.toml).
+FAST := not dist and not s3 and not daemon and not slow
 
-.PHONY: setup demo test lint bench proto clean
+.PHONY: setup demo test test-fast lint bench proto clean
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,s3,zstd]' $(TORCH)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev,s3,zstd]' $(TORCH)
 	touch $@
 
 setup: .venv/.installed
@@ -21,8 +26,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+test-fast: setup
+	$(PY) -m pytest -q -m "$(FAST)"
+
 lint: setup
-	$(PY) -m ruff check ckpt tests bench
+	$(PY) -m ruff check ckpt tests bench server
 
 bench: setup
 	$(PY) bench/bench_save_load.py

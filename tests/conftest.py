@@ -1,9 +1,14 @@
 """What every test module shares: this folder on sys.path, a checkpoint location on each
-local backend, and the S3 server fixtures."""
+local backend, the S3 server fixtures, and the rule that an unmarked test starts no process."""
 
+import contextlib
+import multiprocessing.process
 import os
+import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from unittest import mock
 
 import fsspec
 import pytest
@@ -39,3 +44,43 @@ def s3_bucket(s3_server) -> str:
     from seaweed import shared_prefix
 
     return shared_prefix()
+
+
+# A test (or a fixture it uses) that starts a process must say so with one of these markers:
+# `make test-fast` selects the tests without them and relies on their being pure.
+PROCESS_MARKERS = ("dist", "s3", "daemon")
+
+
+class UnmarkedProcessError(RuntimeError):
+    """A test without a process marker tried to start a process."""
+
+
+@contextlib.contextmanager
+def _processes_refused(item: pytest.Item) -> Iterator[None]:
+    if any(item.get_closest_marker(m) for m in PROCESS_MARKERS):
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise UnmarkedProcessError(
+            f"{item.nodeid} starts a process but is marked none of {', '.join(PROCESS_MARKERS)} "
+            "(pyproject.toml says which fits); `make test-fast` runs it as a pure test"
+        )
+
+    with (
+        mock.patch.object(subprocess.Popen, "_execute_child", refuse),
+        mock.patch.object(multiprocessing.process.BaseProcess, "start", refuse),
+    ):
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _processes_refused(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _processes_refused(item):
+        return (yield)

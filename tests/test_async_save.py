@@ -342,6 +342,7 @@ def _refuse_on_one_rank(rank: int, world: int, root: str) -> dict:
     return out
 
 
+@pytest.mark.dist
 def test_a_save_refused_on_one_rank_aborts_the_others_promptly(tmp_path):
     from dist import run_ranks
 

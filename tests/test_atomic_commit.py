@@ -27,6 +27,8 @@ from torch.distributed.tensor import Shard, distribute_tensor
 import ckpt
 from ckpt.storage import Storage
 
+pytestmark = [pytest.mark.dist, pytest.mark.faults]
+
 WORLD = 3
 SHAPES = {"w": ((50, 64), torch.float32), "emb": ((33, 20), torch.bfloat16), "rep": ((40,), torch.int64)}
 COMMIT_TIMEOUT_S = 3.0

@@ -17,6 +17,8 @@ import ckpt
 import ckpt.storage
 from ckpt.reader import CheckpointReader
 
+pytestmark = pytest.mark.s3
+
 
 @pytest.fixture
 def s3_root(s3_server, monkeypatch) -> str:

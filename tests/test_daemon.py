@@ -264,6 +264,7 @@ def _budget_job(rank: int, world: int, address: str, root: str) -> None:
 # -- one daemon, several ranks ---------------------------------------------------------------------------
 
 
+@pytest.mark.daemon
 def test_socket_is_private_and_health_reports_serving(daemons):
     d = daemons.a
     assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
@@ -273,6 +274,8 @@ def test_socket_is_private_and_health_reports_serving(daemons):
     assert ready["level"] == "info" and ready["pid"] == d.pid  # structured (JSON) logs
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
 def test_three_ranks_save_through_one_daemon(tmp_path, daemons, cleanup_pids):
     d = daemons.a
     before = jobs_ok(d)
@@ -286,6 +289,8 @@ def test_three_ranks_save_through_one_daemon(tmp_path, daemons, cleanup_pids):
     assert not [f for p in pids for f in shm_files_of(p)]
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
 def test_two_daemons_one_job_commit_through_storage(tmp_path, daemons, cleanup_pids):
     a, b = daemons.a, daemons.b
     ok = jobs_ok(a), jobs_ok(b)
@@ -314,6 +319,7 @@ def test_tcp_listener_needs_a_token_to_start(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "s.sock")
 
 
+@pytest.mark.daemon
 def test_tcp_with_token_streams_the_snapshot(tmp_path, daemons, monkeypatch):
     d = daemons.a
     host, port = d.tcp.rsplit(":", 1)
@@ -340,6 +346,7 @@ def test_tcp_with_token_streams_the_snapshot(tmp_path, daemons, monkeypatch):
     assert jobs_ok(d) == before + 1
 
 
+@pytest.mark.daemon
 def test_persist_maps_only_staging_files_and_only_for_local_clients(tmp_path, daemons):
     """Persist makes the daemon map a file by name (and delete it once its trainer is
     dead): a remote client must not reach it, and no client may name another file."""
@@ -376,6 +383,7 @@ def test_persist_maps_only_staging_files_and_only_for_local_clients(tmp_path, da
     assert not os.path.exists(tmp_path / "c")
 
 
+@pytest.mark.daemon
 def test_default_budget_refuses_a_stream_no_machine_could_hold_before_reading_it(tmp_path, daemons):
     """Without --memory-budget the daemon still bounds what it holds (half of RAM): a remote
     client announcing a snapshot the size of all RAM is refused before any allocation."""
@@ -409,6 +417,7 @@ def test_default_budget_refuses_a_stream_no_machine_could_hold_before_reading_it
 # -- operability ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.daemon
 def test_metrics_over_rpc_and_http(tmp_path, daemons):
     d = daemons.a
     s0 = samples_of(d.address)
@@ -433,6 +442,8 @@ def test_metrics_over_rpc_and_http(tmp_path, daemons):
         assert "# TYPE ckpt_queue_depth gauge" in body and "# TYPE ckpt_bytes_persisted_total counter" in body
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
 def test_sigterm_drains_the_save_in_flight_then_exits_zero(tmp_path, daemons, cleanup_pids):
     root = str(tmp_path)
     a, b = daemons.drained, daemons.b
@@ -456,6 +467,8 @@ def test_sigterm_drains_the_save_in_flight_then_exits_zero(tmp_path, daemons, cl
     assert_loads(str(tmp_path / "held"), 2, 41)
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
 def test_memory_budget_refuses_a_save_larger_than_it_and_queues_concurrent_ones(tmp_path, daemons):
     root = str(tmp_path)
     d = daemons.b
@@ -484,6 +497,9 @@ def test_memory_budget_refuses_a_save_larger_than_it_and_queues_concurrent_ones(
 # -- surviving crashes ----------------------------------------------------------------------------------
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
+@pytest.mark.faults
 def test_daemon_commits_after_every_trainer_is_killed(tmp_path, daemons, cleanup_pids):
     root = str(tmp_path)
     d = daemons.b
@@ -501,6 +517,9 @@ def test_daemon_commits_after_every_trainer_is_killed(tmp_path, daemons, cleanup
     wait_for(lambda: not [f for p in pids for f in shm_files_of(p)], 30, "the daemon to unlink dead shm")
 
 
+@pytest.mark.daemon
+@pytest.mark.dist
+@pytest.mark.faults
 def test_killed_daemon_fails_the_save_keeps_the_old_checkpoint_and_restarts(tmp_path, daemons, cleanup_pids):
     """Rank 0 saves through the daemon that gets SIGKILLed mid-upload, rank 1 through
     another one: both ranks' wait() fail promptly, save 1 stays, save 3 works."""

@@ -37,6 +37,9 @@ def demo(tmp_path_factory) -> tuple[DemoResult, str]:
     return res, directory
 
 
+@pytest.mark.dist
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_story_holds_and_report_says_so(demo) -> None:
     res, _ = demo
     assert res.problems == [] and res.ok
@@ -47,6 +50,9 @@ def test_story_holds_and_report_says_so(demo) -> None:
     assert res.daemon_exit == 0
 
 
+@pytest.mark.dist
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_resumes_right_after_the_save_in_flight_at_the_kill(demo) -> None:
     """All ranks had handed the save of step 6 to the daemon when they were killed: the daemon
     committed it anyway, and the job resumed from it although the latest marker lags."""
@@ -65,6 +71,9 @@ def test_resumes_right_after_the_save_in_flight_at_the_kill(demo) -> None:
     assert ram["served"] and ram["bytes"] == ram["total"] > 0
 
 
+@pytest.mark.dist
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_losses_continue_the_uninterrupted_run(demo) -> None:
     res, _ = demo
     assert sorted(res.train.losses)[0] == 1 and max(res.train.losses) >= 6
@@ -79,6 +88,9 @@ def test_losses_continue_the_uninterrupted_run(demo) -> None:
     assert math.isclose(res.eval_after_restore, res.eval_before_kill, rel_tol=REFERENCE_RTOL)
 
 
+@pytest.mark.dist
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_merged_checkpoint_exists_and_loads(demo) -> None:
     res, directory = demo
     merged = os.path.join(directory, "merged")
@@ -97,6 +109,9 @@ def test_merged_checkpoint_exists_and_loads(demo) -> None:
     assert res.final_marker == "step-00000012"
 
 
+@pytest.mark.dist
+@pytest.mark.daemon
+@pytest.mark.slow
 def test_check_catches_a_wrong_resume(demo) -> None:
     """The verdict can fail: a resume from an older checkpoint is reported."""
     res, _ = demo

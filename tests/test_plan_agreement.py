@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dist import run_ranks
 
 import ckpt
+
+pytestmark = pytest.mark.dist
 
 
 def _save_twice(rank: int, world: int, root: str) -> None:

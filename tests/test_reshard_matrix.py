@@ -34,6 +34,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 import ckpt
 from ckpt.reader import CheckpointReader
 
+pytestmark = pytest.mark.dist
+
 SAVE_WORLDS = (1, 2, 4)
 LOAD_WORLDS = (1, 2, 3, 4)
 # (shape, dtype) of the tensors saved under each layout: uneven, so that e.g. 5 rows

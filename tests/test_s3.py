@@ -24,6 +24,8 @@ from ckpt.reader import CheckpointReader
 from ckpt.storage import Storage
 from ckpt.writer import CheckpointWriter
 
+pytestmark = pytest.mark.s3
+
 MiB = 1 << 20
 
 
@@ -243,6 +245,7 @@ def _save_then_reshard_load(rank: int, world: int, uri: str, opts: dict, env: di
     assert torch.equal(target["rep"], torch.arange(9)) and target["step"] == 11
 
 
+@pytest.mark.dist
 def test_two_ranks_save_and_reshard_load(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/dist/step-11"
     opts = s3_server.storage_options()

@@ -19,6 +19,8 @@ from ckpt.format import MANIFEST
 from ckpt.retry import StorageOperationError
 from ckpt.storage import Storage
 
+pytestmark = [pytest.mark.s3, pytest.mark.faults]
+
 MiB = 1 << 20
 RETRY = {"max_attempts": 8, "base_delay_s": 0.02, "max_delay_s": 0.2, "deadline_s": 20.0}
 

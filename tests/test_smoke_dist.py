@@ -1,5 +1,6 @@
 """Two ranks save a Shard(0) DTensor; one rank loads it whole, bitwise."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from dist import run_ranks
@@ -7,6 +8,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import ckpt
+
+pytestmark = pytest.mark.dist
 
 
 def _save(rank: int, world: int, path: str) -> None:
