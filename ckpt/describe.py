@@ -54,13 +54,25 @@ class Sharded:
         return cls(tensor, tuple(global_shape), (Piece(Box(tuple(offsets), tuple(tensor.shape)), (0,) * tensor.dim()),))
 
     @classmethod
-    def flat(cls, tensor: torch.Tensor, global_shape: Sequence[int], start: int) -> Sharded:
-        """``tensor`` (1-D) is ``global.flatten()[start : start + tensor.numel()]``."""
+    def flat(
+        cls,
+        tensor: torch.Tensor,
+        global_shape: Sequence[int],
+        start: int,
+        within: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> Sharded:
+        """``tensor`` (1-D) is ``global.flatten()[start : start + tensor.numel()]``.
+
+        With ``within=(offsets, sizes)`` the range is of the flattened box
+        ``global[offsets : offsets + sizes]`` instead: a distributed optimizer under
+        TP partitions the flattened TP shards, not the global tensors.
+        """
         if tensor.dim() != 1:
             raise ValueError(f"a flat shard must be 1-D, got shape {tuple(tensor.shape)}")
+        outer = Box.full(global_shape) if within is None else Box(tuple(within[0]), tuple(within[1]))
         parts, at = [], 0
-        for b in flat_range_to_boxes(start, start + tensor.numel(), tuple(global_shape)):
-            parts.append(Piece(b, at))
+        for b in flat_range_to_boxes(start, start + tensor.numel(), outer.sizes):
+            parts.append(Piece(Box(tuple(o + i for o, i in zip(outer.offsets, b.offsets)), b.sizes), at))
             at += b.numel
         return cls(tensor, tuple(global_shape), tuple(parts))
 

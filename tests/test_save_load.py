@@ -319,6 +319,20 @@ def test_load_any_flat_range_through_sharded(saved_3d, data):
     assert_bitwise(local, full.reshape(-1)[start:stop])
 
 
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sub_box((6, 7, 9)), st.data())
+def test_load_any_flat_range_of_a_box_through_sharded(saved_3d, box, data):
+    """A distributed optimizer under TP: its partition is a flat range of a TP shard (a box)."""
+    path, full = saved_3d
+    offs, sizes = box
+    inside = full[tuple(slice(o, o + s) for o, s in zip(offs, sizes))].contiguous().view(-1)
+    start = data.draw(st.integers(0, inside.numel() - 1))
+    stop = data.draw(st.integers(start + 1, inside.numel()))
+    local = torch.full((stop - start,), -3.0)
+    ckpt.load({"w": Sharded.flat(local, full.shape, start, within=(offs, sizes))}, path)
+    assert_bitwise(local, inside[start:stop])
+
+
 # ---------------------------------------------------------------- partial reads stay partial
 
 
