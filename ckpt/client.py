@@ -15,7 +15,8 @@ from concurrent.futures import Future
 import grpc
 
 from ._proto import ckpt_pb2, ckpt_pb2_grpc
-from .engine import PersistJob, Timings, rank_index_name, report_failure
+from .commit import rank_index_name, report_failure
+from .engine import PersistJob, Timings
 from .errors import SaveAbortedError
 from .format import MANIFEST, dtype_name
 from .stage import HostBuffer

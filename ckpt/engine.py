@@ -1,22 +1,14 @@
-"""Persistence: frame chunks as safetensors, checksum, write, and commit through storage.
+"""Persisting one rank's share of a save: the object writer, and the glue to the commit protocol.
 
-The commit protocol needs nothing but storage, so the same code runs in a
-trainer, in a daemon, or split between them:
-
-1. every rank writes its data object (durable), then ``_staging/<save_id>/rank-NNNNN.json``
-   listing its chunks; a rank that fails writes ``rank-NNNNN.error`` instead;
-2. the committer (rank 0) waits for every rank's index, writes ``manifest.json``
-   in one atomic step, then removes the staging files and any objects of the
-   checkpoint it replaced;
-3. the other ranks wait until their index is gone (committed) or ``ABORT`` appears.
-
-Until step 2 the location holds no manifest (or the previous one), so a crash at
-any point leaves nothing loadable that was not fully written.
+:class:`ObjectWriter` streams chunks into one data object (framed by
+:mod:`ckpt.framing`, checksummed as the bytes go out); :func:`persist_rank`
+writes a rank's object and index, then commits or waits through
+:mod:`ckpt.commit`. The same code runs in a trainer's background thread and in
+the daemon.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -25,24 +17,13 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
-import xxhash
 
-from .errors import SaveAbortedError
-from .format import (
-    DATA_DIR,
-    MANIFEST,
-    STAGING_DIR,
-    Chunk,
-    Manifest,
-    TensorRecord,
-    dtype_from_name,
-    safetensors_code,
-)
-from .regions import Box
+from .commit import add_records, commit, report_failure, wait_committed, write_rank_index
+from .format import DATA_DIR, Chunk
+from .framing import ChunkSpec, as_bytes, block_checksums, frame_order, object_header, write_all
 from .storage import Storage
 
 
@@ -58,63 +39,12 @@ class Timings(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
-@dataclass(frozen=True)
-class ChunkSpec:
-    """What a data object's header says of one chunk, before its bytes exist."""
-
-    key: str
-    box: Box
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.box.numel * self.dtype.itemsize
-
-
 @dataclass
 class StagedChunk:
     """Host bytes of one chunk, ready to persist."""
 
     spec: ChunkSpec
     data: torch.Tensor  # uint8, contiguous, on CPU
-
-
-def checksum(buf: memoryview) -> str:
-    return xxhash.xxh3_64_hexdigest(buf)
-
-
-def block_checksums(buf: memoryview, block_bytes: int) -> tuple[str, ...]:
-    if len(buf) == 0:
-        return (checksum(buf),)
-    return tuple(checksum(buf[i : i + block_bytes]) for i in range(0, len(buf), block_bytes))
-
-
-def as_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def safetensors_header(specs: list[ChunkSpec], save_id: str) -> bytes:
-    """A safetensors header listing the chunks back to back, padded to 8 bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "ckpt", "save_id": save_id}}
-    at = 0
-    for c in specs:
-        name = f"{c.key}@{','.join(map(str, c.box.offsets))}"
-        header[name] = {
-            "dtype": safetensors_code(c.dtype),
-            "shape": list(c.box.sizes),
-            "data_offsets": [at, at + c.nbytes],
-        }
-        at += c.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def frame_order(chunks: Iterable[StagedChunk]) -> list[StagedChunk]:
-    """Widest dtypes first: with an 8-aligned header every chunk then starts at a
-    multiple of its item size, so readers can view it in place."""
-    return sorted(chunks, key=lambda c: -c.spec.dtype.itemsize)
 
 
 _OVERLAP_BYTES = 1 << 20  # smaller chunks are hashed inline: a thread hop would cost more
@@ -158,7 +88,7 @@ class ObjectWriter:
     ) -> None:
         self.storage, self.rel, self.specs, self.block_bytes = storage, rel, specs, block_bytes
         self.timings = timings if timings is not None else Timings()
-        self.header = safetensors_header(specs, save_id)
+        self.header = object_header(specs, save_id)
         self.records: list[Chunk] = []
         self._at = len(self.header)
 
@@ -225,25 +155,8 @@ def write_object(
     return w.records
 
 
-def write_all(f, buf: memoryview) -> None:
-    """Write every byte: raw files may take fewer than offered."""
-    while len(buf):
-        n = f.write(buf)
-        if n is None or n == len(buf):
-            return
-        buf = buf[n:]
-
-
 def object_name(save_id: str, rank: int) -> str:
     return f"{DATA_DIR}/{save_id}-r{rank:05d}.safetensors"
-
-
-def staging_name(save_id: str, name: str) -> str:
-    return f"{STAGING_DIR}/{save_id}/{name}"
-
-
-def rank_index_name(save_id: str, rank: int) -> str:
-    return staging_name(save_id, f"rank-{rank:05d}.json")
 
 
 def write_rank(
@@ -259,140 +172,13 @@ def write_rank(
     index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
     if chunks:
         rel = object_name(save_id, rank)
-        ordered = frame_order(chunks)
+        ordered = frame_order(chunks, lambda c: c.spec.dtype)
         specs = [c.spec for c in ordered]
         records = write_object(storage, rel, specs, (c.data for c in ordered), save_id, block_bytes, timings)
         add_records(index, rel, specs, records)
     if extra:
         index.update(extra)
     write_rank_index(storage, save_id, rank, index)
-
-
-def write_rank_index(storage: Storage, save_id: str, rank: int, index: dict[str, Any]) -> None:
-    """The durability marker: written only after the rank's objects are durable."""
-    storage.put_atomic(rank_index_name(save_id, rank), json.dumps(index).encode())
-
-
-def add_records(index: dict[str, Any], rel: str, specs: list[ChunkSpec], records: list[Chunk]) -> None:
-    """Enter one written object and its chunks into a rank index."""
-    index["objects"][rel] = records[-1].offset + records[-1].length if records else 0
-    for spec, rec in zip(specs, records):
-        index["chunks"].setdefault(spec.key, []).append(rec.to_json())
-
-
-def report_failure(storage: Storage, save_id: str, rank: int, error: BaseException) -> None:
-    """Tell the committer this rank will not finish (best effort). A failing rank 0
-    is the committer: it aborts the save itself, or the others would wait out their timeout."""
-    reason = f"{type(error).__name__}: {error}"
-    try:
-        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), reason.encode())
-        if rank == 0:
-            storage.put_atomic(staging_name(save_id, "ABORT"), f"rank failure: rank-00000: {reason}".encode())
-    except Exception:
-        pass
-
-
-def poll_cap(storage: Storage) -> float:
-    """Longest pause between polls of the commit protocol: short on a local disk; on an
-    object store every poll is a request per rank, so back off to a second."""
-    return 0.05 if storage.local else 1.0
-
-
-def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:
-    """Wait for every rank's index, then write the manifest (the commit point)."""
-    names = [f"rank-{r:05d}.json" for r in range(world_size)]
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        storage.invalidate()
-        present = set(storage.listdir(f"{STAGING_DIR}/{save_id}"))
-        errors = sorted(n for n in present if n.endswith(".error"))
-        if errors:
-            reasons = "; ".join(
-                f"{n[:-6]}: {storage.read_bytes(staging_name(save_id, n)).decode(errors='replace')}" for n in errors
-            )
-            _abort(storage, save_id, f"rank failure: {reasons}")
-        missing = [n for n in names if n not in present]
-        if not missing:
-            break
-        if time.monotonic() > deadline:
-            waiting = ", ".join(m[:-5] for m in missing)
-            _abort(storage, save_id, f"timed out after {timeout_s:.0f}s waiting for {waiting}")
-        time.sleep(delay)
-        delay = min(delay * 2, poll_cap(storage))
-
-    indexes = [json.loads(storage.read_bytes(staging_name(save_id, n))) for n in names]
-    head = indexes[0]
-    objects: dict[str, int] = {}
-    chunks: dict[str, list[Chunk]] = {}
-    for idx in indexes:
-        objects.update(idx["objects"])
-        for key, recs in idx["chunks"].items():
-            chunks.setdefault(key, []).extend(Chunk.from_json(r) for r in recs)
-    tensors = {
-        key: TensorRecord(
-            tuple(meta["shape"]),
-            dtype_from_name(meta["dtype"]),
-            sorted(chunks.get(key, []), key=lambda c: c.box.offsets),
-            meta.get("layout", ""),
-        )
-        for key, meta in head["tensors"].items()
-    }
-    manifest = Manifest(
-        save_id=save_id,
-        tensors=tensors,
-        values=head["values"],
-        objects=objects,
-        block_bytes=head["block_bytes"],
-        step=head.get("step"),
-        metrics=head.get("metrics") or {},
-        metadata=head.get("metadata") or {},
-        topology=head.get("topology") or {},
-        library_version=head.get("library_version", ""),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    manifest.validate(storage.describe(MANIFEST))
-    previous = _committed_objects(storage)
-    storage.put_atomic(MANIFEST, manifest.to_json_bytes())
-    for rel in sorted(previous - set(objects)):
-        storage.delete(rel)
-    storage.delete(f"{STAGING_DIR}/{save_id}", recursive=True)
-    if not storage.listdir(STAGING_DIR):
-        storage.delete(STAGING_DIR, recursive=True)
-    return manifest
-
-
-def _committed_objects(storage: Storage) -> set[str]:
-    if not storage.exists(MANIFEST):
-        return set()
-    try:
-        return set(json.loads(storage.read_bytes(MANIFEST))["objects"])
-    except (ValueError, KeyError, TypeError):
-        return set()
-
-
-def _abort(storage: Storage, save_id: str, reason: str) -> None:
-    storage.put_atomic(staging_name(save_id, "ABORT"), reason.encode())
-    raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
-
-
-def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float) -> None:
-    """On a non-committing rank: return once the committer has committed."""
-    mine = rank_index_name(save_id, rank)
-    abort = staging_name(save_id, "ABORT")
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while True:
-        storage.invalidate()
-        if storage.exists(abort):
-            reason = storage.read_bytes(abort).decode(errors="replace")
-            raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
-        if not storage.exists(mine):
-            return
-        if time.monotonic() > deadline:
-            raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
-        time.sleep(delay)
-        delay = min(delay * 2, poll_cap(storage))
 
 
 @dataclass

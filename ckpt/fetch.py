@@ -21,12 +21,11 @@ from __future__ import annotations
 import threading
 
 import torch
-import xxhash
 
 from .describe import TensorEntry, local_view
-from .engine import as_bytes, checksum
 from .errors import CorruptChunkError
 from .format import Chunk, Manifest
+from .framing import as_bytes, block_hasher, checksum
 from .readplan import Need, Read, Segment
 from .regions import Box, row_major_strides, span_view
 from .storage import Storage
@@ -71,7 +70,7 @@ class Fetcher:
             self.storage.read_into_many(obj, seg.start, [dst])
             return
         for lo, hi, chunk, b in self._blocks(seg):
-            h = xxhash.xxh3_64()
+            h = block_hasher()
             for p in range(lo, hi, PIECE_BYTES):
                 q = min(p + PIECE_BYTES, hi)
                 piece = dst[p - seg.start : q - seg.start]

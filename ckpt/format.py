@@ -47,6 +47,7 @@ _DTYPES: dict[torch.dtype, tuple[str, str]] = {
     torch.complex64: ("complex64", "C64"),
 }
 _BY_NAME = {name: dt for dt, (name, _) in _DTYPES.items()}
+_BY_CODE = {code: dt for dt, (_, code) in _DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype, key: str = "") -> str:
@@ -58,6 +59,11 @@ def dtype_name(dtype: torch.dtype, key: str = "") -> str:
 
 def safetensors_code(dtype: torch.dtype) -> str:
     return _DTYPES[dtype][1]
+
+
+def dtype_from_safetensors_code(code: object) -> torch.dtype | None:
+    """The dtype of a safetensors code this library knows, else None."""
+    return _BY_CODE.get(code) if isinstance(code, str) else None
 
 
 def dtype_from_name(name: str) -> torch.dtype:

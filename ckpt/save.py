@@ -17,10 +17,12 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
+from .commit import report_failure
 from .describe import TensorEntry, check_json_value, flatten, local_view
-from .engine import ChunkSpec, PersistJob, StagedChunk, Timings, report_failure
+from .engine import PersistJob, StagedChunk, Timings
 from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
+from .framing import ChunkSpec
 from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
 from .stage import HostBuffer, Slot, place_chunks, stage

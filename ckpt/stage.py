@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .describe import TensorEntry, local_view
-from .engine import ChunkSpec, StagedChunk
+from .engine import StagedChunk
+from .framing import ChunkSpec
 from .plan import WriteItem
 
 ALIGN = 64  # every chunk starts on a cache line in the buffer

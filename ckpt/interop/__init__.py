@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from ..errors import CheckpointNotFoundError
 from ..format import DATA_DIR, MANIFEST, STAGING_DIR
+from ..framing import MAX_HEADER_BYTES
 from ..storage import Storage
 from .dcp import METADATA, DcpSource, export_dcp
-from .hf import INDEX_SUFFIX, MAX_HEADER_BYTES, SafetensorsSource, export_safetensors
+from .hf import INDEX_SUFFIX, SafetensorsSource, export_safetensors
 from .source import CkptSource, ForeignFormatError, Source, SourceInfo, TensorInfo, UnknownFormatError
 from .torchsave import TorchSaveSource, export_torch, looks_like_torch_save
 

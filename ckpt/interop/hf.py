@@ -11,14 +11,13 @@ writes the index last.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..engine import as_bytes, write_all
-from ..format import safetensors_code
+from ..errors import CheckpointFormatError
+from ..framing import as_bytes, frame_order, read_safetensors_header, safetensors_header, write_all
 from ..regions import Box, row_major_strides
 from ..storage import Storage
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
@@ -27,21 +26,6 @@ INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_INDEX = "model" + INDEX_SUFFIX
 SINGLE_FILE = "model.safetensors"
 VALUES_KEY = "ckpt_values"  # JSON of non-tensor entries, kept in metadata so a round trip keeps them
-MAX_HEADER_BYTES = 100 << 20
-
-
-def _code_table() -> dict[str, torch.dtype]:
-    table = {}
-    for v in vars(torch).values():
-        if isinstance(v, torch.dtype):
-            try:
-                table[safetensors_code(v)] = v
-            except KeyError:
-                pass
-    return table
-
-
-_BY_CODE = _code_table()
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -65,35 +49,14 @@ class _File:
             size = storage.size(rel)
         except FileNotFoundError:
             raise ForeignFormatError(f"{where}: no such file") from None
-        head = storage.read_range(rel, 0, 8) if size >= 8 else b""
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ForeignFormatError(f"{where}: not a safetensors file (header length {n}, file size {size})")
         try:
-            header = json.loads(storage.read_range(rel, 8, 8 + n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ForeignFormatError(f"{where}: safetensors header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise ForeignFormatError(f"{where}: safetensors header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.base = 8 + n
-        data_bytes = size - self.base
-        self.entries: dict[str, tuple[TensorInfo, int]] = {}
-        for key, d in header.items():
-            try:
-                code, shape, (start, stop) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ForeignFormatError(f"{where}: {key}: malformed header entry {d!r}") from None
-            dtype = _BY_CODE.get(code)
-            if dtype is None:
-                raise ForeignFormatError(f"{where}: {key}: dtype {code} is not supported")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if any(s < 0 for s in shape) or stop - start != nbytes or not 0 <= start <= stop <= data_bytes:
-                raise ForeignFormatError(
-                    f"{where}: {key}: bytes [{start}, {stop}) do not hold a {code} tensor of shape {list(shape)} "
-                    f"inside the {data_bytes} data bytes"
-                )
-            self.entries[key] = (TensorInfo(shape, dtype), self.base + start)
+            header = read_safetensors_header(lambda start, stop: storage.read_range(rel, start, stop), size, where)
+        except CheckpointFormatError as e:
+            raise ForeignFormatError(str(e)) from None
+        self.metadata: dict[str, str] = header.metadata
+        self.entries: dict[str, tuple[TensorInfo, int]] = {
+            name: (TensorInfo(e.shape, e.dtype), e.start) for name, e in header.entries.items()
+        }
 
     def read(self, key: str, box: Box) -> torch.Tensor:
         """Read the smallest flat range that holds ``box``, then view the box in it."""
@@ -208,21 +171,6 @@ def plan_shards(tensors: dict[str, TensorInfo], max_shard_bytes: int | None) -> 
     return shards
 
 
-def _header(tensors: dict[str, TensorInfo], keys: list[str], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
-    """Header bytes (8-byte length + JSON padded to 8) and the data order: widest dtypes
-    first, so every tensor starts at a multiple of its item size."""
-    order = sorted(keys, key=lambda k: -tensors[k].dtype.itemsize)
-    header: dict[str, Any] = {"__metadata__": metadata}
-    at = 0
-    for k in order:
-        t = tensors[k]
-        header[k] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
-        at += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw, order
-
-
 def export_safetensors(
     source: Source,
     dst: str,
@@ -279,7 +227,8 @@ def _write_file(
     slab_bytes: int,
     progress: Callable[[int], None] | None,
 ) -> None:
-    header, order = _header(tensors, keys, metadata)
+    order = frame_order(keys, lambda k: tensors[k].dtype)
+    header = safetensors_header(((k, tensors[k].dtype, tensors[k].shape) for k in order), metadata)
     with storage.open_write(rel) as f:
         write_all(f, memoryview(header))
         for k in order:

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from ..engine import as_bytes, write_all
 from ..errors import CheckpointExistsError
-from ..format import safetensors_code
+from ..framing import as_bytes, frame_order, safetensors_header, write_all
 from ..regions import Box, split_into_chunks
 from ..save import SaveOptions
 from ..storage import Storage
@@ -125,21 +124,6 @@ class CkptSink(Sink):
                 pass
 
 
-def _header(plans: list[TensorPlan], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
-    at = 0
-    for p in plans:
-        header[p.key] = {
-            "dtype": safetensors_code(p.out_dtype),
-            "shape": list(p.shape),
-            "data_offsets": [at, at + p.nbytes],
-        }
-        at += p.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
 class HFSink(Sink):
     """Hugging Face safetensors: ``model.safetensors``, or numbered shards of at most
     ``max_shard_bytes`` and ``model.safetensors.index.json``.
@@ -182,7 +166,7 @@ class HFSink(Sink):
                 size = 0
             shards[-1].append(p)
             size += p.nbytes
-        self.shards = [sorted(s, key=lambda p: -p.out_dtype.itemsize) for s in shards]
+        self.shards = [frame_order(s, lambda p: p.out_dtype) for s in shards]
         n = len(self.shards)
         self.files = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         meta = {"format": "pt", HF_MERGE_KEY: json.dumps(record, separators=(",", ":"))}
@@ -205,7 +189,8 @@ class HFSink(Sink):
             self._written.append(rel)
             self._ctx = self.storage.open_write(rel)
             self._f = self._ctx.__enter__()
-            write_all(self._f, memoryview(_header(self.shards[i], self.meta)))
+            header = safetensors_header(((p.key, p.out_dtype, p.shape) for p in self.shards[i]), self.meta)
+            write_all(self._f, memoryview(header))
         self._key = plan.key
 
     def send(self, data: torch.Tensor) -> None:

@@ -16,8 +16,9 @@ import grpc
 import torch
 
 from ckpt._proto import ckpt_pb2, ckpt_pb2_grpc
-from ckpt.engine import ChunkSpec, PersistJob, StagedChunk, Timings, object_name, persist_rank
+from ckpt.engine import PersistJob, StagedChunk, Timings, object_name, persist_rank
 from ckpt.format import dtype_from_name
+from ckpt.framing import ChunkSpec
 from ckpt.ramtier import TeeStorage
 from ckpt.regions import Box
 from ckpt.storage import Storage
