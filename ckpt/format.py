@@ -1,14 +1,17 @@
-"""The on-disk format: manifest schema, dtype names, validation.
+"""The on-disk format: manifest schema, dtype names, a manifest reader per format version, validation.
 
 docs/FORMAT.md is the normative description; this module is its reader and
 writer. The manifest is plain JSON (no pickle), written last, and validated on
-read so that a damaged or foreign file fails with a message naming it.
+read so that a damaged or foreign file fails with a message naming it. Reading
+dispatches on the manifest's ``version`` to that version's reader (``READERS``),
+so a new version is added beside the old ones instead of replacing them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +189,7 @@ class Manifest:
 
     @classmethod
     def from_json_bytes(cls, raw: bytes, where: str) -> Manifest:
+        """Parse, dispatch on ``version`` to that version's reader, and validate."""
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -193,29 +197,13 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f"{where}: not a ckpt manifest")
         version = doc.get("version")
-        if version != FORMAT_VERSION:
+        reader = READERS.get(version) if type(version) is int else None
+        if reader is None:
+            readable = ", ".join(map(str, sorted(READERS)))
             raise CheckpointFormatError(
-                f"{where}: format version {version} is not supported (this library reads {FORMAT_VERSION})"
+                f"{where}: format version {version!r} is not supported (this library reads {readable})"
             )
-        if doc.get("checksum") != CHECKSUM_ALGORITHM:
-            raise CheckpointFormatError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
-        try:
-            tensors = {k: TensorRecord.from_json(v) for k, v in doc["tensors"].items()}
-            manifest = cls(
-                save_id=doc["save_id"],
-                tensors=tensors,
-                values=doc["values"],
-                objects={k: int(v) for k, v in doc["objects"].items()},
-                block_bytes=int(doc["block_bytes"]),
-                step=doc.get("step"),
-                metrics=doc.get("metrics") or {},
-                metadata=doc.get("metadata") or {},
-                topology=doc.get("topology") or {},
-                library_version=doc.get("library_version", ""),
-                created=doc.get("created", ""),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest = reader(doc, where)
         manifest.validate(where)
         return manifest
 
@@ -247,3 +235,30 @@ class Manifest:
                 raise CheckpointFormatError(
                     f"{where}: {key}: chunks cover {covered} of {math.prod(rec.shape)} elements"
                 )
+
+
+def read_v1(doc: dict[str, Any], where: str) -> Manifest:
+    """A version 1 manifest (docs/FORMAT.md) from its parsed JSON; validated by the caller."""
+    if doc.get("checksum") != CHECKSUM_ALGORITHM:
+        raise CheckpointFormatError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
+    try:
+        return Manifest(
+            save_id=doc["save_id"],
+            tensors={k: TensorRecord.from_json(v) for k, v in doc["tensors"].items()},
+            values=doc["values"],
+            objects={k: int(v) for k, v in doc["objects"].items()},
+            block_bytes=int(doc["block_bytes"]),
+            step=doc.get("step"),
+            metrics=doc.get("metrics") or {},
+            metadata=doc.get("metadata") or {},
+            topology=doc.get("topology") or {},
+            library_version=doc.get("library_version", ""),
+            created=doc.get("created", ""),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+# The manifest reader of each format version this library reads. A new version adds its
+# reader here beside the older ones (and FORMAT_VERSION moves to it for writing).
+READERS: dict[int, Callable[[dict[str, Any], str], Manifest]] = {1: read_v1}

@@ -39,3 +39,54 @@ def test_load_leaves_the_callers_options_alone(tmp_path):
     assert opts.strict is True
     with pytest.raises(ckpt.StateDictMismatchError, match="extra"):
         ckpt.load({"w": torch.zeros(4)}, uri, options=opts)
+
+
+def _rewrite_manifest(uri: str, edit) -> None:
+    path = os.path.join(uri, "manifest.json")
+    with open(path) as f:
+        doc = json.load(f)
+    edit(doc)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+def test_unknown_format_version_names_the_file_and_the_versions_read(tmp_path, version):
+    uri = str(tmp_path / "c")
+    ckpt.save({"w": torch.ones(4)}, uri)
+    _rewrite_manifest(uri, lambda doc: doc.update(version=version))
+    with pytest.raises(ckpt.CheckpointFormatError) as ei:
+        ckpt.load({"w": torch.zeros(4)}, uri)
+    msg = str(ei.value)
+    assert os.path.join(uri, "manifest.json") in msg and f"format version {version!r}" in msg, msg
+    assert "this library reads 1" in msg, msg
+
+
+def test_a_reader_for_a_new_version_sits_beside_v1(tmp_path, monkeypatch):
+    """A v2 manifest (here: v1 with a renamed field) is read by the v2 reader once one is
+    registered, and v1 checkpoints still go to the v1 reader."""
+    from ckpt import format
+
+    old, new = str(tmp_path / "v1"), str(tmp_path / "v2")
+    ckpt.save({"w": torch.arange(4.0)}, old)
+    ckpt.save({"w": torch.arange(4.0) + 10}, new)
+
+    def to_v2(doc):
+        doc["version"] = 2
+        doc["tensor_records"] = doc.pop("tensors")
+
+    _rewrite_manifest(new, to_v2)
+    with pytest.raises(ckpt.CheckpointFormatError, match="format version 2 is not supported"):
+        ckpt.load({"w": torch.zeros(4)}, new)
+
+    def read_v2(doc, where):
+        return format.read_v1({**doc, "tensors": doc["tensor_records"]}, where)
+
+    monkeypatch.setitem(format.READERS, 2, read_v2)
+    for uri, want in ((old, torch.arange(4.0)), (new, torch.arange(4.0) + 10)):
+        target = {"w": torch.zeros(4)}
+        ckpt.load(target, uri)
+        assert torch.equal(target["w"], want)
+    with pytest.raises(ckpt.CheckpointFormatError, match="this library reads 1, 2"):
+        _rewrite_manifest(old, lambda doc: doc.update(version=3))
+        ckpt.load({"w": torch.zeros(4)}, old)
