@@ -49,7 +49,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 import ckpt
-from ckpt.client import daemon_persister
+from ckpt.client import ram_tier_lookup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLS = 2048
@@ -322,7 +322,7 @@ def bench_rank(rank: int, world: int, cfg: Config) -> dict[str, Any]:
             # Its RAM tier copies the checkpoint after the commit, off this save's critical path;
             # let that finish so it does not run into the next system's save (in training, saves
             # are minutes apart). Lookup answers once no copy of ``path`` is on its way.
-            daemon_persister(cfg.daemons[name]).lookup(path)
+            ram_tier_lookup(cfg.daemons[name], path)
         dist.barrier()
         if rank == 0 and name != "floor":
             shutil.rmtree(path, ignore_errors=True)

@@ -1,8 +1,10 @@
-"""Client of the node-local daemon (``ckpt-server``): hand over staged snapshots.
+"""Client of the node-local daemon (``ckpt-server``): hand over staged snapshots, look up its RAM tier.
 
 Over a Unix socket the snapshot stays where it was staged (a /dev/shm file the
 daemon maps); over TCP its bytes are streamed. Either way the daemon persists
-and commits with the same engine as the in-process path.
+and commits with the same engine as the in-process path. The load path asks
+the same daemon, over the same channel, what it holds in RAM
+(:func:`ram_tier_lookup`); that is a read, so it does not go through the persister.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import threading
 from concurrent.futures import Future
+from typing import NamedTuple
 
 import grpc
 
@@ -33,17 +36,12 @@ _RECONNECT = [
 ]
 
 
-class DaemonPersister:
-    """Persists through a ckpt-server; one per address per process."""
-
-    name = "daemon"
-    needs_host_buffer = True
+class DaemonChannel:
+    """One gRPC channel to a ckpt-server, with the bearer token its calls carry."""
 
     def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
-        self.needs_shared_memory = address.startswith("unix:")
-        token = token or os.environ.get("CKPT_SERVER_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         ca = os.environ.get("CKPT_SERVER_TLS_CA")
         options = [
             ("grpc.max_receive_message_length", 64 << 20),
@@ -55,16 +53,55 @@ class DaemonPersister:
                 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()), options)
         else:
             channel = grpc.insecure_channel(address, options)
-        self._channel = channel
+        self.channel = channel
         self.stub = ckpt_pb2_grpc.CheckpointerStub(channel)
 
-    def lookup(self, uri: str) -> tuple[str, str, set[str]] | None:
-        """The daemon's RAM-tier copy of ``uri``: (save_id, directory, objects), or None."""
-        try:
-            reply = self.stub.Lookup(ckpt_pb2.LookupRequest(uri=uri), timeout=10, metadata=self._metadata)
-        except grpc.RpcError:
-            return None
-        return (reply.save_id, reply.directory, set(reply.objects)) if reply.found else None
+
+_channels: dict[tuple[str, str | None], DaemonChannel] = {}
+_lock = threading.Lock()
+
+
+def daemon_channel(address: str) -> DaemonChannel:
+    """The channel to ``address`` with the current $CKPT_SERVER_TOKEN (read on every
+    call, so a rotated token takes effect without restarting the trainer)."""
+    token = os.environ.get("CKPT_SERVER_TOKEN") or None
+    with _lock:
+        if (address, token) not in _channels:
+            _channels[address, token] = DaemonChannel(address, token)
+        return _channels[address, token]
+
+
+class RamTierCopy(NamedTuple):
+    """What a daemon holds in its RAM tier of one checkpoint location."""
+
+    save_id: str
+    directory: str  # where on this node the copied objects are
+    objects: set[str]
+
+
+def ram_tier_lookup(address: str, uri: str) -> RamTierCopy | None:
+    """The RAM-tier copy of ``uri`` held by the daemon at ``address``; None when it holds
+    none or cannot be asked (the caller then reads storage)."""
+    channel = daemon_channel(address)
+    try:
+        reply = channel.stub.Lookup(ckpt_pb2.LookupRequest(uri=uri), timeout=10, metadata=channel.metadata)
+    except grpc.RpcError:
+        return None
+    return RamTierCopy(reply.save_id, reply.directory, set(reply.objects)) if reply.found else None
+
+
+class DaemonPersister:
+    """Persists through a ckpt-server over its :class:`DaemonChannel`."""
+
+    name = "daemon"
+    needs_host_buffer = True
+
+    def __init__(self, channel: DaemonChannel) -> None:
+        self.address = channel.address
+        self.needs_shared_memory = channel.address.startswith("unix:")
+        self._channel = channel.channel
+        self._metadata = channel.metadata
+        self.stub = channel.stub
 
     def shm_path(self, tag: str) -> str:
         return f"/dev/shm/ckpt-{os.getpid()}-{tag}"
@@ -193,15 +230,6 @@ def _parts(request: ckpt_pb2.PersistRequest, buf: HostBuffer):
         yield ckpt_pb2.PersistPart(data=bytes(view[at : at + STREAM_PART_BYTES]))
 
 
-_persisters: dict[tuple[str, str | None], DaemonPersister] = {}
-_lock = threading.Lock()
-
-
 def daemon_persister(address: str) -> DaemonPersister:
-    """The persister for ``address`` with the current $CKPT_SERVER_TOKEN (read on every
-    save, so a rotated token takes effect without restarting the trainer)."""
-    token = os.environ.get("CKPT_SERVER_TOKEN") or None
-    with _lock:
-        if (address, token) not in _persisters:
-            _persisters[address, token] = DaemonPersister(address, token)
-        return _persisters[address, token]
+    """The persister for ``address`` on its current channel (see :func:`daemon_channel`)."""
+    return DaemonPersister(daemon_channel(address))

@@ -87,9 +87,9 @@ def load(
 
 def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage | RamTierStorage:
     """Serve objects from the daemon's RAM copy when it is a copy of this very save."""
-    from .client import daemon_persister
+    from .client import ram_tier_lookup
 
-    found = daemon_persister(daemon).lookup(storage.uri)
+    found = ram_tier_lookup(daemon, storage.uri)
     if found is None:
         return storage
     save_id, directory, objects = found

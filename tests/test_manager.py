@@ -326,9 +326,9 @@ def test_restore_through_the_ram_tier_and_with_it_cleared(tmp_path, daemon, monk
     assert served and all(from_ram for from_ram, _ in served), "the RAM tier did not serve the restore"
 
     from ckpt._proto import ckpt_pb2
-    from ckpt.client import daemon_persister
+    from ckpt.client import daemon_channel
 
-    daemon_persister(daemon).stub.ClearRamTier(ckpt_pb2.ClearRequest())
+    daemon_channel(daemon).stub.ClearRamTier(ckpt_pb2.ClearRequest())
     served.clear()
     target = {"w": torch.zeros(256, 256), "step": -1}
     assert restore.restore(target) == 3

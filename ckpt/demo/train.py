@@ -111,10 +111,10 @@ def ram_tier_report(daemon: str, uri: str) -> dict[str, Any]:
     The same test ``load`` applies: the daemon's copy is used when it is of the
     very save the manifest names, and then serves every object it holds.
     """
-    from ckpt.client import daemon_persister
+    from ckpt.client import ram_tier_lookup
 
     manifest = CheckpointReader(uri).manifest
-    found = daemon_persister(daemon).lookup(uri)
+    found = ram_tier_lookup(daemon, uri)
     total = sum(manifest.objects.values())
     if found is None:
         return {"served": False, "why": "the daemon holds no copy of it", "bytes": 0, "total": total}
