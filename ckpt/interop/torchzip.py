@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..engine import as_bytes
+from ..framing import as_bytes
 from ..storage import Storage
 from .safe_pickle import StorageRef, load_pickle
 from .source import ForeignFormatError
