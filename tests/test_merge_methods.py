@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt.merge import EMA, MWA, Explicit, Method, SourceInfo, Uniform, WeightError, mwa_weights, register_method
+from ckpt.merge import EMA, MWA, Explicit, MergeSourceInfo, Method, Uniform, WeightError, mwa_weights, register_method
 from ckpt.merge.methods import check_weights, ema_weights, make_method, method_names
 
 metrics = st.lists(st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=20)
@@ -18,9 +18,9 @@ penalties = st.floats(0.0, 50.0, allow_nan=False)
 coarse_metrics = st.lists(st.integers(-(10**9), 10**9).map(lambda i: i / 1000), min_size=1, max_size=20)
 
 
-def series(n: int, steps=None, metrics=None) -> list[SourceInfo]:
+def series(n: int, steps=None, metrics=None) -> list[MergeSourceInfo]:
     return [
-        SourceInfo(i, f"mem://c{i}", None if steps is None else steps[i], {} if metrics is None else metrics[i])
+        MergeSourceInfo(i, f"mem://c{i}", None if steps is None else steps[i], {} if metrics is None else metrics[i])
         for i in range(n)
     ]
 

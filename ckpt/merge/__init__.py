@@ -13,7 +13,7 @@ Note: ``ckpt.merge`` is the function; import this package's modules as
 from .driver import FORMATS, MergeResult, merge
 from .errors import EvaluationError, MergeError, SourceMismatchError, WeightError
 from .lcsc import LCSC, SearchMethod
-from .methods import EMA, MWA, Explicit, Method, SourceInfo, Uniform, method_names, mwa_weights, register_method
+from .methods import EMA, MWA, Explicit, MergeSourceInfo, Method, Uniform, method_names, mwa_weights, register_method
 
 __all__ = [
     "EMA",
@@ -24,9 +24,9 @@ __all__ = [
     "Explicit",
     "MergeError",
     "MergeResult",
+    "MergeSourceInfo",
     "Method",
     "SearchMethod",
-    "SourceInfo",
     "SourceMismatchError",
     "Uniform",
     "WeightError",

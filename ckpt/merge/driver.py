@@ -19,7 +19,7 @@ from .lcsc import SearchMethod
 from .methods import Method, check_weights, make_method
 from .sinks import CkptSink, HFSink, Sink, SinkThread
 from .sources import (
-    Source,
+    MergeSource,
     TensorPlan,
     open_sources,
     parse_dtype,
@@ -155,7 +155,7 @@ def merge(
     )
 
 
-def _check_output_is_new(srcs: Sequence[Source], output: str, storage_options: dict[str, Any]) -> None:
+def _check_output_is_new(srcs: Sequence[MergeSource], output: str, storage_options: dict[str, Any]) -> None:
     from ..storage import Storage
 
     out = Storage(output, **storage_options)
@@ -165,14 +165,14 @@ def _check_output_is_new(srcs: Sequence[Source], output: str, storage_options: d
             raise MergeError(f"the output {output!r} is one of the sources; write the merge elsewhere")
 
 
-def _itemsizes(summed: Sequence[Source]) -> Callable[[int, str], int]:
+def _itemsizes(summed: Sequence[MergeSource]) -> Callable[[int, str], int]:
     def itemsize(src: int, key: str) -> int:
         return summed[src].reader.record(key).dtype.itemsize
 
     return itemsize
 
 
-def _reader(summed: Sequence[Source]) -> Callable[[Request, BufferPool], torch.Tensor]:
+def _reader(summed: Sequence[MergeSource]) -> Callable[[Request, BufferPool], torch.Tensor]:
     def read(req: Request, pool: BufferPool) -> torch.Tensor:
         reader = summed[req.src].reader
         out = pool.take(req.stop - req.start, reader.record(req.key).dtype)
@@ -211,7 +211,7 @@ def _stream(jobs, sink: Sink, summed, itemsizes, work_bytes, io_threads, prefetc
 
 
 def _builder(
-    summed: Sequence[Source],
+    summed: Sequence[MergeSource],
     plans: dict[str, TensorPlan],
     sink: Sink,
     base_idx: int,

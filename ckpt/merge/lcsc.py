@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import EvaluationError, MergeError
-from .methods import MWA, Method, SourceInfo, ema_weights, register_method
+from .methods import MWA, MergeSourceInfo, Method, ema_weights, register_method
 
 Build = Callable[[Sequence[float]], dict[str, torch.Tensor]]
 
@@ -63,11 +63,11 @@ def _fmt(c: Sequence[float]) -> str:
 class SearchMethod(Method):
     """A method whose weights come from evaluating candidates (the driver calls :meth:`search`)."""
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         raise MergeError(f"method {self.name!r} searches: call it through ckpt.merge(...)")
 
     def search(
-        self, series: Sequence[SourceInfo], build: Build, progress: bool = False
+        self, series: Sequence[MergeSourceInfo], build: Build, progress: bool = False
     ) -> tuple[list[float], dict[str, Any]]:
         """Weights (aligned with ``series``) and a JSON record of the search."""
         raise NotImplementedError
@@ -109,7 +109,7 @@ class LCSC(SearchMethod):
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "evaluate": self.spec, "budget": self.budget, "seed": self.seed}
 
-    def starting_points(self, series: Sequence[SourceInfo]) -> list[tuple[str, list[float]]]:
+    def starting_points(self, series: Sequence[MergeSourceInfo]) -> list[tuple[str, list[float]]]:
         """The recipes the search must beat: uniform, MWA, EMA series, each checkpoint alone."""
         n = len(series)
         pts: list[tuple[str, list[float]]] = [("uniform", [1.0 / n] * n)]
@@ -132,7 +132,7 @@ class LCSC(SearchMethod):
         return out
 
     def search(
-        self, series: Sequence[SourceInfo], build: Build, progress: bool = False
+        self, series: Sequence[MergeSourceInfo], build: Build, progress: bool = False
     ) -> tuple[list[float], dict[str, Any]]:
         from tqdm.auto import tqdm
 

@@ -21,7 +21,7 @@ SUM_TOLERANCE = 1e-6  # explicit weights must sum to 1 within this (relative to 
 
 
 @dataclass(frozen=True)
-class SourceInfo:
+class MergeSourceInfo:
     """What a method may know of one source: its place in the caller's list, step, metrics."""
 
     position: int
@@ -36,7 +36,7 @@ class Method(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         """One weight per source, aligned with ``series``."""
 
     def describe(self) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class Uniform(Method):
 
     name = "uniform"
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         return [1.0 / len(series)] * len(series)
 
 
@@ -117,7 +117,7 @@ class Explicit(Method):
         self.given = [float(x) for x in weights]
         self.normalize, self.allow_negative, self.require_sum_one = normalize, allow_negative, require_sum_one
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         w = check_weights(self.given, len(series), "explicit weights")
         negative = [i for i, x in enumerate(w) if x < 0]
         if negative and not self.allow_negative:
@@ -163,7 +163,7 @@ class EMA(Method):
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = float(decay)
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         return ema_weights(len(series), self.decay)
 
     def describe(self) -> dict[str, Any]:
@@ -215,7 +215,7 @@ class MWA(Method):
         self.penalty = float(penalty)
         self.higher_is_better = (metric is None) if higher_is_better is None else bool(higher_is_better)
 
-    def values(self, series: Sequence[SourceInfo]) -> list[float]:
+    def values(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         out = []
         for s in series:
             if self.metric is None:
@@ -232,7 +232,7 @@ class MWA(Method):
             out.append(v)
         return out
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         return mwa_weights(self.values(series), self.penalty, self.higher_is_better)
 
     def describe(self) -> dict[str, Any]:
@@ -258,7 +258,7 @@ class TaskArithmetic(Method):
     def __init__(self, pretrained: int = 0, scale: float = 1.0) -> None:
         self.pretrained, self.scale = int(pretrained), float(scale)
 
-    def weights(self, series: Sequence[SourceInfo]) -> list[float]:
+    def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         n = len(series)
         if n < 2:
             raise WeightError("task arithmetic needs a base model and at least one fine-tuned model")

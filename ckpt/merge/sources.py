@@ -21,7 +21,7 @@ import torch
 from ..load import LoadOptions
 from ..reader import CheckpointReader
 from .errors import MergeError, SourceMismatchError
-from .methods import SourceInfo
+from .methods import MergeSourceInfo
 
 _DTYPE_ALIASES = {
     "fp64": torch.float64,
@@ -54,18 +54,18 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 @dataclass
-class Source:
-    """One opened checkpoint."""
+class MergeSource:
+    """One opened source of a merge: its reader, and what weighting methods may know of it."""
 
     reader: CheckpointReader
-    info: SourceInfo
+    info: MergeSourceInfo
 
     @property
     def uri(self) -> str:
         return self.info.uri
 
 
-def open_sources(uris: Sequence[str], load_options: LoadOptions | None = None) -> list[Source]:
+def open_sources(uris: Sequence[str], load_options: LoadOptions | None = None) -> list[MergeSource]:
     """Open every source (manifests only), in the caller's order."""
     if not uris:
         raise MergeError("no sources to merge")
@@ -79,22 +79,22 @@ def open_sources(uris: Sequence[str], load_options: LoadOptions | None = None) -
             raise MergeError(f"source {uri!r} is given twice (also as {seen[where]!r})")
         seen[where] = uri
         m = reader.manifest
-        out.append(Source(reader, SourceInfo(i, uri, m.step, dict(m.metrics))))
+        out.append(MergeSource(reader, MergeSourceInfo(i, uri, m.step, dict(m.metrics))))
     return out
 
 
-def series_order(sources: Sequence[Source]) -> list[Source]:
+def series_order(sources: Sequence[MergeSource]) -> list[MergeSource]:
     """By step (ties keep the caller's order) when every source records a step."""
     if all(s.info.step is not None for s in sources):
         return sorted(sources, key=lambda s: (s.info.step, s.info.position))
     return list(sources)
 
 
-def summation_order(sources: Sequence[Source]) -> list[Source]:
+def summation_order(sources: Sequence[MergeSource]) -> list[MergeSource]:
     return sorted(sources, key=lambda s: (s.uri, s.reader.manifest.save_id))
 
 
-def pick_base(sources: Sequence[Source], base: int | str | None) -> Source:
+def pick_base(sources: Sequence[MergeSource], base: int | str | None) -> MergeSource:
     """The source whose JSON values and non-floating tensors the output takes.
 
     Default: the latest in the series (highest step, else the last given)."""
@@ -139,8 +139,8 @@ def _selected(key: str, include: Sequence[str] | None, exclude: Sequence[str] | 
 
 
 def plan_tensors(
-    sources: Sequence[Source],
-    base: Source,
+    sources: Sequence[MergeSource],
+    base: MergeSource,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
