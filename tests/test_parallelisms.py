@@ -30,12 +30,16 @@ import itertools
 import math
 
 import pytest
+import torch
 import torch.distributed as dist
 from dist import run_ranks
 from parallel_train import LAYOUTS, WORLD
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 import ckpt
 from ckpt.describe import walk
+from ckpt.errors import UnsupportedValueError
 
 K, M = 2, 3  # steps before the save, steps after it
 SLOW_K, SLOW_M = 4, 8
@@ -73,8 +77,21 @@ def resume(name: str, root: str, source: str, k: int, m: int, fresh_optimizer: b
     return {"probe": probe, "losses": [t.train_step(s) for s in range(k, k + m)]}
 
 
+def partial_refusal(root: str) -> str:
+    """What saving an unreduced (``Partial``) DTensor raises on this rank."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    grad = DTensor.from_local(torch.ones(3), mesh, [Shard(0), Partial()])
+    try:
+        ckpt.save({"model": {"w": grad}}, f"{root}/partial")
+    except UnsupportedValueError as e:
+        return str(e)
+    return "saved"
+
+
 def matrix_job(rank: int, world: int, root: str, saves, loads, k: int, m: int, control: bool) -> dict:
     out = {"ref": {n: train_and_save(n, root, k, m) for n in saves}, "resumed": {}}
+    if world == 4:
+        out["partial"] = partial_refusal(root)
     dist.barrier()  # every checkpoint is committed before any rank loads one
     for source, target in loads:
         out["resumed"][source, target] = resume(target, root, source, k, m)
@@ -92,6 +109,7 @@ def run_matrix(root: str, k: int, m: int) -> dict:
         assert r == four[0], "ranks report different losses"
     last = run_ranks(matrix_job, 1, root, [], [(s, "plain") for s in ALL], k, m, True, start_method="forkserver")[0]
     return {
+        "partial": four[0]["partial"],
         "ref": {**first["ref"], **four[0]["ref"]},
         "resumed": {**four[0]["resumed"], **last["resumed"]},
         "control": last["control"],
@@ -136,6 +154,11 @@ def test_losing_the_optimizer_state_is_caught(matrix) -> None:
     want = matrix["ref"]["plain"]["losses"][K:]
     worst = max(abs(a - b) / abs(b) for a, b in zip(matrix["control"]["losses"], want))
     assert worst > 100 * LOSS_RTOL, worst
+
+
+def test_a_partial_dtensor_is_refused_naming_key_and_placement(matrix) -> None:
+    msg = matrix["partial"]
+    assert "model.w" in msg and "Partial(sum)" in msg and "mesh dim 1" in msg, msg
 
 
 @pytest.mark.slow
