@@ -54,6 +54,7 @@ policies = st.builds(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(infos, policies, st.data())
 def test_retention_never_deletes_newest_committed_or_in_flight(cps, policy, data):

@@ -74,6 +74,7 @@ def check_layout(shape, mesh_shape, placements) -> None:
     assert bool(seen.all()), "the coordinates' pieces do not cover the global tensor"
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(layouts())
 def test_pieces_hold_exactly_what_torch_places_there(layout) -> None:

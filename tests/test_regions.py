@@ -286,6 +286,7 @@ def planning_case(draw):
     return needs, s, (lambda n: (n.piece + direct_seed) % 3 != 0)
 
 
+@pytest.mark.slow
 @settings(PROPS, max_examples=150)
 @given(planning_case())
 def test_plan_reads_invariants(case):
