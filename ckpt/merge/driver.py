@@ -123,7 +123,7 @@ def merge(
         raise WeightError(f"{m.name}: every weight is zero")
     weight_of = {s.uri: w for s, w in zip(series, w_series)}
     record = {
-        **m.describe(),
+        **m.to_json(),
         "sources": [
             {
                 "uri": s.uri,

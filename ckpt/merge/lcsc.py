@@ -106,7 +106,7 @@ class LCSC(SearchMethod):
         self.budget, self.seed, self.metric = int(budget), int(seed), metric
         self.higher_is_better, self.max_abs, self.cache_bytes = higher_is_better, float(max_abs), int(cache_bytes)
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {"method": self.name, "evaluate": self.spec, "budget": self.budget, "seed": self.seed}
 
     def starting_points(self, series: Sequence[MergeSourceInfo]) -> list[tuple[str, list[float]]]:
@@ -222,7 +222,7 @@ class LCSC(SearchMethod):
 
         value, coeffs, label = best
         record = {
-            **self.describe(),
+            **self.to_json(),
             "fitness": value,
             "best": label,
             "coefficients": [{"uri": s.uri, "step": s.step, "coefficient": c} for s, c in zip(series, coeffs)],

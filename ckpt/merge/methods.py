@@ -39,7 +39,7 @@ class Method(ABC):
     def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         """One weight per source, aligned with ``series``."""
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The method and its options, as recorded in the output's metadata."""
         return {"method": self.name}
 
@@ -137,7 +137,7 @@ class Explicit(Method):
             )
         return [w[s.position] for s in series]
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {"method": self.name, "weights": self.given, "normalize": self.normalize}
 
 
@@ -166,7 +166,7 @@ class EMA(Method):
     def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         return ema_weights(len(series), self.decay)
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {"method": self.name, "decay": self.decay}
 
 
@@ -235,7 +235,7 @@ class MWA(Method):
     def weights(self, series: Sequence[MergeSourceInfo]) -> list[float]:
         return mwa_weights(self.values(series), self.penalty, self.higher_is_better)
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "method": self.name,
             "metric": self.metric or "step",
@@ -269,5 +269,5 @@ class TaskArithmetic(Method):
         base = self.pretrained % n
         return [1.0 - self.scale * (n - 1) if s.position == base else self.scale for s in series]
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         return {"method": self.name, "pretrained": self.pretrained, "scale": self.scale}
