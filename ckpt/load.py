@@ -66,6 +66,9 @@ def load(
 
     Tensors (plain, DTensor, ``Sharded``) are filled in place; JSON values are
     assigned into their containers. Returns the manifest (step, metrics, ...).
+    A checkpoint in another format (``ckpt.interop``: DCP, DeepSpeed, Megatron
+    ``torch_dist``, ByteCheckpoint, safetensors, ``torch.save``) is read in place
+    the same way, and its ``SourceInfo`` (step, metadata) is returned.
     """
     options = dataclasses.replace(options or LoadOptions())  # the caller's options stay as they were
     if strict is not None:
@@ -73,7 +76,15 @@ def load(
     if allow_dtype_cast is not None:
         options.allow_dtype_cast = allow_dtype_cast
     storage: Storage | RamTierStorage = Storage(uri, **options.storage_options)
-    manifest = read_manifest(storage)
+    try:
+        manifest = read_manifest(storage)
+    except CheckpointNotFoundError:
+        from .interop.load_source import load_foreign  # DCP, DeepSpeed, Megatron, HF... read in place
+
+        info = load_foreign(state_dict, uri, options)
+        if info is None:
+            raise
+        return info  # type: ignore[return-value]
     if options.daemon:
         storage = _with_ram_tier(storage, manifest, options.daemon)
     tensors, values, refs = flatten(state_dict)

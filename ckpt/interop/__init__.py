@@ -1,7 +1,8 @@
 """Checkpoints in other formats: detect, read (as a :class:`Source`), convert, export.
 
 Formats: this library's own (``manifest.json``), torch DCP directories
-(``.metadata``), Hugging Face safetensors (a file, or shards with an index) and
+(``.metadata``), DeepSpeed checkpoint directories (ZeRO 1/2/3, universal),
+Hugging Face safetensors (a file, or shards with an index) and
 ``torch.save`` files. Nothing here unpickles code.
 """
 
@@ -12,16 +13,18 @@ from ..format import DATA_DIR, MANIFEST, STAGING_DIR
 from ..framing import MAX_HEADER_BYTES
 from ..storage import Storage
 from .dcp import METADATA, DcpSource, export_dcp
+from .deepspeed import DeepSpeedSource, looks_like_deepspeed
 from .hf import INDEX_SUFFIX, SafetensorsSource, export_safetensors
 from .source import CkptSource, ForeignFormatError, Source, SourceInfo, TensorInfo, UnknownFormatError
 from .torchsave import TorchSaveSource, export_torch, looks_like_torch_save
 
-FORMATS = ("ckpt", "dcp", "safetensors", "torch")
+FORMATS = ("ckpt", "dcp", "deepspeed", "safetensors", "torch")
 
 __all__ = [
     "FORMATS",
     "CkptSource",
     "DcpSource",
+    "DeepSpeedSource",
     "ForeignFormatError",
     "SafetensorsSource",
     "Source",
@@ -57,6 +60,8 @@ def detect_format(uri: str) -> str:
             return "ckpt"
         if METADATA in names:
             return "dcp"
+        if looks_like_deepspeed(names):
+            return "deepspeed"
         if any(n.endswith(INDEX_SUFFIX) or n.endswith(".safetensors") for n in names):
             return "safetensors"
         if DATA_DIR in names or STAGING_DIR in names:
@@ -76,7 +81,8 @@ def detect_format(uri: str) -> str:
 
 _UNKNOWN = (
     "not a checkpoint this tool reads (expected a ckpt checkpoint with manifest.json, a DCP directory "
-    "with .metadata, a .safetensors file or a directory with model.safetensors(.index.json), or a torch.save file)"
+    "with .metadata, a DeepSpeed checkpoint directory (latest, *_model_states.pt), "
+    "a .safetensors file or a directory with model.safetensors(.index.json), or a torch.save file)"
 )
 
 
@@ -87,6 +93,8 @@ def open_source(uri: str, fmt: str | None = None) -> Source:
         return CkptSource(uri)
     if fmt == "dcp":
         return DcpSource(uri)
+    if fmt == "deepspeed":
+        return DeepSpeedSource(uri)
     if fmt == "safetensors":
         return SafetensorsSource(uri)
     if fmt == "torch":

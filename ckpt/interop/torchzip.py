@@ -102,12 +102,12 @@ class TorchArchive:
     def _read(self, info: zipfile.ZipInfo, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
         at = self._data_at.get(info.filename)
         if at is None:
-            start = self.base + info.header_offset
-            head = self.storage.read_range(self.rel, start, start + 30)
+            hdr = self.base + info.header_offset
+            head = self.storage.read_range(self.rel, hdr, hdr + 30)
             sig, *_, n_name, n_extra = _LOCAL_HEADER.unpack(head)
             if sig != b"PK\x03\x04":
                 raise ForeignFormatError(f"{self.where}: damaged zip: no local header for {info.filename}")
-            at = self._data_at[info.filename] = start + 30 + n_name + n_extra
+            at = self._data_at[info.filename] = hdr + 30 + n_name + n_extra
         isz = dtype.itemsize
         out = torch.empty(stop - start, dtype=dtype)
         if stop > start:
