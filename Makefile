@@ -15,7 +15,7 @@ FAST := not dist and not s3 and not daemon and not slow
 	python3 -m venv .venv
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[dev,s3,zstd]' $(TORCH)
+	DS_BUILD_OPS=0 $(PIP) -e '.[dev,s3,zstd,test]' $(TORCH)
 	touch $@
 
 setup: .venv/.installed

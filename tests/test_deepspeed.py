@@ -21,7 +21,7 @@ from ckpt.interop import DeepSpeedSource, detect_format, open_source  # noqa: E4
 from ckpt.interop.safe_pickle import UnsafePickleError  # noqa: E402
 from ckpt.interop.source import ForeignFormatError  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
