@@ -47,7 +47,7 @@ class TargetLayout:
         sizes = tuple(hi - lo if d == self.dim else s for d, s in enumerate(shape))
         return Box(offsets, sizes)
 
-    def describe(self) -> str:
+    def __str__(self) -> str:
         return f"Shard({self.dim}) over {self.world} ranks"
 
 
@@ -90,7 +90,7 @@ def reshard_for(
         writer = CheckpointWriter(dst, options)
         mine += [f"{DATA_DIR}/{writer.save_id}-", f"{STAGING_DIR}/{writer.save_id}"]
         for key, t in tensors.items():
-            kind = "replicated" if layout.shard(t.shape, 0) is None else layout.describe()
+            kind = "replicated" if layout.shard(t.shape, 0) is None else str(layout)
             writer.declare(key, t.shape, t.dtype, layout=f"{kind} (offline layout)")
         for chunks in [*per_rank, shared]:
             if not chunks:

@@ -402,9 +402,11 @@ def test_reshard_for_world_one_contiguous_object_per_rank(tmp_path, world, dim):
     dst = str(tmp_path / "laid")
     code, out, err = run_cli("reshard", src, dst, "--for-world", str(world), "--layout", f"shard{dim}")
     assert code == 0, err
+    assert f"laid out for Shard({dim}) over {world} ranks" in out
     assert run_cli("diff", src, dst)[0] == 0
     m = CheckpointReader(dst).manifest
     assert m.topology["laid_out_for"] == {"world_size": world, "shard_dim": dim}
+    assert m.tensors["w"].layout == f"Shard({dim}) over {world} ranks (offline layout)"
     layout = TargetLayout(world, dim)
     settings = ReadSettings(m.block_bytes, True, LoadOptions().max_gap_bytes, LoadOptions().max_read_bytes)
     rank_objects = set()

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                     raise UsageError(f"--layout {args.layout!r}: expected shard0, shard1, ...")
                 layout = TargetLayout(args.for_world, int(m.group(1)))
                 manifest = reshard_for(src, args.dst, layout, options, progress=tick)
-                how = f"laid out for {layout.describe()}"
+                how = f"laid out for {layout}"
             else:
                 manifest = convert(src, args.dst, options, progress=tick)
                 how = f"rechunked to {format_size(options.chunk_bytes)} chunks"
