@@ -63,7 +63,7 @@ def step_from_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def inspect(uri: str, name: str, storage_options: dict[str, Any] | None = None) -> Entry | None:
+def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None) -> Entry | None:
     """What is at ``uri``, or None if it is not a checkpoint at all."""
     storage = Storage(uri, **(storage_options or {}))
     storage.invalidate()
@@ -91,14 +91,14 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{root}: no such directory")
     entries = []
-    own = inspect(root, ".", storage_options)
+    own = entry_at(root, ".", storage_options)
     if own is not None:
         entries.append(own)
     latest = latest_name(storage)
     for name in storage.listdir(""):
         if name.startswith((".", "_")) or name == DATA_DIR or not storage.fs.isdir(storage.path(name)):
             continue
-        e = inspect(child_uri(root, name), name, storage_options)
+        e = entry_at(child_uri(root, name), name, storage_options)
         if e is not None:
             e.latest = name == latest
             entries.append(e)
