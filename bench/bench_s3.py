@@ -18,7 +18,7 @@ cores with the clients, and this floor shows how much of the wall time no
 client could save (see bench/README.md).
 
 --sweep also times ckpt saves over multipart part sizes and concurrencies
-(the figures behind ckpt/s3.py's defaults).
+(the figures behind ckpt/storage/s3.py's defaults).
 
     .venv/bin/python bench/bench_s3.py --gib 1 --repeats 3
 """

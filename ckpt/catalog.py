@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
 from .load import read_manifest
 from .retention import CheckpointInfo, RetentionPolicy, select_deletions
-from .storage import Storage
+from .storage import FsspecStorage, Storage, open_storage
 
 COMPLETE, INCOMPLETE, DAMAGED = "complete", "incomplete", "damaged"
 STALE_UPLOAD_S = 24 * 3600.0  # no save takes this long: an upload this old lost its writer
@@ -65,7 +65,7 @@ def step_from_name(name: str) -> int | None:
 
 def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None) -> Entry | None:
     """What is at ``uri``, or None if it is not a checkpoint at all."""
-    storage = Storage(uri, **(storage_options or {}))
+    storage = open_storage(uri, **(storage_options or {}))
     storage.invalidate()
     names = set(storage.listdir(""))
     if MANIFEST in names:
@@ -86,7 +86,7 @@ def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None)
 
 def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry]:
     """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
-    storage = Storage(root, **(storage_options or {}))
+    storage = open_storage(root, **(storage_options or {}))
     storage.invalidate()
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{root}: no such directory")
@@ -135,7 +135,7 @@ class Upload:
 
 
 def open_uploads(root: str, storage_options: dict[str, Any] | None = None) -> list[Upload]:
-    storage = Storage(root, **(storage_options or {}))
+    storage = open_storage(root, **(storage_options or {}))
     return [Upload(k, u, t) for k, u, t in storage.open_uploads()]
 
 
@@ -156,13 +156,13 @@ def stale_uploads(
 
 
 def abort_upload(root: str, upload: Upload, storage_options: dict[str, Any] | None = None) -> None:
-    Storage(root, **(storage_options or {})).abort_upload(upload.key, upload.upload_id)
+    open_storage(root, **(storage_options or {})).abort_upload(upload.key, upload.upload_id)
 
 
 def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:
     """Remove a checkpoint; the manifest goes first, so an interrupted delete leaves
     an incomplete checkpoint (invisible to loaders), never a complete one with holes."""
-    storage = Storage(entry.uri, **(storage_options or {}))
+    storage = open_storage(entry.uri, **(storage_options or {}))
     if entry.status == COMPLETE:
         storage.delete(MANIFEST)
     storage.delete("", recursive=True)
@@ -178,7 +178,7 @@ def latest_name(storage: Storage) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _contents(storage: Storage) -> tuple[int, float | None, int]:
+def _contents(storage: FsspecStorage) -> tuple[int, float | None, int]:
     """(total bytes, newest modification time, number of files) under a checkpoint."""
     try:
         found = storage.fs.find(storage.root, detail=True)

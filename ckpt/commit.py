@@ -63,9 +63,9 @@ def report_failure(storage: Storage, save_id: str, rank: int, error: BaseExcepti
 
 
 def poll_cap(storage: Storage) -> float:
-    """Longest pause between polls of the commit protocol: short on a local disk; on an
-    object store every poll is a request per rank, so back off to a second."""
-    return 0.05 if storage.local else 1.0
+    """Longest pause between polls of the commit protocol: short on a local disk; on remote
+    storage every poll is a request per rank, so back off to a second."""
+    return 1.0 if storage.is_remote else 0.05
 
 
 def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:

@@ -44,8 +44,7 @@ class Fetcher:
 
     def __init__(self, storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], verify: bool) -> None:
         self.storage, self.manifest, self.targets, self.verify = storage, manifest, targets, verify
-        # A RamTierStorage (or any wrapper) goes through read_into_many, which it routes.
-        self.local = type(storage) is Storage and storage.local
+        self.local = storage.supports_mapping  # local files: read in small pieces, map partial chunks
         self._tls = threading.local()
 
     def __call__(self, read: Read) -> None:

@@ -16,7 +16,7 @@ from .fetch import Fetcher, target_view
 from .format import MANIFEST, Manifest
 from .ramtier import RamTierStorage
 from .readplan import Need, ReadSettings, intersect_chunks, plan_reads
-from .storage import Storage
+from .storage import Storage, open_storage
 
 log = logging.getLogger("ckpt.load")
 
@@ -75,7 +75,7 @@ def load(
         options.strict = strict
     if allow_dtype_cast is not None:
         options.allow_dtype_cast = allow_dtype_cast
-    storage: Storage | RamTierStorage = Storage(uri, **options.storage_options)
+    storage: Storage = open_storage(uri, **options.storage_options)
     try:
         manifest = read_manifest(storage)
     except CheckpointNotFoundError:
@@ -96,7 +96,7 @@ def load(
     return manifest
 
 
-def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage | RamTierStorage:
+def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage:
     """Serve objects from the daemon's RAM copy when it is a copy of this very save."""
     from .client import ram_tier_lookup
 

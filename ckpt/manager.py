@@ -27,7 +27,7 @@ from .format import LATEST
 from .load import LoadOptions, load
 from .retention import RetentionPolicy, order_key
 from .save import SaveHandle, SaveOptions, async_save
-from .storage import Storage
+from .storage import open_storage
 
 log = logging.getLogger("ckpt.manager")
 
@@ -72,7 +72,7 @@ class Manager:
         for opts in (self.save_options, self.load_options):
             if self.storage_options and not opts.storage_options:
                 opts.storage_options = dict(self.storage_options)
-        self.storage = Storage(
+        self.storage = open_storage(
             self.root,
             **(self.storage_options or self.save_options.storage_options or self.load_options.storage_options),
         )

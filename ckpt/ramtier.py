@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from .format import DATA_DIR
-from .storage import Storage
+from .storage import DelegatingStorage, LocalStorage, Storage
 
 
 def copy_dir(base: str, uri: str) -> str:
@@ -25,28 +25,25 @@ def copy_dir(base: str, uri: str) -> str:
     return os.path.join(base, hashlib.sha256(uri.encode()).hexdigest()[:24])
 
 
-class TeeStorage:
+class TeeStorage(DelegatingStorage):
     """A Storage whose data objects are also written to a local directory."""
 
     def __init__(self, storage: Storage, directory: str) -> None:
-        self._storage = storage
+        super().__init__(storage)
         self.directory = directory
         self.written: dict[str, int] = {}  # object name -> bytes
         self._opened: list[str] = []
 
-    def __getattr__(self, name: str):
-        return getattr(self._storage, name)
-
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
         if not rel.startswith(f"{DATA_DIR}/"):
-            with self._storage.open_write(rel) as f:
+            with self.inner.open_write(rel) as f:
                 yield f
             return
         path = os.path.join(self.directory, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._opened.append(path)
-        with self._storage.open_write(rel) as f, open(path, "wb", buffering=0) as copy:
+        with self.inner.open_write(rel) as f, open(path, "wb", buffering=0) as copy:
             tee = _Tee(f, copy)
             yield tee  # type: ignore[misc]
         self.written[rel] = tee.n
@@ -76,21 +73,29 @@ class _Tee:
         return done
 
 
-class RamTierStorage:
-    """A Storage that serves some objects from a local RAM copy."""
+class RamTierStorage(DelegatingStorage):
+    """A Storage that serves some objects' reads from a local RAM copy.
+
+    Only ``read_into_many`` is routed (it is what the load path reads data
+    objects with), so mapping is off: every read passes the router.
+    """
 
     def __init__(self, storage: Storage, directory: str, objects: set[str]) -> None:
-        self._storage = storage
-        self._copy = Storage(directory)
+        super().__init__(storage)
+        self._copy = LocalStorage(directory)
         self.objects = objects
         self.bytes_from_ram = 0
 
-    def __getattr__(self, name: str):
-        return getattr(self._storage, name)
+    @property
+    def supports_mapping(self) -> bool:
+        return False
+
+    def map_range(self, rel: str, start: int, stop: int) -> None:
+        return None
 
     def read_into_many(self, rel: str, start: int, bufs: list[memoryview]) -> None:
         if rel in self.objects:
             self._copy.read_into_many(rel, start, bufs)
             self.bytes_from_ram += sum(len(b) for b in bufs)
         else:
-            self._storage.read_into_many(rel, start, bufs)
+            self.inner.read_into_many(rel, start, bufs)

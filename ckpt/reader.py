@@ -16,7 +16,7 @@ from .errors import CorruptChunkError
 from .format import Chunk, Manifest, TensorRecord
 from .load import LoadOptions, read_manifest, read_tensors
 from .regions import Box
-from .storage import Storage
+from .storage import open_storage
 
 
 class CheckpointReader:
@@ -24,7 +24,7 @@ class CheckpointReader:
 
     def __init__(self, uri: str, options: LoadOptions | None = None) -> None:
         self.options = options or LoadOptions()
-        self.storage = Storage(uri, **self.options.storage_options)
+        self.storage = open_storage(uri, **self.options.storage_options)
         self.manifest: Manifest = read_manifest(self.storage)
 
     @property

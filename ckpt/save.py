@@ -26,7 +26,7 @@ from .framing import ChunkSpec
 from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
 from .stage import HostBuffer, Slot, place_chunks, stage
-from .storage import Storage
+from .storage import open_storage
 
 
 @dataclass
@@ -280,7 +280,7 @@ def _start(
 ) -> SaveHandle:
     options = options or SaveOptions()
     timings = Timings()
-    storage = Storage(uri, **options.storage_options)
+    storage = open_storage(uri, **options.storage_options)
     rank, world = _rank_world(group)
     tensors, values, error = None, {}, None
     with timings.phase("plan"):

@@ -24,7 +24,7 @@ from .format import DATA_DIR, MANIFEST, Manifest, dtype_from_name, dtype_name
 from .framing import ChunkSpec
 from .regions import Box, split_into_chunks
 from .save import SaveOptions
-from .storage import Storage
+from .storage import open_storage
 
 
 class CheckpointWriter:
@@ -35,7 +35,7 @@ class CheckpointWriter:
 
     def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 64 << 20) -> None:
         self.options = options or SaveOptions()
-        self.storage = Storage(uri, **self.options.storage_options)
+        self.storage = open_storage(uri, **self.options.storage_options)
         if self.storage.exists(MANIFEST) and not self.options.overwrite:
             raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
         self.save_id = f"{secrets.token_hex(4)}-offline"

@@ -31,6 +31,7 @@ S3_ERRORS = {
     502: ("BadGateway", "Bad gateway."),
     429: ("TooManyRequests", "Too many requests."),
     403: ("AccessDenied", "Access Denied"),
+    501: ("NotImplemented", "A header you provided implies functionality that is not implemented."),
 }
 
 

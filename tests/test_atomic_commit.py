@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import ckpt
-from ckpt.storage import Storage
+from ckpt.storage import LocalStorage
 
 pytestmark = [pytest.mark.dist, pytest.mark.faults]
 
@@ -103,7 +103,7 @@ class _FailingFile:
 
 def _wrap_data_writes(wrap) -> None:
     """Make this process's writes of data objects go through ``wrap(file)``."""
-    original = Storage.open_write
+    original = LocalStorage.open_write
 
     def open_write(self, rel):
         from contextlib import contextmanager
@@ -115,7 +115,7 @@ def _wrap_data_writes(wrap) -> None:
 
         return cm()
 
-    Storage.open_write = open_write
+    LocalStorage.open_write = open_write
 
 
 def kill_job(rank: int, world: int, root: str, victim: int, target: str, overwrite: bool) -> dict:
@@ -217,7 +217,7 @@ def test_sigkilled_rank_mid_write_commits_nothing(tmp_path: Path, victim: int, o
 def raise_job(rank: int, world: int, root: str, culprit: int, where: str) -> dict:
     mesh = init_device_mesh("cpu", (world,))
     ckpt.save(state(1, rank, world, mesh), f"{root}/A", step=1)
-    original = Storage.open_write
+    original = LocalStorage.open_write
     v2 = state(2, rank, world, mesh)
     if rank == culprit and where == "write":
         _wrap_data_writes(_FailingFile)
@@ -233,7 +233,7 @@ def raise_job(rank: int, world: int, root: str, culprit: int, where: str) -> dic
     except Exception as e:
         result = {"error": type(e).__name__, "message": str(e)}
     result["elapsed"] = time.monotonic() - t0
-    Storage.open_write = original
+    LocalStorage.open_write = original
     # The same processes save again (reusing the cached plan): a failed save poisons nothing.
     ckpt.save(state(3, rank, world, mesh), f"{root}/Y", step=3)
     return result

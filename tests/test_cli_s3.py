@@ -79,7 +79,7 @@ def test_gc_aborts_the_uploads_of_killed_writers_and_keeps_a_save_in_flight(s3_r
     ckpt.save(state(1), f"{s3_root}/step-1", step=1)
     ckpt.save(state(2), f"{s3_root}/step-2", step=2)
     # step-0: a save killed mid-upload (a rank's index landed, rank 0's object never did)
-    with ckpt.storage.Storage(f"{s3_root}/step-0").open_write("_staging/dead/rank-00001.json") as f:
+    with ckpt.storage.open_storage(f"{s3_root}/step-0").open_write("_staging/dead/rank-00001.json") as f:
         f.write(b"{}")
     _start_upload(s3_server, s3_root, "step-0/data/dead-r00000.safetensors")
     _start_upload(s3_server, s3_root, "step-3/data/live-r00000.safetensors")  # a save in flight right now

@@ -9,6 +9,7 @@ multipart uploads, and the reader / writer for offline tools.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 import ckpt
 from ckpt.format import MANIFEST
 from ckpt.reader import CheckpointReader
-from ckpt.storage import Storage
+from ckpt.storage import open_storage
 from ckpt.writer import CheckpointWriter
 
 pytestmark = pytest.mark.s3
@@ -74,7 +75,7 @@ def test_save_load_with_storage_options(s3_server, s3_bucket):
     manifest = ckpt.load(got, uri, options=ckpt.LoadOptions(storage_options=opts))
     _assert_equal(sd, got)
     assert manifest.step == 1
-    names = Storage(uri, **opts).listdir("")
+    names = open_storage(uri, **opts).listdir("")
     assert MANIFEST in names and "data" in names
 
 
@@ -146,15 +147,15 @@ def test_reads_are_ranged_and_only_what_a_region_needs(s3_server, s3_bucket):
         assert torch.equal(got["w"], full)
         gets = proxy.entries(op="GetObject", path="/data/")
         assert all(e.range for e in gets)
-        stored = Storage(uri, **opts).size(next(iter(reader.manifest.objects)))
+        stored = open_storage(uri, **opts).size(next(iter(reader.manifest.objects)))
         assert sum(e.response_bytes for e in gets) <= stored  # every byte fetched once at most
 
 
 def test_listing_and_exists_see_objects_written_by_another_client(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/poll"
     opts = s3_server.storage_options()
-    watcher = Storage(uri, **opts)
-    other = Storage(uri, **opts, skip_instance_cache=True)  # another process, in effect
+    watcher = open_storage(uri, **opts)
+    other = open_storage(uri, **opts, skip_instance_cache=True)  # another process, in effect
     assert watcher.listdir("_staging/x") == [] and not watcher.exists("_staging/x/rank-00000.json")
     other.put_atomic("_staging/x/rank-00000.json", b"{}")
     assert watcher.listdir("_staging/x") == ["rank-00000.json"]
@@ -164,12 +165,40 @@ def test_listing_and_exists_see_objects_written_by_another_client(s3_server, s3_
     assert watcher.listdir("_staging/x") == []
 
 
+def test_put_if_absent_creates_once_with_one_winner_among_racing_writers(s3_server, s3_bucket):
+    """SeaweedFS honours ``If-None-Match: *`` on PutObject: a second create is refused, the first stays."""
+    uri = f"s3://{s3_bucket}/cond"
+    opts = s3_server.storage_options()
+    storage = open_storage(uri, **opts)
+    assert storage.put_if_absent("a/LOCK", b"first") is True
+    assert storage.put_if_absent("a/LOCK", b"second") is False
+    assert storage.read_bytes("a/LOCK") == b"first"
+
+    writers = [open_storage(uri, **opts, skip_instance_cache=True) for _ in range(6)]  # separate clients
+    for r in range(5):
+        won: list[int] = []
+        barrier = threading.Barrier(len(writers))
+
+        def put(i: int, rel: str = f"race/{r}", won: list[int] = won, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            if writers[i].put_if_absent(rel, f"writer {i}".encode()):
+                won.append(i)
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(len(writers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, (r, won)
+        assert storage.read_bytes(f"race/{r}") == f"writer {won[0]}".encode()
+
+
 def test_overwrite_replaces_data_and_drops_old_objects(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/ow/latest"
     opts = s3_server.storage_options()
     first, second = _state(2), _state(3)
     ckpt.save(first, uri, options=ckpt.SaveOptions(storage_options=opts))
-    storage = Storage(uri, **opts)
+    storage = open_storage(uri, **opts)
     old_objects = set(storage.listdir("data"))
     with pytest.raises(ckpt.CheckpointExistsError):
         ckpt.save(second, uri, options=ckpt.SaveOptions(storage_options=opts))
@@ -191,7 +220,7 @@ def test_failed_streaming_write_aborts_its_multipart_upload(s3_server, s3_bucket
                         raise RuntimeError("producer died")
                     stream.send(torch.full((1, MiB), float(i)))
     assert s3_server.open_uploads(s3_bucket) == []
-    storage = Storage(uri, **opts)
+    storage = open_storage(uri, **opts)
     assert not storage.exists(MANIFEST)
     assert storage.listdir("data") == []  # nothing was published under the object's key
 

@@ -16,8 +16,8 @@ from faultproxy import Fault, FaultProxy
 
 import ckpt
 from ckpt.format import MANIFEST
-from ckpt.retry import StorageOperationError
-from ckpt.storage import Storage
+from ckpt.storage import ConditionalPutUnsupportedError, open_storage
+from ckpt.storage.retry import StorageOperationError
 
 pytestmark = [pytest.mark.s3, pytest.mark.faults]
 
@@ -121,7 +121,7 @@ def test_persistent_throttling_fails_cleanly_within_the_budget(s3_server, s3_buc
     budget = {"max_attempts": 100, "base_delay_s": 0.05, "max_delay_s": 0.5, "deadline_s": 3.0}
     opts = _opts(s3_server, proxy, retry=budget)
     proxy.add(Fault("status", 503), op="UploadPart", times=-1)
-    watcher = Storage(uri, **s3_server.storage_options())
+    watcher = open_storage(uri, **s3_server.storage_options())
     seen_manifest = []
     done = threading.Event()
 
@@ -170,3 +170,23 @@ def test_not_retryable_errors_surface_at_once(s3_server, s3_bucket, proxy):
     denied = [e.query.rsplit("partNumber=", 1)[1] for e in proxy.log if e.fault]
     assert 1 <= len(denied) == len(set(denied)) <= 2  # no part asked twice (2 were in flight at most)
     assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_conditional_put_whose_reply_was_lost_still_counts_as_ours(s3_server, s3_bucket, proxy):
+    """The PUT lands, its answer is lost, the resend meets 412: the object holds our bytes, so we won."""
+    storage = open_storage(f"s3://{s3_bucket}/cond-lost", **_opts(s3_server, proxy))
+    proxy.add(Fault("reset_after"), op="PutObject", path="LOCK")
+    assert storage.put_if_absent("LOCK", b"writer 1") is True
+    puts = [(e.fault, e.status) for e in proxy.entries(op="PutObject", path="LOCK")]
+    assert puts == [("reset_after", 200), (None, 412)]
+    assert storage.put_if_absent("LOCK", b"writer 2") is False
+    assert storage.read_bytes("LOCK") == b"writer 1"
+
+
+def test_server_without_conditional_put_raises_a_typed_error(s3_server, s3_bucket, proxy):
+    storage = open_storage(f"s3://{s3_bucket}/cond-501", **_opts(s3_server, proxy))
+    proxy.add(Fault("status", 501), op="PutObject", path="LOCK")
+    with pytest.raises(ConditionalPutUnsupportedError, match=rf"s3://{s3_bucket}/cond-501/LOCK: .*NotImplemented"):
+        storage.put_if_absent("LOCK", b"x")
+    assert len(proxy.entries(op="PutObject", path="LOCK")) == 1  # not retried
+    assert not storage.exists("LOCK")

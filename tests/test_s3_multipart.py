@@ -10,9 +10,9 @@ import time
 import pytest
 from botocore.exceptions import ClientError
 
-import ckpt.multipart as mp
-from ckpt.multipart import MultipartWriter
-from ckpt.retry import RetryPolicy
+import ckpt.storage.multipart as mp
+from ckpt.storage.multipart import MultipartWriter
+from ckpt.storage.retry import RetryPolicy
 
 FAST = RetryPolicy(max_attempts=4, base_delay_s=0.001, max_delay_s=0.002, deadline_s=10.0)
 

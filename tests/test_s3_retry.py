@@ -7,7 +7,7 @@ import random
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from ckpt.retry import RetryPolicy, StorageOperationError, is_retryable
+from ckpt.storage.retry import RetryPolicy, StorageOperationError, is_retryable
 
 FAST = RetryPolicy(max_attempts=5, base_delay_s=0.001, max_delay_s=0.004, deadline_s=10.0)
 
@@ -108,7 +108,7 @@ class FakeClock:
 def test_no_attempt_starts_after_the_deadline(monkeypatch, attempt_s):
     # A fake clock: the rule under test is about time, and a loaded machine must not decide it.
     clock = FakeClock(attempt_s)
-    monkeypatch.setattr("ckpt.retry.time", clock)
+    monkeypatch.setattr("ckpt.storage.retry.time", clock)
     policy = RetryPolicy(max_attempts=1000, base_delay_s=0.05, max_delay_s=0.1, deadline_s=0.5)
     with pytest.raises(StorageOperationError, match="GetObject failed after") as info:
         policy.call("GetObject", "s3://b/k", clock.failing_attempt)

@@ -16,7 +16,7 @@ from ckpt.interop.safe_pickle import Record, UnsafePickleError, load_pickle, to_
 from ckpt.interop.source import ForeignFormatError
 from ckpt.interop.torchzip import open_archive
 from ckpt.regions import Box
-from ckpt.storage import Storage
+from ckpt.storage import LocalStorage
 
 
 class _Shell:
@@ -160,8 +160,8 @@ def test_lazy_archive_reads_every_tensor_kind_bitwise(tmp_path):
     assert torch.equal(obj["view"].read(Box((1, 0), (1, 6))), ref["view"][1:2])
 
 
-class _CountingStorage(Storage):
-    """A Storage that counts the bytes it reads."""
+class _CountingStorage(LocalStorage):
+    """A local Storage that counts the bytes it reads."""
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)

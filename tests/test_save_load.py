@@ -32,7 +32,7 @@ from ckpt import (
     UnsupportedValueError,
 )
 from ckpt.format import _DTYPES, MANIFEST
-from ckpt.storage import Storage
+from ckpt.storage import FsspecStorage, LocalStorage
 
 ALL_DTYPES = list(_DTYPES)
 SMALL = SaveOptions(chunk_bytes=256, block_bytes=64)
@@ -341,23 +341,21 @@ def read_log(monkeypatch):
     """Every (object, start, length) that load fetches from storage, by whichever
     entry point it uses (scatter reads, or mapping a local file's range)."""
     log: list[tuple[str, int, int]] = []
-    real_read = Storage.read_into_many
+    for backend in (LocalStorage, FsspecStorage):  # the backends any_uri opens
+        real_read, real_map = backend.read_into_many, backend.map_range
 
-    def read_into_many(self, rel, start, bufs):
-        log.append((rel, start, sum(len(b) for b in bufs)))
-        return real_read(self, rel, start, bufs)
+        def read_into_many(self, rel, start, bufs, real_read=real_read):
+            log.append((rel, start, sum(len(b) for b in bufs)))
+            return real_read(self, rel, start, bufs)
 
-    monkeypatch.setattr(Storage, "read_into_many", read_into_many)
-    real_map = getattr(Storage, "map_range", None)
-    if real_map is not None:
-
-        def map_range(self, rel, start, stop):
+        def map_range(self, rel, start, stop, real_map=real_map):
             view = real_map(self, rel, start, stop)
             if view is not None:
                 log.append((rel, start, stop - start))
             return view
 
-        monkeypatch.setattr(Storage, "map_range", map_range)
+        monkeypatch.setattr(backend, "read_into_many", read_into_many)
+        monkeypatch.setattr(backend, "map_range", map_range)
     return log
 
 
@@ -510,7 +508,7 @@ class _Boom(OSError):
 @contextmanager
 def _fail_writes_after(monkeypatch, limit: int):
     """Data-object writes raise once ``limit`` bytes went through (a disk/network failure)."""
-    real = Storage.open_write
+    real = LocalStorage.open_write
 
     class Failing:
         def __init__(self, f):
@@ -531,11 +529,11 @@ def _fail_writes_after(monkeypatch, limit: int):
         with real(self, rel) as f:
             yield Failing(f)
 
-    monkeypatch.setattr(Storage, "open_write", open_write)
+    monkeypatch.setattr(LocalStorage, "open_write", open_write)
     try:
         yield
     finally:
-        monkeypatch.setattr(Storage, "open_write", real)
+        monkeypatch.setattr(LocalStorage, "open_write", real)
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(simple, monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..errors import CheckpointNotFoundError
 from ..format import DATA_DIR, MANIFEST, STAGING_DIR
 from ..framing import MAX_HEADER_BYTES
-from ..storage import Storage
+from ..storage import open_storage
 from .dcp import METADATA, DcpSource, export_dcp
 from .deepspeed import DeepSpeedSource, looks_like_deepspeed
 from .hf import INDEX_SUFFIX, SafetensorsSource, export_safetensors
@@ -50,7 +50,7 @@ def detect_format(uri: str) -> str:
     Raises CheckpointNotFoundError when nothing is there, UncommittedCheckpointError
     for an interrupted save, UnknownFormatError otherwise.
     """
-    storage = Storage(uri)
+    storage = open_storage(uri)
     fs, root = storage.fs, storage.root
     if not fs.exists(root):
         raise CheckpointNotFoundError(f"{uri}: no such file or directory")

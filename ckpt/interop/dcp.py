@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from ..describe import check_json_value, walk
 from ..errors import UnsupportedValueError
 from ..regions import Box
-from ..storage import Storage
+from ..storage import open_storage
 from .source import ForeignFormatError, Source, TensorInfo
 
 METADATA = ".metadata"
@@ -72,7 +72,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(uri: str) -> Metadata:
     """DCP's ``.metadata`` of the checkpoint at ``uri``, unpickled without running code."""
-    storage = Storage(uri)
+    storage = open_storage(uri)
     where = storage.describe(METADATA)
     try:
         raw = storage.read_bytes(METADATA)
@@ -124,9 +124,9 @@ class DcpSource(Source):
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
-        storage = Storage(uri)
+        path = open_storage(uri).local_path("")
         self.metadata = read_metadata(uri)
-        self._reader = _reader_class(storage.local)(storage.root if storage.local else uri)
+        self._reader = _reader_class(path is not None)(uri if path is None else path)
         self._reader.metadata = self.metadata
         self._cached: tuple[str, torch.Tensor] | None = None
         fqns: dict[str, TensorInfo] = {}
@@ -275,9 +275,9 @@ def export_dcp(
     a batch alone) through DCP's own planner and writer, without a process
     group; ``.metadata`` is written once, last. Returns the number of batches.
     """
-    storage = Storage(dst)
+    path = open_storage(dst).local_path("")
     # object stores are durable once a PUT returns; fsync there would sync this machine's disks
-    writer = _writer_class(storage.local)(storage.root if storage.local else dst, sync_files=storage.local)
+    writer = _writer_class(path is not None)(dst if path is None else path, sync_files=path is not None)
     writer.set_up_storage_writer(True, rank=0, use_collectives=True)
     tensors = source.tensors()
     values = source.values()

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from ..errors import CheckpointError, CheckpointExistsError
 from ..format import DATA_DIR, MANIFEST, STAGING_DIR
-from ..storage import Storage
+from ..storage import open_storage
 
 
 class DestinationError(CheckpointError):
@@ -23,7 +23,7 @@ def check_destination(uri: str, ckpt_overwrite: bool = False, can_overwrite: boo
     """Raise unless ``uri`` is absent or an empty directory, or (with ``ckpt_overwrite``)
     a committed ckpt checkpoint to be replaced atomically. ``can_overwrite`` says whether
     the tool offers --overwrite at all (for the message). Returns whether ``uri`` exists."""
-    storage = Storage(uri)
+    storage = open_storage(uri)
     fs, root = storage.fs, storage.root
     if not fs.exists(root):
         return False
@@ -49,7 +49,7 @@ def cleanup_on_failure(uri: str, existed: bool, prefixes: list[str] | None = Non
     try:
         yield mine
     except BaseException:
-        storage = Storage(uri)
+        storage = open_storage(uri)
         try:
             if not existed:
                 storage.delete("", recursive=True)

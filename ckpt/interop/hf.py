@@ -19,7 +19,7 @@ import torch
 from ..errors import CheckpointFormatError
 from ..framing import as_bytes, frame_order, read_safetensors_header, safetensors_header, write_all
 from ..regions import Box, row_major_strides
-from ..storage import Storage
+from ..storage import FsspecStorage, open_storage
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -42,7 +42,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 class _File:
     """One safetensors file: its parsed header and where its data starts."""
 
-    def __init__(self, storage: Storage, rel: str) -> None:
+    def __init__(self, storage: FsspecStorage, rel: str) -> None:
         self.storage, self.rel = storage, rel
         where = storage.describe(rel)
         try:
@@ -85,13 +85,13 @@ class SafetensorsSource(Source):
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
-        storage = Storage(uri)
+        storage = open_storage(uri)
         self._files: dict[str, _File] = {}
         self._where: dict[str, _File] = {}
         self._values: dict[str, Any] = {}
         if storage.fs.isfile(storage.root):
             parent, name = split_uri(uri)
-            f = _File(Storage(parent), name)
+            f = _File(open_storage(parent), name)
             self._files[name] = f
             self._where = {k: f for k in f.entries}
             self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(""))
@@ -111,7 +111,7 @@ class SafetensorsSource(Source):
         self._where = {k: f for k in f.entries}
         self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(files[0]))
 
-    def _open_index(self, storage: Storage, index_name: str) -> None:
+    def _open_index(self, storage: FsspecStorage, index_name: str) -> None:
         where = storage.describe(index_name)
         try:
             index = json.loads(storage.read_bytes(index_name))
@@ -192,9 +192,9 @@ def export_safetensors(
         parent, name = split_uri(dst)
         if values:
             meta[VALUES_KEY] = json.dumps(values)
-        _write_file(source, Storage(parent), name, tensors, list(tensors), meta, slab_bytes, progress)
+        _write_file(source, open_storage(parent), name, tensors, list(tensors), meta, slab_bytes, progress)
         return [name]
-    storage = Storage(dst)
+    storage = open_storage(dst)
     shards = plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         if values:
@@ -219,7 +219,7 @@ def export_safetensors(
 
 def _write_file(
     source: Source,
-    storage: Storage,
+    storage: FsspecStorage,
     rel: str,
     tensors: dict[str, TensorInfo],
     keys: list[str],

@@ -23,7 +23,7 @@ from ..describe import check_json_value, walk
 from ..errors import UnsupportedValueError
 from ..format import dtype_name
 from ..regions import Box
-from ..storage import Storage
+from ..storage import open_storage
 from .hf import split_uri
 from .source import ForeignFormatError, Source, TensorInfo
 
@@ -43,10 +43,10 @@ class TorchSaveSource(Source):
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
-        storage = Storage(uri)
+        storage = open_storage(uri)
         self._tmpdir: str | None = None
-        path = storage.root
-        if not storage.local:
+        path = storage.local_path("")
+        if path is None:
             self._tmpdir = tempfile.mkdtemp(prefix="ckpt-torchsave-")
             path = os.path.join(self._tmpdir, "state.pt")
             storage.fs.get_file(storage.root, path)
@@ -122,21 +122,21 @@ def export_torch(source: Source, dst: str, progress: Callable[[int], None] | Non
         if progress:
             progress(info.nbytes)
     state.update(source.values())
-    storage = Storage(dst)
-    if storage.local:
-        parent = os.path.dirname(os.path.abspath(storage.root))
+    path = open_storage(dst).local_path("")
+    if path is not None:
+        parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{storage.root}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, storage.root)
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
         parent, name = split_uri(dst)
-        with Storage(parent).open_write(name) as f:
+        with open_storage(parent).open_write(name) as f:
             torch.save(state, f)

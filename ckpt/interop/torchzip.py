@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..framing import as_bytes
-from ..storage import Storage
+from ..storage import Storage, open_storage
 from .safe_pickle import StorageRef, load_pickle
 from .source import ForeignFormatError
 
@@ -128,5 +128,5 @@ def open_archive(uri_or_storage: str | Storage, rel: str = "") -> TorchArchive:
         from .hf import split_uri
 
         parent, rel = split_uri(str(uri_or_storage))
-        storage = Storage(parent)
+        storage = open_storage(parent)
     return TorchArchive(storage, rel)

@@ -156,9 +156,9 @@ def merge(
 
 
 def _check_output_is_new(srcs: Sequence[MergeSource], output: str, storage_options: dict[str, Any]) -> None:
-    from ..storage import Storage
+    from ..storage import open_storage
 
-    out = Storage(output, **storage_options)
+    out = open_storage(output, **storage_options)
     where = (out.fs.protocol, out.root)
     for s in srcs:
         if (s.reader.storage.fs.protocol, s.reader.storage.root) == where:

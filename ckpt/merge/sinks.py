@@ -23,7 +23,7 @@ from ..errors import CheckpointExistsError
 from ..framing import as_bytes, frame_order, safetensors_header, write_all
 from ..regions import Box, split_into_chunks
 from ..save import SaveOptions
-from ..storage import Storage
+from ..storage import open_storage
 from ..writer import CheckpointWriter, ChunkStream
 from .sources import TensorPlan
 from .stream import BufferPool
@@ -145,7 +145,7 @@ class HFSink(Sink):
     ) -> None:
         if max_shard_bytes is not None and max_shard_bytes <= 0:
             raise ValueError("max_shard_bytes must be positive")
-        self.storage = Storage(uri, **(storage_options or {}))
+        self.storage = open_storage(uri, **(storage_options or {}))
         self.uri, self.max_shard_bytes, self.chunk_bytes = uri, max_shard_bytes, chunk_bytes
         if not overwrite and (self.storage.exists(HF_INDEX) or self.storage.exists(HF_SINGLE)):
             raise CheckpointExistsError(f"{uri}: holds a safetensors model; pass overwrite=True")

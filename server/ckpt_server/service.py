@@ -21,7 +21,7 @@ from ckpt.format import dtype_from_name
 from ckpt.framing import ChunkSpec
 from ckpt.ramtier import TeeStorage
 from ckpt.regions import Box
-from ckpt.storage import Storage
+from ckpt.storage import Storage, open_storage
 
 from .metrics import Metrics
 from .ramtier import RamTier
@@ -184,8 +184,9 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 )
                 for c in request.chunks
             ]
-            storage = Storage(request.uri, **json.loads(request.storage_options_json or "{}"))
-            if self.ram_tier is not None and not storage.local and self.ram_tier.admits(request.buffer_bytes):
+            storage = open_storage(request.uri, **json.loads(request.storage_options_json or "{}"))
+            local_files = storage.local_path("") is not None
+            if self.ram_tier is not None and not local_files and self.ram_tier.admits(request.buffer_bytes):
                 # Remote storage: mirror while uploading (memory is far faster than the upload).
                 # Local files are copied after the commit instead, off the save's critical path.
                 storage = TeeStorage(storage, self.ram_tier.directory(request.uri))
@@ -203,7 +204,7 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
             request.commit_timeout_s,
         )
         job = Job(job_id, request.buffer_bytes, Future())
-        job.mirror = self.ram_tier is not None and storage.local and self.ram_tier.admits(request.buffer_bytes)
+        job.mirror = self.ram_tier is not None and local_files and self.ram_tier.admits(request.buffer_bytes)
         if job.mirror:
             with self._mirror_cond:
                 self._mirroring[request.uri] = self._mirroring.get(request.uri, 0) + 1
@@ -260,12 +261,13 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         """Copy this rank's committed data object into the RAM tier (kernel-side copy from
         the page cache); until it is there, restores read storage."""
         rel = object_name(request.save_id, request.rank)
-        if not request.chunks or not storage.exists(rel):
+        src = storage.local_path(rel)
+        if not request.chunks or src is None or not storage.exists(rel):
             return
         dst = os.path.join(self.ram_tier.directory(request.uri), rel)
         try:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(storage.path(rel), dst)
+            shutil.copyfile(src, dst)
             self.ram_tier.record(request.uri, request.save_id, {rel: os.path.getsize(dst)})
         except OSError as e:  # a full tmpfs costs speed, never the checkpoint
             _unlink(dst)

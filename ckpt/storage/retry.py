@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 T = TypeVar("T")
 
@@ -42,6 +42,7 @@ RETRYABLE_CODES = frozenset(
         "InternalError",
         "ServiceUnavailable",
         "OperationAborted",
+        "ConditionalRequestConflict",  # a conditional PUT raced another write to the key: ask again
         "500",
         "502",
         "503",
@@ -208,6 +209,15 @@ def _code(e: BaseException) -> str | None:
         status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
         if status:
             return str(status)
+    return None
+
+
+def error_code(e: BaseException) -> str | None:
+    """The server's error code (or HTTP status) nearest the top of ``e``'s cause chain, if any."""
+    for x in _chain(e):
+        code = _code(x)
+        if code is not None:
+            return code
     return None
 
 

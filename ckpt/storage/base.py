@@ -1,0 +1,142 @@
+"""The storage backend protocol: what the save, commit and load paths ask of a checkpoint location.
+
+A location is a directory or object-store prefix; objects are named by paths
+relative to it (``rel``). Every backend gives the same guarantees, each in its
+own way: a write is durable when it returns, an atomic put is seen whole or
+not at all, a conditional put creates an object only if none is there.
+
+Call order on save (``ckpt.engine``): each rank ``open_write`` s its data
+object (``start_writeback`` hints as bytes stream out) and leaves the block
+only once the bytes are durable, then ``put_atomic`` s its index under
+``_staging/``; a committer polls (``invalidate``, ``listdir``, ``exists``,
+``read_bytes``), ``put_atomic`` s the manifest, then ``delete`` s what the
+commit replaced. A failing rank ``put_atomic`` s an error report instead.
+
+Call order on load (``ckpt.load`` / ``ckpt.fetch``): ``read_bytes`` the
+manifest, then per planned read either ``read_into_many`` (one request per
+coalesced range) or, where ``supports_mapping``, small ``read_into_many``
+pieces and ``map_range`` views of the page cache. ``read_range``, ``size``
+and ``listdir`` serve tools (catalog, gc, interop); ``open_uploads`` /
+``abort_upload`` let gc clean up after killed writers.
+
+Errors name the object (``describe(rel)``); a missing object raises
+``FileNotFoundError``; a short object raises ``TruncatedObjectError``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Any, BinaryIO
+
+from ..errors import CheckpointError
+
+
+class ConditionalPutUnsupportedError(CheckpointError, NotImplementedError):
+    """The backend cannot create an object only-if-absent in one step (see ``supports_put_if_absent``)."""
+
+
+class Storage(ABC):
+    """A checkpoint location; see the module docstring for the call order."""
+
+    uri: str
+    options: dict[str, Any]  # JSON-able: ``open_storage(uri, **options)`` reopens it (the daemon does)
+
+    def describe(self, rel: str) -> str:
+        """The object's URI, as errors name it."""
+        return f"{self.uri.rstrip('/')}/{rel}"
+
+    # -- what the backend is -------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def is_remote(self) -> bool:
+        """Whether each call may be a request over the network: pollers back off further."""
+
+    @property
+    def supports_mapping(self) -> bool:
+        """Whether ``map_range`` maps objects and small ``read_into_many`` calls cost a pread
+        (local files), so readers may read in small pieces straight into their targets."""
+        return False
+
+    @property
+    def supports_put_if_absent(self) -> bool:
+        """Whether ``put_if_absent`` works here rather than raising ConditionalPutUnsupportedError."""
+        return False
+
+    def local_path(self, rel: str) -> str | None:
+        """Where the object is on this machine's file system, for tools that need a real file
+        (a kernel-side copy, DCP's file reader); None where objects are not local files."""
+        return None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def open_write(self, rel: str) -> AbstractContextManager[BinaryIO]:
+        """A write-only file whose bytes are durable (and visible) once the block exits without
+        error; on an error nothing partial is published where the backend can prevent it."""
+
+    def start_writeback(self, f: BinaryIO, start: int, stop: int) -> None:
+        """Hint that bytes [start, stop) of ``f`` (from ``open_write``) are final. No-op by default."""
+        return None
+
+    @abstractmethod
+    def put_atomic(self, rel: str, data: bytes) -> None:
+        """Make ``data`` appear at ``rel`` all at once, durably, replacing what was there."""
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """Like ``put_atomic`` if nothing is at ``rel``: True if this call created the object,
+        False if one was already there (left unchanged). Of concurrent callers at most one wins."""
+        raise ConditionalPutUnsupportedError(
+            f"{self.describe(rel)}: {type(self).__name__} has no conditional create (create-if-absent)"
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole object."""
+
+    @abstractmethod
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the object (fewer if it ends first)."""
+
+    @abstractmethod
+    def read_into_many(self, rel: str, start: int, bufs: list[memoryview]) -> None:
+        """Fill ``bufs`` in order with the object's bytes from ``start`` (a scatter read);
+        TruncatedObjectError if the object ends first."""
+
+    def map_range(self, rel: str, start: int, stop: int) -> memoryview | None:
+        """Bytes [start, stop) mapped without a read copy, or None where unsupported."""
+        return None
+
+    # -- listing and deleting ------------------------------------------------------------------
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """Whether the object (or, for ``""``, the location) exists now, never from a cache."""
+
+    @abstractmethod
+    def size(self, rel: str) -> int:
+        """The object's size in bytes."""
+
+    @abstractmethod
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) directly under ``rel``, sorted; empty if it does not exist."""
+
+    @abstractmethod
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        """Remove the object (or the tree under ``rel``); gone already is fine."""
+
+    def invalidate(self) -> None:
+        """Forget cached listings so polling sees objects other writers added. No-op by default."""
+        return None
+
+    def open_uploads(self) -> list[tuple[str, str, float | None]]:
+        """Unfinished multipart uploads under this location: (path relative to it, upload id,
+        start time). Only object stores have them; a killed writer leaves them behind."""
+        return []
+
+    def abort_upload(self, rel: str, upload_id: str) -> None:
+        """Discard an unfinished upload found by ``open_uploads``. No-op where there are none."""
+        return None
