@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from common import (
+    cpu_seconds,
     drop_page_cache,
     filesystem_of,
     format_table,
@@ -150,17 +151,23 @@ def bench_job(rank: int, world: int, root: str, cfg: dict[str, int], repeats: in
         "dcp": lambda p: dcp.load(state, storage_reader=FileSystemReader(p)),
     }
     times: dict[str, list[float]] = {f"save {n}": [] for n in savers} | {f"load {n}": [] for n in loaders}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+
+    def timed(key: str, fn) -> None:
+        c0 = cpu_seconds()
+        times[key].append(timed_collective(fn))
+        cpu[key].append(cpu_seconds() - c0)
     for r in range(repeats):
         order = list(savers) if r % 2 == 0 else list(reversed(savers))
         for name in order:
             path = os.path.join(root, f"{name}-{r}")
-            times[f"save {name}"].append(timed_collective(partial(savers[name], path)))
+            timed(f"save {name}", partial(savers[name], path))
         for name in list(loaders) if r % 2 == 0 else list(reversed(loaders)):
             path = os.path.join(root, f"{name if name == 'ckpt' else f'dcp-t{threads[-1]}'}-{r}")
             scramble(state)
             if cold and rank == 0:
                 drop_page_cache()
-            times[f"load {name}"].append(timed_collective(partial(loaders[name], path)))
+            timed(f"load {name}", partial(loaders[name], path))
             if not same(state, saved):
                 raise AssertionError(f"rank {rank}: {name} load {r} does not match the saved state")
         dist.barrier()
@@ -169,7 +176,7 @@ def bench_job(rank: int, world: int, root: str, cfg: dict[str, int], repeats: in
                 shutil.rmtree(os.path.join(root, f"{name}-{r}"), ignore_errors=True)
         dist.barrier()
     strided = sum(1 for v in state["model"].values() if "_StridedShard" in str(v.placements))
-    return {"times": times, "nbytes": nbytes, "strided_params": strided}
+    return {"times": times, "cpu": cpu, "nbytes": nbytes, "strided_params": strided}
 
 
 def main() -> None:
@@ -189,23 +196,29 @@ def main() -> None:
     cold = args.cold and page_cache_droppable()
     root = tempfile.mkdtemp(prefix="bench_parallel_", dir=args.dir)
     try:
-        res = run_ranks(bench_job, 4, root, cfg, args.repeats, threads, cold)[0]
+        ranks = run_ranks(bench_job, 4, root, cfg, args.repeats, threads, cold)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    res = ranks[0]
+    res["cpu"] = {k: [sum(r["cpu"][k][i] for r in ranks) for i in range(args.repeats)] for k in res["cpu"]}
     nbytes = res["nbytes"]
     rows, med = [], {k: median(v) for k, v in res["times"].items()}
     for k, v in res["times"].items():
         op, name = k.split(" ")
         best_dcp = min(m for n, m in med.items() if n.startswith(f"{op} dcp"))
         ratio = best_dcp / med[k] if name == "ckpt" else ""
-        rows.append([op, name, med[k], rate(nbytes, med[k]), ratio, " ".join(f"{x:.2f}" for x in v)])
+        runs = " ".join(f"{x:.2f}" for x in v)
+        rows.append([op, name, med[k], rate(nbytes, med[k]), ratio, median(res["cpu"][k]), runs])
     print(
         f"FSDP2 + TP (dp=2 x tp=2), 4 ranks, {gib(nbytes):.2f} GiB of model + AdamW state "
         f"({res['strided_params']} _StridedShard parameters), on {filesystem_of(root)}, "
         f"{'cold' if cold else 'warm'} loads, median of {args.repeats}:"
     )
-    print(format_table(["op", "system", "median s", "GiB/s", "DCP s / ckpt s", "runs s"], rows))
-    print("DCP s / ckpt s compares with the fastest DCP setting; > 1 means ckpt is faster.")
+    print(format_table(["op", "system", "median s", "GiB/s", "DCP s / ckpt s", "CPU s", "runs s"], rows))
+    print(
+        "DCP s / ckpt s compares with the fastest DCP setting; > 1 means ckpt is faster. CPU s: user+sys "
+        f"summed over the ranks (robust to a busy machine). Load average at the end: {os.getloadavg()}."
+    )
     write_json(args.out, {"machine": machine_info(), "config": cfg, "cold": cold, "result": res, "args": vars(args)})
 
 
