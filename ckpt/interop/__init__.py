@@ -2,6 +2,7 @@
 
 Formats: this library's own (``manifest.json``), torch DCP directories
 (``.metadata``), DeepSpeed checkpoint directories (ZeRO 1/2/3, universal),
+Megatron-Core ``torch_dist`` and ByteCheckpoint checkpoints,
 Hugging Face safetensors (a file, or shards with an index) and
 ``torch.save`` files. Nothing here unpickles code.
 """
@@ -13,15 +14,18 @@ from ..format import DATA_DIR, MANIFEST, STAGING_DIR
 from ..framing import MAX_HEADER_BYTES
 from ..storage import open_storage
 from .dcp import METADATA, DcpSource, export_dcp
+from .dcp_foreign import ByteCheckpointSource, MegatronSource, foreign_dcp_format
 from .deepspeed import DeepSpeedSource, looks_like_deepspeed
 from .hf import INDEX_SUFFIX, SafetensorsSource, export_safetensors
 from .source import CkptSource, ForeignFormatError, Source, SourceInfo, TensorInfo, UnknownFormatError
 from .torchsave import TorchSaveSource, export_torch, looks_like_torch_save
 
-FORMATS = ("ckpt", "dcp", "deepspeed", "safetensors", "torch")
+FORMATS = ("ckpt", "dcp", "deepspeed", "megatron", "bytecheckpoint", "safetensors", "torch")
 
 __all__ = [
     "FORMATS",
+    "ByteCheckpointSource",
+    "MegatronSource",
     "CkptSource",
     "DcpSource",
     "DeepSpeedSource",
@@ -58,6 +62,9 @@ def detect_format(uri: str) -> str:
         names = set(storage.listdir(""))
         if MANIFEST in names:
             return "ckpt"
+        foreign = foreign_dcp_format(storage, names)
+        if foreign:
+            return foreign
         if METADATA in names:
             return "dcp"
         if looks_like_deepspeed(names):
@@ -95,6 +102,10 @@ def open_source(uri: str, fmt: str | None = None) -> Source:
         return DcpSource(uri)
     if fmt == "deepspeed":
         return DeepSpeedSource(uri)
+    if fmt == "megatron":
+        return MegatronSource(uri)
+    if fmt == "bytecheckpoint":
+        return ByteCheckpointSource(uri)
     if fmt == "safetensors":
         return SafetensorsSource(uri)
     if fmt == "torch":

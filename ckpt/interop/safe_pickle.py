@@ -342,7 +342,7 @@ def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
 
 
 def _layout(name: Any) -> torch.layout:
-    layout = getattr(torch, name, None) if isinstance(name, str) else None
+    layout = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
     if not isinstance(layout, torch.layout):
         raise ForeignFormatError(f"unknown tensor layout {name!r}")
     return layout
