@@ -75,7 +75,7 @@ def check_layout(shape, mesh_shape, placements) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(layouts())
 def test_pieces_hold_exactly_what_torch_places_there(layout) -> None:
     check_layout(*layout)
