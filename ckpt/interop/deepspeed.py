@@ -49,7 +49,7 @@ import torch
 from ..describe import check_json_value
 from ..errors import UnsupportedValueError
 from ..regions import Box, row_major_strides
-from ..storage import Storage
+from ..storage import open_storage
 from .safe_pickle import LazyTensor, Record, to_plain
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo
 from .torchzip import TorchArchive
@@ -153,7 +153,7 @@ class DeepSpeedSource(Source):
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
-        self.storage = Storage(uri)
+        self.storage = open_storage(uri)
         self.tag = ""
         names = set(self.storage.listdir(""))
         prefix = ""
