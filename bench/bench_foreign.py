@@ -1,0 +1,104 @@
+"""Reading a DeepSpeed ZeRO checkpoint into a reshardable form: ``ckpt convert`` (in place) vs ``ds_to_universal``.
+
+Method: DeepSpeed (CPU, 2 gloo ranks, ZeRO 2, fp32 AdamW) trains one step of a
+TiedNet of about ``--width``/``--depth`` and saves it. Then, each in a fresh
+process on the same warm checkpoint: ``ckpt convert <ds dir> <out>`` (one pass,
+reads each parameter's regions from the rank files) and DeepSpeed's
+``ds_to_universal --inject_missing_state`` (extracts every ZeRO fragment into a
+temporary folder, merges them per parameter, writes the universal checkpoint;
+``--keep_temp_folder`` so its size can be measured). Reported: wall time, peak
+RSS of the process tree (RUSAGE_CHILDREN of a wrapper), bytes written besides
+the output (temporary) and the output's size.
+
+Run: ``python bench/bench_foreign.py [--depth 12]`` (needs the ``test`` extra: deepspeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+WRAP = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+)
+
+
+def _save(rank: int, world: int, out: str, width: int, vocab: int, depth: int) -> int:
+    import torch
+    from ds_train import TiedNet, _setup_deepspeed, make_engine
+
+    deepspeed = _setup_deepspeed(rank, world)
+    torch.manual_seed(0)
+    engine = make_engine(deepspeed, 2, False, False, TiedNet(width, vocab, depth))
+    ids = torch.randint(0, vocab, (2, 4))
+    engine.backward(engine(ids))
+    engine.step()
+    engine.save_checkpoint(out, tag="global_step1")
+    return sum(p.numel() for p in engine.module.parameters())
+
+
+def _du(path: str) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    return total
+
+
+def _timed(cmd: list[str]) -> tuple[float, int]:
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", WRAP, *cmd], capture_output=True, text=True, check=True)
+    rss_kib, rc = out.stdout.split()[-2:]
+    if rc != "0":
+        raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
+    return time.perf_counter() - t, int(rss_kib) << 10
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    args = ap.parse_args()
+    from dist import run_ranks
+
+    work = args.dir or tempfile.mkdtemp(prefix="bench-foreign-")
+    src = os.path.join(work, "ds")
+    try:
+        t = time.perf_counter()
+        params = run_ranks(_save, 2, src, args.width, args.vocab, args.depth, timeout=1800)[0]
+        print(f"DeepSpeed ZeRO-2 checkpoint: {params / 1e6:.1f} M params, {_du(src) / 2**30:.2f} GiB "
+              f"(saved in {time.perf_counter() - t:.0f} s)", flush=True)
+        env_src = os.path.join(src, "global_step1")
+        results = {}
+        out = os.path.join(work, "ckpt")
+        secs, rss = _timed([sys.executable, "-m", "ckpt.cli", "convert", src, out])
+        results["ckpt convert"] = (secs, rss, 0, _du(out))
+        uni = os.path.join(work, "universal")
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", env_src,
+               "--output_folder", uni, "--inject_missing_state", "--keep_temp_folder"]
+        secs, rss = _timed(cmd)
+        temp = sum(_du(os.path.join(work, d)) for d in os.listdir(work) if "tmp" in d or "temp" in d)
+        results["ds_to_universal"] = (secs, rss, temp, _du(uni))
+        print(f"{'tool':<18}{'seconds':>9}{'peak RSS GiB':>14}{'temp GiB':>10}{'output GiB':>12}")
+        for name, (s, r, tmpb, outb) in results.items():
+            print(f"{name:<18}{s:>9.1f}{r / 2**30:>14.2f}{tmpb / 2**30:>10.2f}{outb / 2**30:>12.2f}")
+        speedup = results["ds_to_universal"][0] / results["ckpt convert"][0]
+        print(f"ckpt convert is {speedup:.1f}x faster")
+        print(json.dumps({k: dict(zip(("s", "rss", "temp", "out"), v)) for k, v in results.items()}))
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
