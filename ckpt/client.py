@@ -13,6 +13,7 @@ import json
 import os
 import threading
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 import grpc
@@ -24,6 +25,9 @@ from .errors import SaveAbortedError
 from .format import MANIFEST, dtype_name
 from .stage import HostBuffer
 
+# Largest gRPC message either side accepts (the server sets the same limit). A streamed part
+# carries STREAM_PART_BYTES of payload plus a few bytes of framing, well under it.
+MESSAGE_LIMIT_BYTES = 64 << 20
 STREAM_PART_BYTES = 4 << 20
 # A daemon that does not accept a connection within this long is reported as unreachable.
 CONNECT_TIMEOUT_S = 10.0
@@ -44,8 +48,8 @@ class DaemonChannel:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         ca = os.environ.get("CKPT_SERVER_TLS_CA")
         options = [
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_LIMIT_BYTES),
             *_RECONNECT,
         ]
         if ca:
@@ -107,9 +111,17 @@ class DaemonPersister:
         return f"/dev/shm/ckpt-{os.getpid()}-{tag}"
 
     def submit(
-        self, job: PersistJob, timings: Timings, release: threading.Lock | None, buf: HostBuffer | None = None
+        self,
+        job: PersistJob,
+        timings: Timings,
+        release: threading.Lock | None,
+        buf: HostBuffer | None = None,
+        handoff: Future | None = None,
     ) -> Future:
+        """Hand the snapshot to the daemon; ``handoff`` resolves once the daemon holds every
+        byte (at once over a Unix socket, after the stream over TCP)."""
         assert buf is not None, "the daemon persists from a staged buffer"
+        handoff = handoff if handoff is not None else Future()
         base = buf.data.data_ptr()
         request = ckpt_pb2.PersistRequest(
             uri=job.storage.uri,
@@ -138,11 +150,17 @@ class DaemonPersister:
             request.shm_path = buf.shm_path or ""
             # Synchronous: once Persist returns the daemon has mapped the snapshot, so the
             # trainer may exit (or be killed) without losing the save.
-            job_id = self._take(job, self.stub.Persist, request, timeout=120).job_id
+            try:
+                job_id = self._take(job, self.stub.Persist, request, timeout=120).job_id
+            except BaseException as e:
+                handoff.set_exception(e)
+                raise
+            handoff.set_result(None)
         future: Future = Future()
+        _streams.track(handoff)
         threading.Thread(
             target=self._wait,
-            args=(job_id, request, buf, job, timings, release, future),
+            args=(job_id, request, buf, job, timings, release, future, handoff),
             name="ckpt-daemon-wait",
             daemon=True,
         ).start()
@@ -174,6 +192,7 @@ class DaemonPersister:
         timings: Timings,
         release: threading.Lock | None,
         future: Future,
+        handoff: Future,
     ) -> None:
         try:
             if job_id is None:
@@ -181,8 +200,10 @@ class DaemonPersister:
                 try:
                     job_id = self._take(job, self.stub.PersistStream, _parts(request, buf)).job_id
                 except BaseException as e:
+                    handoff.set_exception(e)
                     report_failure(job.storage, job.save_id, job.rank, e)
                     raise
+                handoff.set_result(None)
             while True:
                 try:
                     reply = self.stub.Wait(ckpt_pb2.WaitRequest(job_id=job_id, timeout_s=30), metadata=self._metadata)
@@ -224,10 +245,47 @@ def _report_lost(job: PersistJob, error: BaseException) -> None:
 
 
 def _parts(request: ckpt_pb2.PersistRequest, buf: HostBuffer):
-    yield ckpt_pb2.PersistPart(request=request)
+    """The request, then its head (values can be large) and the buffer, in pieces."""
+    head = request.head_json.encode()
+    first = ckpt_pb2.PersistPart(request=request)
+    first.request.head_json = ""
+    yield first
+    for at in range(0, len(head), STREAM_PART_BYTES):
+        yield ckpt_pb2.PersistPart(head=head[at : at + STREAM_PART_BYTES])
     view = memoryview(buf.data.numpy())[: buf.nbytes]
     for at in range(0, buf.nbytes, STREAM_PART_BYTES):
         yield ckpt_pb2.PersistPart(data=bytes(view[at : at + STREAM_PART_BYTES]))
+
+
+class _PendingStreams:
+    """Snapshots still streaming to a daemon. At interpreter exit they are finished (up to
+    EXIT_STREAM_TIMEOUT_S) before threads are torn down: a script that ends right after
+    ``async_save`` returned must not lose the save it handed over."""
+
+    def __init__(self) -> None:
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+        threading._register_atexit(self.finish)  # runs before interpreter shutdown, unlike atexit
+
+    def track(self, handoff: Future) -> None:
+        if handoff.done():
+            return
+        with self._lock:
+            self._pending.add(handoff)
+        handoff.add_done_callback(self._forget)
+
+    def _forget(self, handoff: Future) -> None:
+        with self._lock:
+            self._pending.discard(handoff)
+
+    def finish(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        futures_wait(pending, timeout=EXIT_STREAM_TIMEOUT_S)
+
+
+EXIT_STREAM_TIMEOUT_S = 600.0
+_streams = _PendingStreams()
 
 
 def daemon_persister(address: str) -> DaemonPersister:

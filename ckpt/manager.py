@@ -31,6 +31,17 @@ from .storage import open_storage
 
 log = logging.getLogger("ckpt.manager")
 
+# Managers whose worker runs, by id: stopped at interpreter exit (a script that never calls close()).
+_live_managers: dict[int, Manager] = {}
+
+
+def _stop_all_at_exit() -> None:
+    for manager in list(_live_managers.values()):
+        manager._stop_worker()
+
+
+threading._register_atexit(_stop_all_at_exit)
+
 
 @dataclass
 class _Pending:
@@ -84,8 +95,12 @@ class Manager:
         self._in_flight: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._finish_saves, name="ckpt-manager", daemon=True)
+        # Not a daemon thread, stopped before interpreter shutdown (threading's own exit hook, which
+        # runs before non-daemon threads are joined): a daemon thread inside torch (retention, a
+        # save's wait) while the interpreter tears torch down aborts the process.
+        self._worker = threading.Thread(target=self._finish_saves, name="ckpt-manager")
         self._worker.start()
+        _live_managers[id(self)] = self
         if self.handle_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -142,10 +157,16 @@ class Manager:
         try:
             self.wait()
         finally:
-            self._queue.put(None)
-            self._worker.join()
+            self._stop_worker()
             if self.handle_sigterm and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def _stop_worker(self) -> None:
+        """Let the worker finish what is queued (marker, retention), then end it. Idempotent."""
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+        _live_managers.pop(id(self), None)
 
     # -- restoring ------------------------------------------------------------------------------
     def restore(self, state_dict: dict) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import TYPE_CHECKING, Protocol
 
 from .engine import PersistJob, Timings, persist_rank
@@ -26,8 +27,16 @@ class Persister(Protocol):
     def shm_path(self, tag: str) -> str: ...
 
     def submit(
-        self, job: PersistJob, timings: Timings, release: threading.Lock | None, buf: HostBuffer | None = None
-    ) -> Future: ...
+        self,
+        job: PersistJob,
+        timings: Timings,
+        release: threading.Lock | None,
+        buf: HostBuffer | None = None,
+        handoff: Future | None = None,
+    ) -> Future:
+        """Start persisting; the returned future resolves at the commit. ``handoff`` resolves
+        once the save no longer needs this process (the daemon holds its bytes, or it committed)."""
+        ...
 
 
 class InProcessPersister:
@@ -43,12 +52,19 @@ class InProcessPersister:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
 
     def shm_path(self, tag: str) -> str:
         raise TypeError("in-process persistence stages into private memory")
 
     def submit(
-        self, job: PersistJob, timings: Timings, release: threading.Lock | None, buf: HostBuffer | None = None
+        self,
+        job: PersistJob,
+        timings: Timings,
+        release: threading.Lock | None,
+        buf: HostBuffer | None = None,
+        handoff: Future | None = None,
     ) -> Future:
         def run() -> None:
             try:
@@ -57,11 +73,49 @@ class InProcessPersister:
                 if release is not None:
                     release.release()
 
-        return self._pool.submit(run)
+        future = self._pool.submit(run)
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        if handoff is not None:  # this process persists: nothing is handed off before the commit
+            future.add_done_callback(lambda f: _settle(handoff, f))
+        return future
+
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def finish(self) -> None:
+        """Wait for every save submitted so far (see :func:`_finish_at_exit`)."""
+        with self._lock:
+            pending = list(self._pending)
+        futures_wait(pending)
+
+
+def _settle(target: Future, source: Future) -> None:
+    """Resolve ``target`` as ``source`` resolved."""
+    error = source.exception()
+    if error is None:
+        target.set_result(None)
+    else:
+        target.set_exception(error)
 
 
 _in_process: InProcessPersister | None = None
 _lock = threading.Lock()
+
+
+def _finish_at_exit() -> None:
+    """Complete in-flight saves before interpreter shutdown. Registered after concurrent.futures'
+    own hook, so it runs first (threading runs these hooks in reverse): the save still has the
+    hashing and persisting threads it needs, and no ckpt thread is left inside torch while the
+    interpreter tears it down."""
+    if _in_process is not None:
+        _in_process.finish()
+
+
+threading._register_atexit(_finish_at_exit)
 
 
 def persister_for(options: SaveOptions) -> Persister:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import multiprocessing.util
 import os
 import secrets
@@ -10,6 +11,7 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,12 +180,31 @@ class SaveHandle:
         self._staged = threading.Event()
         self._stage_error: BaseException | None = None
         self._future: Future | None = None
+        self._handoff: Future = Future()
 
     def wait_staged(self) -> None:
         """Block until the snapshot is taken (returns at once unless ``lazy=True``)."""
         self._staged.wait()
         if self._stage_error is not None:
             raise self._stage_error
+
+    def handed_off(self) -> bool:
+        """True once the save no longer needs this process: the daemon holds every byte of the
+        snapshot (Unix socket: when ``async_save`` returns; TCP: when the stream has ended),
+        or, persisting in this process, once it committed. Exiting or being killed after that
+        does not lose the save."""
+        return self._handoff.done() and self._handoff.exception() is None
+
+    def wait_handed_off(self, timeout: float | None = None) -> None:
+        """Block until :meth:`handed_off` (or raise why the save failed before that)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._staged.wait(timeout):
+            raise TimeoutError(f"{self.uri}: save {self.save_id}: the snapshot was not taken within {timeout}s")
+        self.wait_staged()
+        try:
+            self._handoff.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise TimeoutError(f"{self.uri}: save {self.save_id}: not handed off within {timeout}s") from None
 
     def done(self) -> bool:
         """True once the save has committed or failed (``wait()`` then returns at once)."""
@@ -298,7 +319,9 @@ def _start(
             error = str(e)
         plan, save_id = _planner.plan(tensors, error, options, group)
     assert tensors is not None
-    head = _head(plan, values, step, metrics, metadata, options, world) if rank == 0 else None
+    # A deep copy: after async_save returns the caller may mutate its lists and dicts (a
+    # scheduler's learning rates), and the committer must still write what was passed.
+    head = copy.deepcopy(_head(plan, values, step, metrics, metadata, options, world)) if rank == 0 else None
     persister = persister_for(options)
     handle = SaveHandle(uri, save_id, timings)
 
@@ -313,7 +336,7 @@ def _start(
                 report_failure(storage, save_id, rank, e)
                 raise
         handle._staged.set()
-        handle._future = persister.submit(job(chunks), timings, release=None)
+        handle._future = persister.submit(job(chunks), timings, release=None, handoff=handle._handoff)
         return handle
 
     buf, slots = _planner.buffer(plan, tensors, persister, options)
@@ -330,9 +353,13 @@ def _start(
         try:
             with timings.phase("stage"):
                 chunks = stage(tensors, plan.items, slots, buf, after=after)
-            handle._future = persister.submit(job(chunks), timings, release=buf.busy, buf=buf)
+            handle._future = persister.submit(
+                job(chunks), timings, release=buf.busy, buf=buf, handoff=handle._handoff
+            )
         except BaseException as e:
             handle._stage_error = e
+            if not handle._handoff.done():
+                handle._handoff.set_exception(e)
             buf.busy.release()
             report_failure(storage, save_id, rank, e)
         finally:
@@ -345,8 +372,24 @@ def _start(
         return handle
     if guard is not None:
         _guard(guard, handle)
-    threading.Thread(target=do_stage, name="ckpt-lazy-stage", daemon=True).start()
+    thread = threading.Thread(target=do_stage, name="ckpt-lazy-stage")
+    _lazy_threads.add(thread)
+    thread.start()
     return handle
+
+
+# Lazy snapshots still copying. Joined before interpreter shutdown (threading's exit hooks run
+# before torch is torn down and, registered after concurrent.futures', before its executors
+# stop taking work), so a script that ends right after a lazy async_save still saves.
+_lazy_threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+def _join_lazy_snapshots() -> None:
+    for thread in list(_lazy_threads):
+        thread.join()
+
+
+threading._register_atexit(_join_lazy_snapshots)
 
 
 def _head(plan: SavePlan, values, step, metrics, metadata, options: SaveOptions, world: int) -> dict[str, Any]:

@@ -347,6 +347,51 @@ def test_tcp_with_token_streams_the_snapshot(tmp_path, daemons, monkeypatch):
 
 
 @pytest.mark.daemon
+def test_tcp_streams_parts_over_4_mib_and_a_large_head(tmp_path, daemons, monkeypatch):
+    """gRPC refuses messages over 4 MiB unless both sides raise the limit: a rank's snapshot
+    of several MiB and a head (JSON values) of several MiB must both cross, in pieces."""
+    monkeypatch.setenv("CKPT_SERVER_TOKEN", TOKEN)
+    rows, cols = 2048, 768  # 6 MiB of float32
+    state = rank_state(0, 1, 23, rows, cols)
+    notes = "x" * (6 << 20)  # a 6 MiB value: the head must stream too
+    state["notes"] = notes
+    h = ckpt.async_save(state, str(tmp_path / "big"), step=23, options=SaveOptions(daemon=daemons.a.tcp))
+    scramble(state)
+    state["notes"] = "mutated"
+    h.wait_handed_off(timeout=120)
+    assert h.handed_off()
+    h.wait()
+    target = {"w": torch.zeros(rows, cols), "rep": torch.zeros(33, dtype=torch.bfloat16), "seed": -1, "notes": ""}
+    ckpt.load(target, str(tmp_path / "big"))
+    assert torch.equal(target["w"].view(torch.uint8), global_weight(1, 23, rows, cols).view(torch.uint8))
+    assert target["notes"] == notes
+
+
+def _hand_over_by_tcp_then_get_killed(rank: int, world: int, address: str, root: str, seed: int) -> None:
+    os.environ["CKPT_SERVER_TOKEN"] = TOKEN
+    options = SaveOptions(daemon=address)
+    state = rank_state(rank, world, seed, 2048, 768)
+    ckpt.async_save(state, f"{root}/first", options=options).wait()  # plans (the only collective)
+    refill(state, rank, world, seed + 1)
+    h = ckpt.async_save(state, f"{root}/final", step=seed + 1, options=options)
+    scramble(state)
+    h.wait_handed_off(timeout=RANK_TIMEOUT_S)  # the daemon holds every byte: dying now loses nothing
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.daemon
+def test_daemon_commits_after_tcp_trainers_are_killed_once_handed_off(tmp_path, daemons):
+    root = str(tmp_path)
+    outcomes = run_ranks_outcomes(
+        _hand_over_by_tcp_then_get_killed, 2, daemons.a.tcp, root, 70, start_method="forkserver",
+        timeout=RANK_TIMEOUT_S,
+    )
+    assert [(o.status, o.exitcode) for o in outcomes] == [("died", -signal.SIGKILL)] * 2, outcomes
+    wait_for(lambda: os.path.exists(f"{root}/final/{MANIFEST}"), 120, "the orphaned save to commit")
+    assert assert_loads(f"{root}/final", 2, 71, 2048, 768).step == 71
+
+
+@pytest.mark.daemon
 def test_persist_maps_only_staging_files_and_only_for_local_clients(tmp_path, daemons):
     """Persist makes the daemon map a file by name (and delete it once its trainer is
     dead): a remote client must not reach it, and no client may name another file."""

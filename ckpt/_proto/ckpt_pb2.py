@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nckpt.proto\x12\x07\x63kpt.v1\"]\n\x08\x43hunkRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\x12\r\n\x05sizes\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rbuffer_offset\x18\x05 \x01(\x03\"\x8f\x02\n\x0ePersistRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x1c\n\x14storage_options_json\x18\x02 \x01(\t\x12\x0f\n\x07save_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x10\n\x08shm_path\x18\x06 \x01(\t\x12\x14\n\x0c\x62uffer_bytes\x18\x07 \x01(\x03\x12!\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x11.ckpt.v1.ChunkRef\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x03\x12\x11\n\thead_json\x18\n \x01(\t\x12\x18\n\x10\x63ommit_timeout_s\x18\x0b \x01(\x01\x12\x12\n\nclient_pid\x18\x0c \x01(\x05\"E\n\x0bPersistPart\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.ckpt.v1.PersistRequest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1e\n\x0cPersistReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x0bWaitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x96\x01\n\tWaitReply\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\x07timings\x18\x04 \x03(\x0b\x32\x1f.ckpt.v1.WaitReply.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\rLookupRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"Q\n\x0bLookupReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x0f\n\x07objects\x18\x04 \x03(\t\"\x0e\n\x0c\x43learRequest\"!\n\nClearReply\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x03\x32\xea\x02\n\x0c\x43heckpointer\x12\x39\n\x07Persist\x12\x17.ckpt.v1.PersistRequest\x1a\x15.ckpt.v1.PersistReply\x12>\n\rPersistStream\x12\x14.ckpt.v1.PersistPart\x1a\x15.ckpt.v1.PersistReply(\x01\x12\x30\n\x04Wait\x12\x14.ckpt.v1.WaitRequest\x1a\x12.ckpt.v1.WaitReply\x12\x39\n\x07Metrics\x12\x17.ckpt.v1.MetricsRequest\x1a\x15.ckpt.v1.MetricsReply\x12\x36\n\x06Lookup\x12\x16.ckpt.v1.LookupRequest\x1a\x14.ckpt.v1.LookupReply\x12:\n\x0c\x43learRamTier\x12\x15.ckpt.v1.ClearRequest\x1a\x13.ckpt.v1.ClearReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nckpt.proto\x12\x07\x63kpt.v1\"]\n\x08\x43hunkRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\x12\r\n\x05sizes\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x15\n\rbuffer_offset\x18\x05 \x01(\x03\"\x8f\x02\n\x0ePersistRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x1c\n\x14storage_options_json\x18\x02 \x01(\t\x12\x0f\n\x07save_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x12\n\nworld_size\x18\x05 \x01(\x05\x12\x10\n\x08shm_path\x18\x06 \x01(\t\x12\x14\n\x0c\x62uffer_bytes\x18\x07 \x01(\x03\x12!\n\x06\x63hunks\x18\x08 \x03(\x0b\x32\x11.ckpt.v1.ChunkRef\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x03\x12\x11\n\thead_json\x18\n \x01(\t\x12\x18\n\x10\x63ommit_timeout_s\x18\x0b \x01(\x01\x12\x12\n\nclient_pid\x18\x0c \x01(\x05\"S\n\x0bPersistPart\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.ckpt.v1.PersistRequest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04head\x18\x03 \x01(\x0c\"\x1e\n\x0cPersistReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x0bWaitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"\x96\x01\n\tWaitReply\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x30\n\x07timings\x18\x04 \x03(\x0b\x32\x1f.ckpt.v1.WaitReply.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1c\n\rLookupRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"Q\n\x0bLookupReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x0f\n\x07objects\x18\x04 \x03(\t\"\x0e\n\x0c\x43learRequest\"!\n\nClearReply\x12\x13\n\x0b\x62ytes_freed\x18\x01 \x01(\x03\x32\xea\x02\n\x0c\x43heckpointer\x12\x39\n\x07Persist\x12\x17.ckpt.v1.PersistRequest\x1a\x15.ckpt.v1.PersistReply\x12>\n\rPersistStream\x12\x14.ckpt.v1.PersistPart\x1a\x15.ckpt.v1.PersistReply(\x01\x12\x30\n\x04Wait\x12\x14.ckpt.v1.WaitRequest\x1a\x12.ckpt.v1.WaitReply\x12\x39\n\x07Metrics\x12\x17.ckpt.v1.MetricsRequest\x1a\x15.ckpt.v1.MetricsReply\x12\x36\n\x06Lookup\x12\x16.ckpt.v1.LookupRequest\x1a\x14.ckpt.v1.LookupReply\x12:\n\x0c\x43learRamTier\x12\x15.ckpt.v1.ClearRequest\x1a\x13.ckpt.v1.ClearReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PERSISTREQUEST']._serialized_start=119
   _globals['_PERSISTREQUEST']._serialized_end=390
   _globals['_PERSISTPART']._serialized_start=392
-  _globals['_PERSISTPART']._serialized_end=461
-  _globals['_PERSISTREPLY']._serialized_start=463
-  _globals['_PERSISTREPLY']._serialized_end=493
-  _globals['_WAITREQUEST']._serialized_start=495
-  _globals['_WAITREQUEST']._serialized_end=543
-  _globals['_WAITREPLY']._serialized_start=546
-  _globals['_WAITREPLY']._serialized_end=696
-  _globals['_WAITREPLY_TIMINGSENTRY']._serialized_start=650
-  _globals['_WAITREPLY_TIMINGSENTRY']._serialized_end=696
-  _globals['_METRICSREQUEST']._serialized_start=698
-  _globals['_METRICSREQUEST']._serialized_end=714
-  _globals['_METRICSREPLY']._serialized_start=716
-  _globals['_METRICSREPLY']._serialized_end=744
-  _globals['_LOOKUPREQUEST']._serialized_start=746
-  _globals['_LOOKUPREQUEST']._serialized_end=774
-  _globals['_LOOKUPREPLY']._serialized_start=776
-  _globals['_LOOKUPREPLY']._serialized_end=857
-  _globals['_CLEARREQUEST']._serialized_start=859
-  _globals['_CLEARREQUEST']._serialized_end=873
-  _globals['_CLEARREPLY']._serialized_start=875
-  _globals['_CLEARREPLY']._serialized_end=908
-  _globals['_CHECKPOINTER']._serialized_start=911
-  _globals['_CHECKPOINTER']._serialized_end=1273
+  _globals['_PERSISTPART']._serialized_end=475
+  _globals['_PERSISTREPLY']._serialized_start=477
+  _globals['_PERSISTREPLY']._serialized_end=507
+  _globals['_WAITREQUEST']._serialized_start=509
+  _globals['_WAITREQUEST']._serialized_end=557
+  _globals['_WAITREPLY']._serialized_start=560
+  _globals['_WAITREPLY']._serialized_end=710
+  _globals['_WAITREPLY_TIMINGSENTRY']._serialized_start=664
+  _globals['_WAITREPLY_TIMINGSENTRY']._serialized_end=710
+  _globals['_METRICSREQUEST']._serialized_start=712
+  _globals['_METRICSREQUEST']._serialized_end=728
+  _globals['_METRICSREPLY']._serialized_start=730
+  _globals['_METRICSREPLY']._serialized_end=758
+  _globals['_LOOKUPREQUEST']._serialized_start=760
+  _globals['_LOOKUPREQUEST']._serialized_end=788
+  _globals['_LOOKUPREPLY']._serialized_start=790
+  _globals['_LOOKUPREPLY']._serialized_end=871
+  _globals['_CLEARREQUEST']._serialized_start=873
+  _globals['_CLEARREQUEST']._serialized_end=887
+  _globals['_CLEARREPLY']._serialized_start=889
+  _globals['_CLEARREPLY']._serialized_end=922
+  _globals['_CHECKPOINTER']._serialized_start=925
+  _globals['_CHECKPOINTER']._serialized_end=1287
 # @@protoc_insertion_point(module_scope)

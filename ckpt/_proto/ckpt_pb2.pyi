@@ -49,12 +49,14 @@ class PersistRequest(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., storage_options_json: _Optional[str] = ..., save_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., shm_path: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkRef, _Mapping]]] = ..., block_bytes: _Optional[int] = ..., head_json: _Optional[str] = ..., commit_timeout_s: _Optional[float] = ..., client_pid: _Optional[int] = ...) -> None: ...
 
 class PersistPart(_message.Message):
-    __slots__ = ("request", "data")
+    __slots__ = ("request", "data", "head")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
     request: PersistRequest
     data: bytes
-    def __init__(self, request: _Optional[_Union[PersistRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    head: bytes
+    def __init__(self, request: _Optional[_Union[PersistRequest, _Mapping]] = ..., data: _Optional[bytes] = ..., head: _Optional[bytes] = ...) -> None: ...
 
 class PersistReply(_message.Message):
     __slots__ = ("job_id",)

@@ -78,8 +78,10 @@ class CheckpointerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PersistStream(self, request_iterator, context):
-        """The same for a client on another machine: first message carries the
-        request (without shm_path), the following ones the buffer's bytes in order.
+        """The same for a client on another machine: the first message carries the
+        request (without shm_path), then come the pieces of head_json (if the request
+        left it empty) and the buffer's bytes, each in order. Returns once the daemon
+        holds every byte: from then on the client may exit without losing the save.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

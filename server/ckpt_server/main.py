@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ckpt._proto import ckpt_pb2_grpc
+from ckpt.client import MESSAGE_LIMIT_BYTES
 from ckpt.sizes import parse_size
 
 from .metrics import Metrics
@@ -148,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     health_servicer = health.HealthServicer()
 
     def make_server(interceptors=()) -> grpc.Server:
-        server = grpc.server(ThreadPoolExecutor(32, thread_name_prefix="rpc"), interceptors=list(interceptors))
+        server = grpc.server(
+            ThreadPoolExecutor(32, thread_name_prefix="rpc"),
+            interceptors=list(interceptors),
+            # gRPC's default 4 MiB would refuse a streamed part (4 MiB of data plus framing) or a large request
+            options=[("grpc.max_receive_message_length", MESSAGE_LIMIT_BYTES)],
+        )
         ckpt_pb2_grpc.add_CheckpointerServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         return server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import mmap
@@ -113,9 +114,10 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
         try:
             data = torch.empty(max(request.buffer_bytes, 1), dtype=torch.uint8)
             view = memoryview(data.numpy())
-            at = len(first.data)
-            view[:at] = first.data
-            for part in request_iterator:
+            head = bytearray()
+            at = 0
+            for part in itertools.chain([first], request_iterator):
+                head += part.head
                 n = len(part.data)
                 if at + n > request.buffer_bytes:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "more bytes than buffer_bytes")
@@ -123,6 +125,8 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
                 at += n
             if at != request.buffer_bytes:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"got {at} of {request.buffer_bytes} bytes")
+            if head:
+                request.head_json = head.decode()
         except BaseException:
             self.budget.release(request.buffer_bytes)
             raise
