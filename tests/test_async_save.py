@@ -202,9 +202,9 @@ def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch, allo
     staged_at: list[list[int]] = []
     real_submit = ckpt.persist.InProcessPersister.submit
 
-    def spying(self, job, timings, release, buf=None):
+    def spying(self, job, timings, release, buf=None, **kwargs):
         staged_at.append(sorted(c.data.data_ptr() for c in job.chunks))
-        return real_submit(self, job, timings, release, buf)
+        return real_submit(self, job, timings, release, buf, **kwargs)
 
     monkeypatch.setattr(ckpt.persist.InProcessPersister, "submit", spying)
 
