@@ -87,8 +87,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", env_src,
                "--output_folder", uni, "--inject_missing_state", "--keep_temp_folder"]
         secs, rss = _timed(cmd)
-        temp = sum(_du(os.path.join(work, d)) for d in os.listdir(work) if "tmp" in d or "temp" in d)
-        results["ds_to_universal"] = (secs, rss, temp, _du(uni))
+        temp = _du(os.path.join(uni, "tmp"))  # --keep_temp_folder leaves its fragments in <output>/tmp
+        results["ds_to_universal"] = (secs, rss, temp, _du(uni) - temp)
         print(f"{'tool':<18}{'seconds':>9}{'peak RSS GiB':>14}{'temp GiB':>10}{'output GiB':>12}")
         for name, (s, r, tmpb, outb) in results.items():
             print(f"{name:<18}{s:>9.1f}{r / 2**30:>14.2f}{tmpb / 2**30:>10.2f}{outb / 2**30:>12.2f}")
