@@ -33,7 +33,7 @@ from ..describe import check_json_value
 from ..errors import UnsupportedValueError
 from ..framing import as_bytes
 from ..regions import Box
-from ..storage import Storage
+from ..storage import Storage, open_storage
 from .safe_pickle import LazyTensor, Record, StorageRef, load_pickle, to_plain
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo
 from .torchzip import TorchArchive
@@ -231,7 +231,7 @@ class MegatronSource(_RecordSource):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self._setup()
-        storage = Storage(uri)
+        storage = open_storage(uri)
         names = set(storage.listdir(""))
         prefix = ""
         if METADATA not in names:
@@ -271,7 +271,7 @@ class ByteCheckpointSource(_RecordSource):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         self._setup()
-        storage = Storage(uri)
+        storage = open_storage(uri)
         names = set(storage.listdir(""))
         parts = [p for p in BYTECHECKPOINT_PARTS if p in names]
         if METADATA in names:  # one part opened directly
