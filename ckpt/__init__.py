@@ -18,12 +18,13 @@ from .errors import (  # noqa: E402
     UnsupportedValueError,
 )
 from .format import Manifest  # noqa: E402
-from .load import LoadOptions, load  # noqa: E402
+from .load import LoadOptions, LoadResult, fill_like_params, load  # noqa: E402
 from .manager import Manager  # noqa: E402
 from .merge import merge  # noqa: E402  (the function; shadows the subpackage attribute)
 from .regions import Box  # noqa: E402
 from .retention import RetentionPolicy  # noqa: E402
 from .save import SaveHandle, SaveOptions, async_save, save  # noqa: E402
+from .tree import read  # noqa: E402
 
 __all__ = [
     "Box",
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptChunkError",
     "LoadOptions",
+    "LoadResult",
     "Manager",
     "Manifest",
     "RetentionPolicy",
@@ -44,7 +46,9 @@ __all__ = [
     "StateDictMismatchError",
     "UnsupportedValueError",
     "async_save",
+    "fill_like_params",
     "load",
     "merge",
+    "read",
     "save",
 ]

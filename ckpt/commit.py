@@ -24,10 +24,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from . import structure
 from .errors import SaveAbortedError
 from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, dtype_from_name
 from .framing import ChunkSpec
 from .storage import Storage
+from .values import decode
 
 
 def staging_name(save_id: str, name: str) -> str:
@@ -108,15 +110,20 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
         )
         for key, meta in head["tensors"].items()
     }
+    values = {k: decode(v) for k, v in head["values"].items()}
+    merged = None
+    for idx in indexes:  # ranks may hold different keys; values are rank 0's only
+        merged = structure.merge(merged, idx.get("structure"))
     manifest = Manifest(
         save_id=save_id,
         tensors=tensors,
-        values=head["values"],
+        values=values,
         objects=objects,
         block_bytes=head["block_bytes"],
         step=head.get("step"),
-        metrics=head.get("metrics") or {},
-        metadata=head.get("metadata") or {},
+        metrics=decode(head.get("metrics") or {}),
+        metadata=decode(head.get("metadata") or {}),
+        structure=None if merged is None else structure.prune(merged, set(tensors) | set(values)),
         topology=head.get("topology") or {},
         library_version=head.get("library_version", ""),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

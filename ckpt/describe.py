@@ -18,8 +18,7 @@ from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from .errors import UnsupportedValueError
 from .regions import Box, Runs, Shape, chunk_bounds, concat_runs, flat_range_to_boxes, runs_length, select_runs
-
-JSON_SCALARS = (bool, int, float, str, type(None))
+from .values import encode, encode_checked, unsupported
 
 
 @dataclass(frozen=True)
@@ -236,6 +235,12 @@ def _holds_tensors(v: Any) -> bool:
     return False
 
 
+def _entered(v: Any) -> bool:
+    """Dicts are always entered (an empty one is a leaf value); lists and tuples only when
+    they hold tensors (a list of ints is one JSON leaf, as in DCP)."""
+    return (isinstance(v, dict) and bool(v)) or (isinstance(v, (list, tuple)) and _holds_tensors(v))
+
+
 @dataclass
 class LeafRef:
     """Where a leaf sits in the caller's nested structure: its container and key (to assign on load)."""
@@ -244,62 +249,92 @@ class LeafRef:
     key: Any
 
 
-def walk(state_dict: Any) -> Iterator[tuple[str, Any, LeafRef | None]]:
-    """Yield (flat key, leaf, ref) for every leaf.
+def _path(parts: tuple) -> str:
+    return "".join(f"[{p!r}]" for p in parts) or "<root>"
 
-    Dicts are always entered; lists and tuples only when they hold tensors
-    (a list of ints is one JSON leaf, as in DCP). Keys are joined with '.'.
+
+def walk(state_dict: Any, problems: list[str] | None = None, structure: list | None = None):
+    """Yield (flat key, leaf, ref) for every leaf, in order; keys are joined with '.'.
+
+    Problems (a key that is not a str or int, two paths that join to the same flat key)
+    are appended to ``problems``, or raised at once without it. With ``structure`` (a
+    one-element list), its element becomes the structure node of the state dict
+    (see ckpt.structure).
     """
+    found: list[str] = [] if problems is None else problems
     if not isinstance(state_dict, dict):
         raise UnsupportedValueError(f"a state dict must be a dict, got {type(state_dict).__name__}")
-    seen: set[str] = set()
-    stack: list[tuple[str, Any]] = [("", state_dict)]
-    while stack:
-        prefix, node = stack.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for k, v in items:
+    seen: dict[str, tuple] = {}
+
+    def visit(node: Any, prefix: str, parts: tuple) -> Iterator[tuple[str, Any, LeafRef]]:
+        is_dict = isinstance(node, dict)
+        entries: list = []
+        for k, v in node.items() if is_dict else enumerate(node):
             if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise UnsupportedValueError(f"{prefix or '<root>'}: key {k!r} must be a str or int")
+                found.append(f"{prefix or '<root>'}: key {k!r} must be a str or int")
+                if problems is None:
+                    raise UnsupportedValueError(found[-1])
+                continue
             key = f"{prefix}.{k}" if prefix else str(k)
-            if (isinstance(v, dict) and v) or (isinstance(v, (list, tuple)) and _holds_tensors(v)):
-                stack.append((key, v))
+            child = None
+            if _entered(v):
+                yield from visit(v, key, (*parts, k))
+                child = structure_of[id(v)]
             else:
                 if key in seen:
-                    raise UnsupportedValueError(f"{key}: two entries flatten to the same key")
-                seen.add(key)
+                    found.append(
+                        f"{key}: {_path(seen[key])} and {_path((*parts, k))} both flatten to this key; "
+                        "rename one (keys are joined with '.')"
+                    )
+                    if problems is None:
+                        raise UnsupportedValueError(found[-1])
+                seen[key] = (*parts, k)
                 yield key, v, LeafRef(node, k)
+            entries.append([k, child] if is_dict else child)
+        kind = "dict" if is_dict else "tuple" if isinstance(node, tuple) else "list"
+        structure_of[id(node)] = {kind: entries}
+
+    structure_of: dict[int, Any] = {}
+    yield from visit(state_dict, "", ())
+    if structure is not None:
+        structure[0] = structure_of[id(state_dict)]
 
 
 def check_json_value(key: str, v: Any) -> None:
-    """Raise, naming the key, for anything JSON cannot hold exactly."""
-    if isinstance(v, JSON_SCALARS):
-        return
-    if isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            check_json_value(f"{key}.{i}", x)
-        return
-    if isinstance(v, dict):
-        for k, x in v.items():
-            if not isinstance(k, str):
-                raise UnsupportedValueError(f"{key}: dict key {k!r} inside a value must be a str")
-            check_json_value(f"{key}.{k}", x)
-        return
-    raise UnsupportedValueError(
-        f"{key}: {type(v).__module__}.{type(v).__qualname__} cannot be saved without pickle; "
-        "store tensors, ints, floats, bools, str, None, lists and dicts"
-    )
+    """Raise, naming every bad part, for a value that cannot be stored without pickle."""
+    encode_checked(v, key)
 
 
-def flatten(state_dict: dict) -> tuple[dict[str, TensorEntry], dict[str, Any], dict[str, LeafRef]]:
-    """Split a state dict into tensor entries, JSON values and where each leaf sits."""
-    tensors: dict[str, TensorEntry] = {}
-    values: dict[str, Any] = {}
-    refs: dict[str, LeafRef] = {}
-    for key, leaf, ref in walk(state_dict):
-        refs[key] = ref
+@dataclass
+class Flat:
+    """A state dict split into tensor entries, values (as given) and where each leaf sits."""
+
+    tensors: dict[str, TensorEntry]
+    values: dict[str, Any]
+    refs: dict[str, LeafRef]
+    structure: Any = None
+
+
+def flatten(state_dict: dict, check_values: bool = True) -> Flat:
+    """Split a state dict into tensors, values and leaf refs; every problem raised at once.
+
+    ``check_values=False`` (a load target) skips checking that values can be stored.
+    """
+    flat = Flat({}, {}, {})
+    problems: list[str] = []
+    structure: list = [None]
+    for key, leaf, ref in walk(state_dict, problems, structure):
+        flat.refs[key] = ref
         if is_tensor_like(leaf):
-            tensors[key] = describe_tensor(key, leaf)
+            try:
+                flat.tensors[key] = describe_tensor(key, leaf)
+            except (UnsupportedValueError, ValueError) as e:
+                problems.append(str(e))
         else:
-            check_json_value(key, leaf)
-            values[key] = leaf
-    return tensors, values, refs
+            if check_values:
+                encode(leaf, key, problems)
+            flat.values[key] = leaf
+    if problems:
+        raise unsupported(problems)
+    flat.structure = structure[0]
+    return flat

@@ -28,11 +28,28 @@ class CorruptChunkError(CheckpointError):
 
 
 class StateDictMismatchError(CheckpointError):
-    """The state dict to load into does not match the checkpoint (lists every problem)."""
+    """The state dict to load into does not match the checkpoint.
 
-    def __init__(self, problems: list[str]):
+    The message starts with a one-line summary and a hint, then lists every problem;
+    ``missing_keys`` (in the target, not the checkpoint) and ``unexpected_keys`` (the reverse)
+    are the lists ``nn.Module.load_state_dict`` would report.
+    """
+
+    def __init__(
+        self,
+        problems: list[str],
+        summary: str = "",
+        hint: str = "",
+        missing_keys: list[str] | None = None,
+        unexpected_keys: list[str] | None = None,
+    ):
         self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) loading the checkpoint:\n  " + "\n  ".join(problems))
+        self.missing_keys = missing_keys or []
+        self.unexpected_keys = unexpected_keys or []
+        head = summary or f"{len(problems)} problem(s) loading the checkpoint"
+        if hint:
+            head += f"\nhint: {hint}"
+        super().__init__(head + "\n  " + "\n  ".join(problems))
 
 
 class UnsupportedValueError(CheckpointError, TypeError):

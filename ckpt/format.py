@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from . import structure
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .regions import Box
+from .values import decode, dumps, encode_checked
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
 STAGING_DIR = "_staging"
@@ -167,6 +169,14 @@ class Manifest:
     topology: dict[str, Any] = field(default_factory=dict)
     library_version: str = ""
     created: str = ""
+    structure: Any = None  # the saved nesting (ckpt.structure); None: unknown, inferred from the keys
+    version: int = FORMAT_VERSION  # of the file it was read from
+
+    def tree(self) -> Any:
+        """The saved nesting: as recorded, or inferred from the flat keys (version 1)."""
+        if self.structure is not None:
+            return self.structure
+        return structure.infer(sorted([*self.values, *self.tensors]))
 
     def to_json_bytes(self) -> bytes:
         doc = {
@@ -176,16 +186,18 @@ class Manifest:
             "library_version": self.library_version,
             "created": self.created,
             "step": self.step,
-            "metrics": self.metrics,
-            "metadata": self.metadata,
+            "metrics": encode_checked(self.metrics, "metrics"),
+            "metadata": encode_checked(self.metadata, "metadata"),
             "topology": self.topology,
             "checksum": CHECKSUM_ALGORITHM,
             "block_bytes": self.block_bytes,
             "objects": self.objects,
-            "values": self.values,
+            "values": {k: encode_checked(v, k) for k, v in self.values.items()},
             "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())},
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        if self.structure is not None:
+            doc["structure"] = self.structure
+        return dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def from_json_bytes(cls, raw: bytes, where: str) -> Manifest:
@@ -212,6 +224,10 @@ class Manifest:
         tensor and their object, checksum counts that match the block size, and
         chunks that account for every element (a tensor with a chunk missing,
         e.g. from an aborted stream, must never be committed or loaded)."""
+        if self.structure is not None:
+            structure.validate(self.structure, where)
+            if set(structure.leaves(self.structure)) != set(self.tensors) | set(self.values):
+                raise CheckpointFormatError(f"{where}: the structure's leaves are not the stored keys")
         if self.block_bytes <= 0:
             raise CheckpointFormatError(f"{where}: block_bytes must be positive")
         for name in self.objects:
@@ -254,11 +270,26 @@ def read_v1(doc: dict[str, Any], where: str) -> Manifest:
             topology=doc.get("topology") or {},
             library_version=doc.get("library_version", ""),
             created=doc.get("created", ""),
+            version=1,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
+def read_v2(doc: dict[str, Any], where: str) -> Manifest:
+    """A version 2 manifest: version 1's fields, values as typed JSON (ckpt/values.py), and
+    the saved ``structure`` (ckpt/structure.py, checked by ``validate``)."""
+    manifest = read_v1(doc, where)
+    try:
+        manifest.values = {k: decode(v) for k, v in manifest.values.items()}
+        manifest.metrics, manifest.metadata = decode(manifest.metrics), decode(manifest.metadata)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"{where}: {e}") from None
+    manifest.structure = doc.get("structure")
+    manifest.version = 2
+    return manifest
+
+
 # The manifest reader of each format version this library reads. A new version adds its
 # reader here beside the older ones (and FORMAT_VERSION moves to it for writing).
-READERS: dict[int, Callable[[dict[str, Any], str], Manifest]] = {1: read_v1}
+READERS: dict[int, Callable[[dict[str, Any], str], Manifest]] = {1: read_v1, 2: read_v2}

@@ -4,16 +4,23 @@ each local shard needs, verify them, and copy them in place."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .describe import LeafRef, TensorEntry, flatten
+import torch
+
+from . import agree, structure
+from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, target_view
-from .format import MANIFEST, Manifest
+from .format import LATEST, MANIFEST, Manifest
 from .ramtier import RamTierStorage
 from .readplan import Need, ReadSettings, intersect_chunks, plan_reads
 from .storage import Storage, open_storage
@@ -26,6 +33,12 @@ class LoadOptions:
     """How a load reads.
 
     strict: missing and unexpected keys are errors (shape mismatches always are).
+    partial: with strict, keys only the checkpoint has are fine (loading part of it, e.g. the
+        model of a training checkpoint), but a key the target has and the checkpoint lacks is
+        still an error (a renamed module must not load silently); DCP's default.
+    fill: ``fill(key, global_shape, dtype)`` returns the tensor (plain, DTensor or ``Sharded``)
+        to create for a stored tensor under an empty container of the target; None (or a
+        None result) creates a plain tensor on the target's device.
     allow_dtype_cast: load a stored dtype into a target of another dtype.
     verify: check every byte read against its block checksum.
     max_gap_bytes / max_read_bytes: coalescing of neighbouring ranges into one request.
@@ -35,6 +48,7 @@ class LoadOptions:
     """
 
     strict: bool = True
+    partial: bool = False
     allow_dtype_cast: bool = False
     verify: bool = True
     max_gap_bytes: int = 1 << 20
@@ -42,6 +56,7 @@ class LoadOptions:
     io_threads: int = 4
     storage_options: dict[str, Any] = field(default_factory=dict)
     daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
+    fill: Callable[[str, tuple[int, ...], torch.dtype], Any] | None = None
 
 
 def read_manifest(storage: Storage) -> Manifest:
@@ -54,30 +69,83 @@ def read_manifest(storage: Storage) -> Manifest:
     return Manifest.from_json_bytes(raw, where)
 
 
+def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest]:
+    """The checkpoint at ``uri``; at a run root (``ckpt.Manager``), the one ``latest`` names.
+
+    A root without a marker is refused with the list of the checkpoints it holds.
+    """
+    storage = open_storage(uri, **(storage_options or {}))
+    if storage.exists(MANIFEST) or not storage.exists(""):
+        return storage, read_manifest(storage)
+    if storage.exists(LATEST):
+        name = json.loads(storage.read_bytes(LATEST))["name"]
+        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {}))
+        return child, read_manifest(child)
+    held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))
+    if held:
+        raise CheckpointNotFoundError(
+            f"{storage.uri}: a run root without a 'latest' marker; it holds {len(held)} checkpoint(s): "
+            + ", ".join(held[:20])
+            + (", ..." if len(held) > 20 else "")
+            + "; pass one of them"
+        )
+    return storage, read_manifest(storage)
+
+
+@dataclass
+class LoadResult(Manifest):
+    """What a load read (the manifest: step, metrics, ...) and what it matched.
+
+    missing_keys: in the target but not in the checkpoint (left as they were; non-strict only).
+    unexpected_keys: in the checkpoint but not in the target (not loaded).
+    filled_keys: created where the target held an empty dict or list (a fresh optimizer's state).
+    """
+
+    uri: str = ""
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    filled_keys: list[str] = field(default_factory=list)
+
+
 def load(
     state_dict: dict,
     uri: str,
     *,
     strict: bool | None = None,
+    partial: bool | None = None,
     allow_dtype_cast: bool | None = None,
     options: LoadOptions | None = None,
-) -> Manifest:
+    process_group: Any = None,
+) -> LoadResult:
     """Load a checkpoint into ``state_dict`` in place, whatever its sharding.
 
     Tensors (plain, DTensor, ``Sharded``) are filled in place; JSON values are
-    assigned into their containers. Returns the manifest (step, metrics, ...).
+    assigned into their containers; an empty dict or list in the target under which
+    the checkpoint has entries (a fresh optimizer's ``state``) is filled with new
+    tensors on the target's device. ``uri`` may be a run root: its ``latest`` loads.
+    Keys: ``strict`` (default) wants the same keys on both sides; ``partial`` wants
+    every target key in the checkpoint and skips the rest; ``strict=False`` takes what
+    matches. Under torch.distributed every rank raises if any rank fails (one small
+    collective). Returns the manifest with ``missing_keys`` / ``unexpected_keys``.
     A checkpoint in another format (``ckpt.interop``: DCP, DeepSpeed, Megatron
     ``torch_dist``, ByteCheckpoint, safetensors, ``torch.save``) is read in place
     the same way, and its ``SourceInfo`` (step, metadata) is returned.
     """
-    options = dataclasses.replace(options or LoadOptions())  # the caller's options stay as they were
-    if strict is not None:
-        options.strict = strict
-    if allow_dtype_cast is not None:
-        options.allow_dtype_cast = allow_dtype_cast
-    storage: Storage = open_storage(uri, **options.storage_options)
+    changes = {"strict": strict, "partial": partial, "allow_dtype_cast": allow_dtype_cast}
+    options = dataclasses.replace(options or LoadOptions(), **{k: v for k, v in changes.items() if v is not None})
+    result, error = None, None
     try:
-        manifest = read_manifest(storage)
+        result = _load(state_dict, uri, options)
+    except Exception as e:  # every rank raises together, or the others hang at their next collective
+        error = e
+    agree.raise_together(error, f"load of {uri}", process_group)
+    assert result is not None
+    return result
+
+
+def _load(state_dict: dict, uri: str, options: LoadOptions) -> LoadResult:
+    try:
+        storage, manifest = open_checkpoint(uri, options.storage_options)
     except CheckpointNotFoundError:
         from .interop.load_source import load_foreign  # DCP, DeepSpeed, Megatron, HF... read in place
 
@@ -85,15 +153,18 @@ def load(
         if info is None:
             raise
         return info  # type: ignore[return-value]
+    flat = flatten(state_dict, check_values=False)
+    filled = fill_empty(flat, manifest, options)
+    missing, unexpected = _check_match(storage.uri, manifest, flat, filled, options)
+    read_from: Storage | RamTierStorage = storage
     if options.daemon:
-        storage = _with_ram_tier(storage, manifest, options.daemon)
-    tensors, values, refs = flatten(state_dict)
-    _check_match(manifest, tensors, values, refs, options)
-    read_tensors(storage, manifest, {k: e for k, e in tensors.items() if k in manifest.tensors}, options)
-    for key in values:
+        read_from = _with_ram_tier(storage, manifest, options.daemon)
+    read_tensors(read_from, manifest, {k: e for k, e in flat.tensors.items() if k in manifest.tensors}, options)
+    for key in flat.values:
         if key in manifest.values:
-            _assign(refs[key], manifest.values[key])
-    return manifest
+            _assign(flat.refs[key], manifest.values[key])
+    fields = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(Manifest)}
+    return LoadResult(**fields, uri=storage.uri, missing_keys=missing, unexpected_keys=unexpected, filled_keys=filled)
 
 
 def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage:
@@ -110,21 +181,83 @@ def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage
     return RamTierStorage(storage, directory, objects & set(manifest.objects))
 
 
+def fill_empty(flat: Flat, manifest: Manifest, options: LoadOptions) -> list[str]:
+    """Build what the checkpoint holds under each empty dict or list of the target.
+
+    New tensors are plain, on the device of the target's first tensor (CPU if none),
+    unless ``options.fill`` gives a (sharded) target for the key. They join
+    ``flat.tensors`` to be read with the rest; values are decoded in place. Returns the
+    keys created.
+    """
+    stored = sorted([*manifest.tensors, *manifest.values])
+    empty = [
+        k for k, v in flat.values.items()
+        if isinstance(v, (dict, list)) and not v and k not in manifest.values and k not in manifest.tensors
+    ]
+    if not empty:
+        return []
+    tree = manifest.tree()
+    first = next(iter(flat.tensors.values()), None)
+    device = first.local.device if first is not None else torch.device("cpu")
+    created: list[str] = []
+
+    def leaf(key: str) -> Any:
+        created.append(key)
+        if key in manifest.values:
+            return manifest.values[key]
+        rec = manifest.tensors[key]
+        target = options.fill(key, rec.shape, rec.dtype) if options.fill else None
+        if target is None:
+            target = torch.empty(rec.shape, dtype=rec.dtype, device=device)
+        flat.tensors[key] = describe_tensor(key, target)
+        return target
+
+    for key in empty:
+        if not any(k.startswith(key + ".") for k in stored):
+            continue
+        node = structure.find(tree, key)
+        kinds = ("dict",) if isinstance(flat.values[key], dict) else ("list", "tuple")
+        if node is structure.MISSING or structure.kind(node) not in kinds:
+            continue  # not the same kind of container: reported as a mismatch
+        ref = flat.refs[key]
+        ref.container[ref.key] = structure.build(node, leaf, lambda _: True, key)
+        del flat.values[key]
+    return created
+
+
+_OPTIMIZER_STATE_KEY = re.compile(r"(?:^|\.)state\.(\d+)\.[^.]+$")
+
+
+def fill_like_params(optimizer: torch.optim.Optimizer) -> Callable[[str, tuple[int, ...], torch.dtype], Any]:
+    """A ``LoadOptions.fill`` for a fresh optimizer's state: ``...state.<i>.<name>`` is created
+    like parameter ``i`` (``opt.state_dict()`` numbering), so an FSDP2 / DTensor parameter gets
+    a DTensor with its mesh and placements, when the stored tensor has the parameter's shape.
+    Anything else (Adam's 0-d ``step``) is a plain tensor."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def fill(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+        found = _OPTIMIZER_STATE_KEY.search(key)
+        if found is None or int(found.group(1)) >= len(params):
+            return None
+        param = params[int(found.group(1))]
+        if tuple(param.shape) != tuple(shape):
+            return None
+        with torch.no_grad():
+            return torch.empty_like(param, dtype=dtype, requires_grad=False)
+
+    return fill
+
+
 def _check_match(
-    manifest: Manifest,
-    tensors: dict[str, TensorEntry],
-    values: dict[str, Any],
-    refs: dict[str, LeafRef],
-    options: LoadOptions,
-):
+    where: str, manifest: Manifest, flat: Flat, filled: list[str], options: LoadOptions
+) -> tuple[list[str], list[str]]:
+    """Every problem at once, or the (missing, unexpected) keys the options allow."""
     problems = []
-    for key, e in tensors.items():
+    for key, e in flat.tensors.items():
         rec = manifest.tensors.get(key)
         if rec is None:
             if key in manifest.values:
                 problems.append(f"{key}: the checkpoint holds a value here, not a tensor")
-            elif options.strict:
-                problems.append(f"{key}: missing from the checkpoint")
             continue
         if tuple(rec.shape) != tuple(e.global_shape):
             problems.append(f"{key}: shape {list(e.global_shape)} here, {list(rec.shape)} in the checkpoint")
@@ -132,18 +265,97 @@ def _check_match(
             problems.append(
                 f"{key}: dtype {e.dtype} here, {rec.dtype} in the checkpoint (allow_dtype_cast=True to cast)"
             )
-    for key in values:
-        if key in manifest.values and isinstance(refs[key].container, tuple):
+    for key in flat.values:
+        if key in manifest.values and isinstance(flat.refs[key].container, tuple):
             problems.append(f"{key}: a value inside a tuple cannot be assigned in place (use a list)")
         if key in manifest.tensors:
             problems.append(f"{key}: the checkpoint holds a tensor here, not a value")
-        elif key not in manifest.values and options.strict:
-            problems.append(f"{key}: missing from the checkpoint")
+    mismatched = len(problems)
+    target = set(flat.tensors) | set(flat.values)
+    stored = set(manifest.tensors) | set(manifest.values)
+    missing = sorted(target - stored)
+    unexpected = sorted(stored - target - set(filled))
     if options.strict:
-        unexpected = sorted((set(manifest.tensors) | set(manifest.values)) - set(tensors) - set(values))
-        problems.extend(f"{key}: in the checkpoint but not in the state dict" for key in unexpected)
+        problems.extend(f"{key}: missing from the checkpoint" for key in missing)
+        if not options.partial:
+            problems.extend(f"{key}: in the checkpoint but not in the state dict" for key in unexpected)
     if problems:
-        raise StateDictMismatchError(problems)
+        n_missing = len(missing) if options.strict else 0
+        n_unexpected = len(unexpected) if options.strict and not options.partial else 0
+        parts = [
+            f"{n_missing} key(s) missing from the checkpoint" if n_missing else "",
+            f"{n_unexpected} unexpected" if n_unexpected else "",
+            f"{mismatched} mismatched" if mismatched else "",
+        ]
+        summary = f"{where}: the state dict does not match the checkpoint: " + ", ".join(p for p in parts if p)
+        raise StateDictMismatchError(
+            problems,
+            summary=summary,
+            hint=mismatch_hint(
+                manifest, problems[:mismatched], missing[:n_missing], unexpected[:n_unexpected], unexpected
+            ),
+            missing_keys=missing,
+            unexpected_keys=unexpected,
+        )
+    return missing, unexpected
+
+
+def mismatch_hint(
+    manifest: Manifest, mismatched: list[str], missing: list[str], unexpected: list[str], stored_only: list[str]
+) -> str:
+    """The likeliest cause of a mismatch, in one line. ``missing`` / ``unexpected``: the keys
+    reported as problems; ``stored_only``: every key only the checkpoint has (for renames)."""
+    renamed = _renamed_prefix(missing, stored_only)
+    if renamed:
+        (here, there), n = renamed
+        return (
+            f"'{here}' in the state dict looks renamed from '{there}' in the checkpoint ({n} keys match after it); "
+            "rename the module or remap the keys"
+        )
+    emptied = sorted(
+        {k for k, v in manifest.values.items() if v in ({}, []) and any(m.startswith(k + ".") for m in missing)}
+    )
+    if emptied:
+        return (
+            f"the checkpoint's {', '.join(repr(k) for k in emptied)} is empty (saved before the optimizer's first "
+            "step?); strict=False keeps the state dict's entries"
+        )
+    if mismatched and all("allow_dtype_cast" in p for p in mismatched) and not missing and not unexpected:
+        return "only dtypes differ; pass allow_dtype_cast=True to cast while loading"
+    if mismatched and any(": shape " in p for p in mismatched):
+        return "shapes differ: the model is configured differently from the one saved"
+    if unexpected and not missing:
+        return "the checkpoint holds keys the state dict lacks; partial=True loads what the state dict asks for"
+    if missing:
+        return (
+            "the state dict holds keys the checkpoint lacks (a renamed or added module?); strict=False keeps their "
+            "current values and reports them in missing_keys"
+        )
+    return "the state dict and the checkpoint disagree on what some keys hold"
+
+
+def _renamed_prefix(missing: list[str], unexpected: list[str]) -> tuple[tuple[str, str], int] | None:
+    """The (target prefix, checkpoint prefix) most missing keys share with unexpected ones
+    after it, when it explains at least half of the missing keys."""
+    if not missing or not unexpected:
+        return None
+    by_suffix: dict[str, list[str]] = {}
+    for u in unexpected:
+        parts = u.split(".")
+        for i in range(1, len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(".".join(parts[:i]))
+    pairs: Counter[tuple[str, str]] = Counter()
+    for m in missing:
+        parts = m.split(".")
+        for i in range(1, len(parts)):
+            there = by_suffix.get(".".join(parts[i:]))
+            if there and len(there) == 1:
+                pairs[(".".join(parts[:i]), there[0])] += 1
+                break
+    if not pairs:
+        return None
+    best, n = pairs.most_common(1)[0]
+    return (best, n) if 2 * n >= len(missing) else None
 
 
 def _assign(ref: LeafRef, value: Any) -> None:

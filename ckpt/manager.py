@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .catalog import COMPLETE, DAMAGED, Entry, delete, latest_name, plan_gc, scan
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .format import LATEST
 from .load import LoadOptions, load
 from .retention import RetentionPolicy, order_key
@@ -169,12 +169,22 @@ class Manager:
         _live_managers.pop(id(self), None)
 
     # -- restoring ------------------------------------------------------------------------------
-    def restore(self, state_dict: dict) -> int | None:
-        """Load the newest checkpoint that loads completely; return its step + 1.
+    def restore(self, state_dict: dict, step: int | None = None) -> int | None:
+        """Load the newest checkpoint that loads completely (or the one saved at ``step``);
+        return its step + 1, or None when there is nothing to resume from.
 
         Incomplete, damaged and corrupt checkpoints are skipped with a warning
-        that says why; all ranks agree on the one they load.
+        that says why; all ranks agree on the one they load. A ``step`` that has no
+        committed checkpoint, or does not load, raises instead.
         """
+        if step is not None:
+            found = [e for e in self.checkpoints() if e.step == step and e.status == COMPLETE]
+            if not found:
+                raise CheckpointNotFoundError(
+                    f"{self.root}: no committed checkpoint at step {step} (steps: {self.all_steps()})"
+                )
+            manifest = load(state_dict, found[0].uri, options=self.load_options, process_group=self.process_group)
+            return (manifest.step if manifest.step is not None else step) + 1
         entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
         complete = [e for e in entries if e.status == COMPLETE]
         newest = order_key(complete[0].info()) if complete else None
@@ -186,7 +196,7 @@ class Manager:
         for e in complete:
             error = None
             try:
-                manifest = load(state_dict, e.uri, options=self.load_options)
+                manifest = load(state_dict, e.uri, options=self.load_options, process_group=self.process_group)
             except (CheckpointError, OSError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             if not self._agree(error is not None):
@@ -200,6 +210,20 @@ class Manager:
         """Name of the newest committed checkpoint, from the marker."""
         self.storage.invalidate()
         return latest_name(self.storage)
+
+    def latest_step(self) -> int | None:
+        """Step of the newest committed checkpoint (the ``latest`` marker's, else the highest)."""
+        self.storage.invalidate()
+        if self.storage.exists(LATEST):
+            step = json.loads(self.storage.read_bytes(LATEST)).get("step")
+            if step is not None:
+                return int(step)
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Steps of every committed checkpoint under the root, ascending."""
+        return sorted({e.step for e in self.checkpoints() if e.status == COMPLETE and e.step is not None})
 
     def checkpoints(self) -> list[Entry]:
         """Every checkpoint under the root, committed or not (empty for a new root)."""

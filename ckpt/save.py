@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import multiprocessing.util
 import os
 import secrets
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import __version__
+from . import __version__, agree
 from .commit import report_failure
 from .describe import TensorEntry, check_json_value, flatten, local_view
 from .engine import PersistJob, StagedChunk, Timings
@@ -29,6 +28,7 @@ from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
 from .stage import HostBuffer, Slot, place_chunks, stage
 from .storage import open_storage
+from .values import encode_checked
 
 
 @dataclass
@@ -80,7 +80,7 @@ class _Planner:
         self.keep_buffers = max(1, keep_buffers)  # the buffer being handed out is never freed
 
     def plan(
-        self, tensors: dict[str, TensorEntry] | None, error: str | None, options: SaveOptions, group
+        self, tensors: dict[str, TensorEntry] | None, error: BaseException | None, options: SaveOptions, group
     ) -> tuple[SavePlan, str]:
         rank, world = _rank_world(group)
         desc = describe_rank(tensors) if tensors is not None and error is None else {}
@@ -97,14 +97,14 @@ class _Planner:
             dist.all_gather_object([None] * world, None, group=group)  # the other ranks' check above
         if plan is None:
             token = secrets.token_hex(4)
-            mine = {"desc": desc, "error": error, "token": token}
+            mine = {"desc": desc, "error": agree.record(error), "token": token}
             gathered = [mine]
             if world > 1:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, mine, group=group)
-            errors = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]
-            if errors:
-                raise UnsupportedValueError("save refused:\n  " + "\n  ".join(errors))
+            refused = agree.combined([g["error"] for g in gathered], "save")
+            if refused is not None:
+                raise refused from error
             plan = make_save_plan([g["desc"] for g in gathered], rank, options.chunk_bytes, gathered[0]["token"])
             self._plans[cache_key] = plan
         n = self._counts.get(plan.token, 0)
@@ -303,25 +303,30 @@ def _start(
     timings = Timings()
     storage = open_storage(uri, **options.storage_options)
     rank, world = _rank_world(group)
-    tensors, values, error = None, {}, None
+    flat, error = None, None
     with timings.phase("plan"):
         try:
             if storage.exists(MANIFEST) and not options.overwrite:
                 raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
             for name, v in (("metrics", metrics), ("metadata", metadata)):
                 check_json_value(name, v or {})
-            tensors, values, _ = flatten(state_dict)
-            for key, entry in tensors.items():
+            flat = flatten(state_dict)
+            for key, entry in flat.tensors.items():
                 dtype_name(entry.dtype, key)  # an unstorable dtype is this rank's error, reported to all
         except (UnsupportedValueError, CheckpointExistsError, ValueError, TypeError) as e:
             if world == 1:
                 raise
-            error = str(e)
-        plan, save_id = _planner.plan(tensors, error, options, group)
-    assert tensors is not None
-    # A deep copy: after async_save returns the caller may mutate its lists and dicts (a
+            error = e
+        plan, save_id = _planner.plan(flat.tensors if flat else None, error, options, group)
+    assert flat is not None
+    tensors = flat.tensors
+    # Rank 0's head carries what the manifest needs; every rank adds its structure (ranks may
+    # hold different keys), which the committer merges. Values are encoded into new JSON
+    # objects (a copy): after async_save returns the caller may mutate its lists and dicts (a
     # scheduler's learning rates), and the committer must still write what was passed.
-    head = copy.deepcopy(_head(plan, values, step, metrics, metadata, options, world)) if rank == 0 else None
+    head = {"structure": flat.structure}
+    if rank == 0:
+        head.update(_head(plan, flat.values, step, metrics, metadata, options, world))
     persister = persister_for(options)
     handle = SaveHandle(uri, save_id, timings)
 
@@ -400,11 +405,11 @@ def _head(plan: SavePlan, values, step, metrics, metadata, options: SaveOptions,
             k: {"shape": list(m.shape), "dtype": dtype_name(m.dtype), "layout": m.layout}
             for k, m in plan.tensors.items()
         },
-        "values": values,
+        "values": {k: encode_checked(v, k) for k, v in values.items()},
         "block_bytes": options.block_bytes,
         "step": step,
-        "metrics": dict(metrics or {}),
-        "metadata": dict(metadata or {}),
+        "metrics": encode_checked(dict(metrics or {}), "metrics"),
+        "metadata": encode_checked(dict(metadata or {}), "metadata"),
         "topology": {
             "world_size": world,
             "backend": dist.get_backend() if dist.is_initialized() else None,

@@ -174,7 +174,21 @@ def test_restore_skips_incomplete_and_corrupt_with_reasons(tmp_path, caplog):
 
 
 def test_restore_on_empty_root_is_a_fresh_start(tmp_path):
-    assert ckpt.Manager(str(tmp_path), handle_sigterm=False).restore(_state(0)) is None
+    mgr = ckpt.Manager(str(tmp_path), handle_sigterm=False)
+    assert mgr.restore(_state(0)) is None and mgr.latest_step() is None and mgr.all_steps() == []
+
+
+def test_restore_a_chosen_step_and_list_steps(tmp_path):
+    mgr = ckpt.Manager(str(tmp_path), every_steps=3, handle_sigterm=False)
+    for step in range(8):
+        mgr.maybe_save(step, _state(step))
+    mgr.close()
+    assert mgr.all_steps() == [0, 3, 6] and mgr.latest_step() == 6
+    target = _state(-1)
+    assert mgr.restore(target, step=3) == 4 and target["step"] == 3
+    assert torch.equal(target["w"], torch.full((64, 64), 3.0))
+    with pytest.raises(ckpt.CheckpointNotFoundError, match=r"no committed checkpoint at step 4 \(steps: \[0, 3, 6\]\)"):
+        mgr.restore(target, step=4)
 
 
 def test_sigterm_triggers_an_emergency_save_at_the_next_boundary(tmp_path):

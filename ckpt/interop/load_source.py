@@ -27,18 +27,18 @@ def load_source(
     state_dict: dict, source: Source, options: LoadOptions, slab_bytes: int = SLAB_BYTES
 ) -> SourceInfo:
     """Fill ``state_dict`` in place from ``source``; returns what the source says about itself (step...)."""
-    tensors, values, slots = flatten(state_dict)
+    flat = flatten(state_dict, check_values=False)
     stored = SimpleNamespace(tensors=source.tensors(), values=source.values())
-    _check_match(stored, tensors, values, slots, options)
-    for key, entry in tensors.items():
+    _check_match(source.uri, stored, flat, [], options)  # type: ignore[arg-type]
+    for key, entry in flat.tensors.items():
         if key not in stored.tensors:
             continue
         for i, piece in enumerate(entry.pieces):
             for box in split_into_chunks(piece.box, stored.tensors[key].dtype.itemsize, slab_bytes):
                 target_view(entry, i, box).copy_(source.read(key, box))
-    for key in values:
+    for key in flat.values:
         if key in stored.values:
-            _assign(slots[key], stored.values[key])
+            _assign(flat.refs[key], stored.values[key])
     return source.info()
 
 

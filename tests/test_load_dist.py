@@ -1,0 +1,120 @@
+"""Loads on 2 gloo ranks: fresh optimizers resume bitwise (plain and FSDP2-sharded state), and
+every rank raises, with every rank's reason and the single-process error type, when any fails."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist import run_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import ckpt
+from ckpt import CheckpointExistsError, CheckpointNotFoundError, StateDictMismatchError
+
+pytestmark = pytest.mark.dist
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+}
+
+
+def _model(seed: int, world: int, shard: bool) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    if shard:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _steps(model, opt, rank: int, world: int, steps: range, shard: bool) -> list[float]:
+    losses = []
+    for i in steps:
+        g = torch.Generator().manual_seed(100 + i)
+        x, y = torch.randn(4 * world, 8, generator=g), torch.randn(4 * world, 1, generator=g)
+        mine = slice(4 * rank, 4 * (rank + 1))
+        loss = torch.nn.functional.mse_loss(model(x[mine]), y[mine])
+        loss.backward()
+        if not shard:  # data parallel by hand: average the gradients
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item())
+    return losses
+
+
+def _resume(rank: int, world: int, path: str, name: str, shard: bool) -> tuple[list[float], list[float], bool]:
+    model = _model(0, world, shard)
+    opt = OPTIMIZERS[name](model.parameters())
+    _steps(model, opt, rank, world, range(3), shard)
+    ckpt.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    want = _steps(model, opt, rank, world, range(3, 7), shard)
+
+    model2 = _model(1, world, shard)
+    opt2 = OPTIMIZERS[name](model2.parameters())
+    state = {"model": model2.state_dict(), "optim": opt2.state_dict()}  # before the first step
+    ckpt.load(state, path, options=ckpt.LoadOptions(fill=ckpt.fill_like_params(opt2)))
+    sharded = any(isinstance(v, DTensor) for s in state["optim"]["state"].values() for v in s.values())
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optim"])
+    return want, _steps(model2, opt2, rank, world, range(3, 7), shard), sharded
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp2"])
+def test_two_ranks_resume_into_fresh_optimizers_bitwise(tmp_path, name, shard):
+    results = run_ranks(_resume, 2, str(tmp_path / "c"), name, shard, start_method="forkserver", timeout=240)
+    for want, got, sharded in results:
+        assert got == want
+        assert sharded == shard  # the state is sharded like the params
+
+
+def _only_rank1_mismatches(rank: int, world: int, path: str) -> str:
+    ckpt.save({"w": torch.zeros(4), "b": torch.zeros(2)}, path)
+    target = {"w": torch.zeros(4), "b": torch.zeros(2)} if rank == 0 else {"w": torch.zeros(5), "b": torch.zeros(2)}
+    start = time.monotonic()
+    try:
+        ckpt.load(target, path)
+    except StateDictMismatchError as e:
+        assert time.monotonic() - start < 30
+        return str(e)
+    return "returned"
+
+
+def test_a_mismatch_on_one_rank_raises_on_every_rank(tmp_path):
+    results = run_ranks(_only_rank1_mismatches, 2, str(tmp_path / "c"), start_method="forkserver", timeout=120)
+    for text in results:
+        assert text.splitlines()[0].startswith(f"load of {tmp_path / 'c'} failed on rank(s) 1; rank 1:")
+        assert "rank 1: w: shape [5] here, [4] in the checkpoint" in text
+
+
+def _errors_by_type(rank: int, world: int, root: str) -> list[str]:
+    names = []
+    ckpt.save({"x": torch.zeros(1)}, f"{root}/a")
+    try:
+        ckpt.save({"x": torch.zeros(1)}, f"{root}/a")  # exists: the same error as in one process
+    except CheckpointExistsError as e:
+        names.append(type(e).__name__)
+    try:  # rank 1 asks for a checkpoint that does not exist
+        ckpt.load({"x": torch.zeros(1)}, f"{root}/a" if rank == 0 else f"{root}/missing")
+    except CheckpointNotFoundError as e:
+        names.append(type(e).__name__ + (": rank 1" if "rank 1: CheckpointNotFoundError" in str(e) else ""))
+    return names
+
+
+def test_same_error_types_as_in_one_process(tmp_path):
+    results = run_ranks(_errors_by_type, 2, str(tmp_path), start_method="forkserver", timeout=120)
+    assert results == [["CheckpointExistsError", "CheckpointNotFoundError: rank 1"]] * 2
