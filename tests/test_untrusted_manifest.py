@@ -50,7 +50,7 @@ def _rewrite_manifest(uri: str, edit) -> None:
         json.dump(doc, f)
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+@pytest.mark.parametrize("version", [3, 0, "1", 2.0, True, None])
 def test_unknown_format_version_names_the_file_and_the_versions_read(tmp_path, version):
     uri = str(tmp_path / "c")
     ckpt.save({"w": torch.ones(4)}, uri)
@@ -59,34 +59,34 @@ def test_unknown_format_version_names_the_file_and_the_versions_read(tmp_path, v
         ckpt.load({"w": torch.zeros(4)}, uri)
     msg = str(ei.value)
     assert os.path.join(uri, "manifest.json") in msg and f"format version {version!r}" in msg, msg
-    assert "this library reads 1" in msg, msg
+    assert "this library reads 1, 2" in msg, msg
 
 
-def test_a_reader_for_a_new_version_sits_beside_v1(tmp_path, monkeypatch):
-    """A v2 manifest (here: v1 with a renamed field) is read by the v2 reader once one is
-    registered, and v1 checkpoints still go to the v1 reader."""
+def test_a_reader_for_a_new_version_sits_beside_the_old_ones(tmp_path, monkeypatch):
+    """A v3 manifest (here: v2 with a renamed field) is read by the v3 reader once one is
+    registered, and v2 checkpoints still go to the v2 reader."""
     from ckpt import format
 
-    old, new = str(tmp_path / "v1"), str(tmp_path / "v2")
+    old, new = str(tmp_path / "v2"), str(tmp_path / "v3")
     ckpt.save({"w": torch.arange(4.0)}, old)
     ckpt.save({"w": torch.arange(4.0) + 10}, new)
 
-    def to_v2(doc):
-        doc["version"] = 2
+    def to_v3(doc):
+        doc["version"] = 3
         doc["tensor_records"] = doc.pop("tensors")
 
-    _rewrite_manifest(new, to_v2)
-    with pytest.raises(ckpt.CheckpointFormatError, match="format version 2 is not supported"):
+    _rewrite_manifest(new, to_v3)
+    with pytest.raises(ckpt.CheckpointFormatError, match="format version 3 is not supported"):
         ckpt.load({"w": torch.zeros(4)}, new)
 
-    def read_v2(doc, where):
-        return format.read_v1({**doc, "tensors": doc["tensor_records"]}, where)
+    def read_v3(doc, where):
+        return format.read_v2({**doc, "tensors": doc["tensor_records"]}, where)
 
-    monkeypatch.setitem(format.READERS, 2, read_v2)
+    monkeypatch.setitem(format.READERS, 3, read_v3)
     for uri, want in ((old, torch.arange(4.0)), (new, torch.arange(4.0) + 10)):
         target = {"w": torch.zeros(4)}
         ckpt.load(target, uri)
         assert torch.equal(target["w"], want)
-    with pytest.raises(ckpt.CheckpointFormatError, match="this library reads 1, 2"):
-        _rewrite_manifest(old, lambda doc: doc.update(version=3))
+    with pytest.raises(ckpt.CheckpointFormatError, match="this library reads 1, 2, 3"):
+        _rewrite_manifest(old, lambda doc: doc.update(version=4))
         ckpt.load({"w": torch.zeros(4)}, old)
