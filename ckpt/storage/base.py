@@ -5,12 +5,12 @@ relative to it (``rel``). Every backend gives the same guarantees, each in its
 own way: a write is durable when it returns, an atomic put is seen whole or
 not at all, a conditional put creates an object only if none is there.
 
-Call order on save (``ckpt.engine``): each rank ``open_write`` s its data
-object (``start_writeback`` hints as bytes stream out) and leaves the block
-only once the bytes are durable, then ``put_atomic`` s its index under
-``_staging/``; a committer polls (``invalidate``, ``listdir``, ``exists``,
-``read_bytes``), ``put_atomic`` s the manifest, then ``delete`` s what the
-commit replaced. A failing rank ``put_atomic`` s an error report instead.
+Call order on save (``ckpt.engine``, then ``ckpt.commit``): each rank
+``open_write`` s its data object (``start_writeback`` hints as bytes stream
+out) and leaves the block only once the bytes are durable, then
+``put_atomic`` s its index under ``_staging/``; a committer polls
+(``invalidate``, ``listdir``, ``exists``, ``read_bytes``), ``put_atomic`` s
+the manifest, then ``delete`` s what the commit replaced. A failing rank ``put_atomic`` s an error report instead.
 
 Call order on load (``ckpt.load`` / ``ckpt.fetch``): ``read_bytes`` the
 manifest, then per planned read either ``read_into_many`` (one request per
