@@ -7,7 +7,7 @@ PY := .venv/bin/python
 TORCH := $(shell grep '^torch==' constraints.txt)
 PIP := $(PY) -m pip install -q -c constraints.txt
 # Tests that start no process and finish quickly (markers: pyproject.toml).
-FAST := not dist and not s3 and not daemon and not faults and not slow
+FAST := not dist and not s3 and not daemon and not faults and not subprocess and not slow
 
 .PHONY: setup demo test test-fast lint bench proto clean
 

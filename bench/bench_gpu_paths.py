@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
 
     mesh = init_device_mesh("cuda", (1,))
     dt = distribute_tensor(torch.arange(4096 * 64, device=device, dtype=torch.float32).view(4096, 64), mesh, [Shard(0)])
-    mgr = ckpt.Manager(f"{root}/mgr", every_steps=1, keep_last=1, handle_sigterm=False)
+    mgr = ckpt.Manager(f"{root}/mgr", every_steps=1, retention=ckpt.RetentionPolicy(keep_last=1), handle_sigterm=False)
     mgr.maybe_save(0, {"dt": dt})
     mgr.close()
     restore = {"dt": distribute_tensor(torch.zeros(4096, 64, device=device), mesh, [Shard(0)])}

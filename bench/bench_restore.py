@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import drop_page_cache, format_table, gib, median, run_ranks, timed_collective  # noqa: E402
 
 import ckpt  # noqa: E402
-from ckpt.load import LoadOptions  # noqa: E402
+from ckpt.options import LoadOptions  # noqa: E402
 
 
 def state(rank: int, world: int, nbytes: int) -> dict:

@@ -3,10 +3,9 @@
 Public API only; see docs/ARCHITECTURE.md for how the pieces fit.
 """
 
-__version__ = "0.1.0"
-
-from .describe import Sharded  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .describe import Sharded
+from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointFormatError,
@@ -17,16 +16,17 @@ from .errors import (  # noqa: E402
     StateDictMismatchError,
     UnsupportedValueError,
 )
-from .format import Manifest  # noqa: E402
-from .load import LoadOptions, LoadResult, fill_like_params, load  # noqa: E402
-from .manager import Manager  # noqa: E402
-from .merge import merge  # noqa: E402  (the function; shadows the subpackage attribute)
-from .regions import Box  # noqa: E402
-from .retention import RetentionPolicy  # noqa: E402
-from .save import SaveHandle, SaveOptions, async_save, save  # noqa: E402
-from .tree import read  # noqa: E402
+from .format import Manifest
+from .load import LoadResult, fill_like_params, load
+from .manager import Manager
+from .merge import merge  # the function, which shadows the subpackage attribute
+from .options import BestMode, LoadOptions, OnBusy, RetentionPolicy, SaveOptions
+from .regions import Box
+from .save import SaveHandle, async_save, save
+from .tree import read
 
 __all__ = [
+    "BestMode",
     "Box",
     "CheckpointError",
     "CheckpointExistsError",
@@ -37,6 +37,7 @@ __all__ = [
     "LoadResult",
     "Manager",
     "Manifest",
+    "OnBusy",
     "RetentionPolicy",
     "SaveAbortedError",
     "SaveBusyError",
@@ -45,6 +46,7 @@ __all__ = [
     "Sharded",
     "StateDictMismatchError",
     "UnsupportedValueError",
+    "__version__",
     "async_save",
     "fill_like_params",
     "load",

@@ -20,10 +20,19 @@ from typing import Any
 from .errors import CheckpointError
 from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
 from .load import read_manifest
-from .retention import CheckpointInfo, RetentionPolicy, select_deletions
+from .options import RetentionPolicy, StrEnum
+from .retention import CheckpointInfo, select_deletions
 from .storage import FsspecStorage, Storage, open_storage
 
-COMPLETE, INCOMPLETE, DAMAGED = "complete", "incomplete", "damaged"
+
+class EntryStatus(StrEnum):
+    """What a child of the root is."""
+
+    COMPLETE = "complete"  # committed: manifest.json is there and reads
+    INCOMPLETE = "incomplete"  # data or staging files without a manifest: a save that never committed
+    DAMAGED = "damaged"  # a manifest that does not read (perhaps a newer format): listed, never deleted
+
+
 STALE_UPLOAD_S = 24 * 3600.0  # no save takes this long: an upload this old lost its writer
 
 
@@ -33,7 +42,7 @@ class Entry:
 
     name: str
     uri: str
-    status: str
+    status: EntryStatus
     step: int | None = None
     size: int = 0
     created: float | None = None  # seconds since the epoch
@@ -44,7 +53,7 @@ class Entry:
     def info(self) -> CheckpointInfo:
         """The facts retention decides on."""
         return CheckpointInfo(
-            self.name, self.step, self.status == COMPLETE, self.created, tuple(sorted(self.metrics.items()))
+            self.name, self.step, self.status is EntryStatus.COMPLETE, self.created, tuple(sorted(self.metrics.items()))
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -73,14 +82,14 @@ def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None)
             m = read_manifest(storage)
         except CheckpointError as e:
             size, mtime, _ = _contents(storage)
-            return Entry(name, uri, DAMAGED, step_from_name(name), size, mtime, error=str(e))
+            return Entry(name, uri, EntryStatus.DAMAGED, step_from_name(name), size, mtime, error=str(e))
         size = sum(m.objects.values()) + storage.size(MANIFEST)
         step = m.step if m.step is not None else step_from_name(name)
-        return Entry(name, uri, COMPLETE, step, size, _parse_time(m.created), dict(m.metrics))
+        return Entry(name, uri, EntryStatus.COMPLETE, step, size, _parse_time(m.created), dict(m.metrics))
     if DATA_DIR in names or STAGING_DIR in names:
         size, mtime, files = _contents(storage)
         if files:  # some object stores keep empty "directories" after their objects are deleted
-            return Entry(name, uri, INCOMPLETE, step_from_name(name), size, mtime)
+            return Entry(name, uri, EntryStatus.INCOMPLETE, step_from_name(name), size, mtime)
     return None
 
 
@@ -115,7 +124,7 @@ def plan_gc(
     """Entries to delete: incomplete ones older than the newest complete checkpoint,
     and complete ones ``policy`` drops. Never the root itself, a damaged one, the
     newest complete checkpoint, the one the ``latest`` marker names, or a save in flight."""
-    candidates = [e for e in entries if e.name != "." and e.status != DAMAGED]
+    candidates = [e for e in entries if e.name != "." and e.status is not EntryStatus.DAMAGED]
     infos = [e.info() for e in candidates]
     doomed = set(select_deletions(infos, policy, now if now is not None else time.time(), in_flight))
     # The marker's checkpoint survives, but still counts towards the rules (keep_last, ...).
@@ -163,7 +172,7 @@ def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:
     """Remove a checkpoint; the manifest goes first, so an interrupted delete leaves
     an incomplete checkpoint (invisible to loaders), never a complete one with holes."""
     storage = open_storage(entry.uri, **(storage_options or {}))
-    if entry.status == COMPLETE:
+    if entry.status is EntryStatus.COMPLETE:
         storage.delete(MANIFEST)
     storage.delete("", recursive=True)
 

@@ -16,14 +16,24 @@ from typing import Any
 import torch
 
 from .interop.source import Source, slabs
+from .options import StrEnum
 
-IDENTICAL, CLOSE, DIFFERENT, ONLY_A, ONLY_B, SHAPE = "identical", "close", "different", "only_a", "only_b", "shape"
+
+class DiffStatus(StrEnum):
+    """How one key compares."""
+
+    IDENTICAL = "identical"  # bitwise equal
+    CLOSE = "close"  # not bitwise equal, but within the tolerances
+    DIFFERENT = "different"
+    ONLY_A = "only_a"
+    ONLY_B = "only_b"
+    SHAPE = "shape"  # shapes differ: not compared further
 
 
 @dataclass
 class TensorDiff:
     key: str
-    status: str
+    status: DiffStatus
     shape_a: list[int] | None = None
     shape_b: list[int] | None = None
     dtype_a: str | None = None
@@ -35,13 +45,13 @@ class TensorDiff:
 
     @property
     def differs(self) -> bool:
-        return self.status not in (IDENTICAL, CLOSE)
+        return self.status not in (DiffStatus.IDENTICAL, DiffStatus.CLOSE)
 
 
 @dataclass
 class ValueDiff:
     key: str
-    status: str  # only_a | only_b | different
+    status: DiffStatus  # ONLY_A, ONLY_B or DIFFERENT
     a: Any = None
     b: Any = None
 
@@ -118,11 +128,11 @@ def compare_tensor(
 ) -> TensorDiff:
     ia, ib = a.tensors()[key], b.tensors()[key]
     out = TensorDiff(
-        key, IDENTICAL, list(ia.shape), list(ib.shape), str(ia.dtype).removeprefix("torch."),
+        key, DiffStatus.IDENTICAL, list(ia.shape), list(ib.shape), str(ia.dtype).removeprefix("torch."),
         str(ib.dtype).removeprefix("torch."), math.prod(ia.shape),
     )  # fmt: skip
     if ia.shape != ib.shape:
-        out.status = SHAPE
+        out.status = DiffStatus.SHAPE
         return out
     stats: _Stats | None = None
     for box in slabs(ia, slab_bytes):
@@ -135,7 +145,7 @@ def compare_tensor(
     if stats is None:
         return out
     out.n_diff, out.max_abs, out.rel_l2 = stats.n_diff, stats.max_abs, stats.rel_l2
-    out.status = DIFFERENT if (out.n_diff or ia.dtype != ib.dtype) else CLOSE
+    out.status = DiffStatus.DIFFERENT if (out.n_diff or ia.dtype != ib.dtype) else DiffStatus.CLOSE
     return out
 
 
@@ -154,19 +164,20 @@ def diff(
     report = DiffReport(a.uri, b.uri)
     for key in sorted(set(ta) | set(tb)):
         if key not in tb:
-            report.tensors.append(TensorDiff(key, ONLY_A, list(ta[key].shape), None, str(ta[key].dtype)[6:]))
+            report.tensors.append(TensorDiff(key, DiffStatus.ONLY_A, list(ta[key].shape), None, str(ta[key].dtype)[6:]))
             if progress:
                 progress(ta[key].nbytes)
         elif key not in ta:
-            report.tensors.append(TensorDiff(key, ONLY_B, None, list(tb[key].shape), None, str(tb[key].dtype)[6:]))
+            only_b = TensorDiff(key, DiffStatus.ONLY_B, None, list(tb[key].shape), None, str(tb[key].dtype)[6:])
+            report.tensors.append(only_b)
         else:
             report.tensors.append(compare_tensor(a, b, key, atol, rtol, slab_bytes, progress))
     va, vb = a.values(), b.values()
     for key in sorted(set(va) | set(vb)):
         if key not in vb:
-            report.values.append(ValueDiff(key, ONLY_A, a=va[key]))
+            report.values.append(ValueDiff(key, DiffStatus.ONLY_A, a=va[key]))
         elif key not in va:
-            report.values.append(ValueDiff(key, ONLY_B, b=vb[key]))
+            report.values.append(ValueDiff(key, DiffStatus.ONLY_B, b=vb[key]))
         elif va[key] != vb[key]:
-            report.values.append(ValueDiff(key, DIFFERENT, va[key], vb[key]))
+            report.values.append(ValueDiff(key, DiffStatus.DIFFERENT, va[key], vb[key]))
     return report

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -21,42 +20,12 @@ from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, target_view
 from .format import LATEST, MANIFEST, Manifest
+from .options import LoadOptions
 from .ramtier import RamTierStorage
 from .readplan import Need, ReadSettings, intersect_chunks, plan_reads
 from .storage import Storage, open_storage
 
 log = logging.getLogger("ckpt.load")
-
-
-@dataclass
-class LoadOptions:
-    """How a load reads.
-
-    strict: missing and unexpected keys are errors (shape mismatches always are).
-    partial: with strict, keys only the checkpoint has are fine (loading part of it, e.g. the
-        model of a training checkpoint), but a key the target has and the checkpoint lacks is
-        still an error (a renamed module must not load silently); DCP's default.
-    fill: ``fill(key, global_shape, dtype)`` returns the tensor (plain, DTensor or ``Sharded``)
-        to create for a stored tensor under an empty container of the target; None (or a
-        None result) creates a plain tensor on the target's device.
-    allow_dtype_cast: load a stored dtype into a target of another dtype.
-    verify: check every byte read against its block checksum.
-    max_gap_bytes / max_read_bytes: coalescing of neighbouring ranges into one request.
-    io_threads: concurrent reads.
-    daemon: a node-local ckpt-server (default $CKPT_DAEMON) whose RAM copy of this
-        very save, if it has one, serves the objects it holds; the rest comes from storage.
-    """
-
-    strict: bool = True
-    partial: bool = False
-    allow_dtype_cast: bool = False
-    verify: bool = True
-    max_gap_bytes: int = 1 << 20
-    max_read_bytes: int = 64 << 20
-    io_threads: int = 4
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
-    fill: Callable[[str, tuple[int, ...], torch.dtype], Any] | None = None
 
 
 def read_manifest(storage: Storage) -> Manifest:

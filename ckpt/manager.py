@@ -15,18 +15,19 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .catalog import COMPLETE, DAMAGED, Entry, delete, latest_name, plan_gc, scan
+from .catalog import Entry, EntryStatus, delete, latest_name, plan_gc, scan
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format import LATEST
-from .load import LoadOptions, load
-from .retention import RetentionPolicy, order_key
-from .save import SaveHandle, SaveOptions, async_save
+from .load import load
+from .options import LoadOptions, RetentionPolicy, SaveOptions
+from .retention import order_key
+from .save import SaveHandle, async_save
 from .storage import open_storage
 
 log = logging.getLogger("ckpt.manager")
@@ -52,7 +53,7 @@ class _Pending:
 
 @dataclass
 class Manager:
-    """Saves every ``every_steps`` steps under ``root``/step-NNNNNNNN and keeps what the policy says.
+    """Saves every ``every_steps`` steps under ``root``/step-NNNNNNNN and keeps what ``retention`` says.
 
     Create it on every rank with the same arguments. ``restore`` returns the step
     to resume at (the saved step + 1) or None for a fresh start. ``storage_options``
@@ -62,12 +63,7 @@ class Manager:
     root: str
     every_steps: int | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
-    keep_last: int | None = None
-    keep_best: int | None = None
-    best_metric: str | None = None
-    best_mode: str = "min"
-    keep_every: int | None = None
-    keep_within_s: float | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     save_options: SaveOptions = field(default_factory=SaveOptions)
     load_options: LoadOptions = field(default_factory=LoadOptions)
     process_group: Any = None
@@ -76,13 +72,13 @@ class Manager:
     name_format: str = "step-{step:08d}"
 
     def __post_init__(self) -> None:
-        self.policy = RetentionPolicy(
-            self.keep_last, self.keep_best, self.best_metric, self.best_mode, self.keep_every, self.keep_within_s
-        )
-        # One set of storage options (credentials, endpoint) for listing, saving and loading.
-        for opts in (self.save_options, self.load_options):
-            if self.storage_options and not opts.storage_options:
-                opts.storage_options = dict(self.storage_options)
+        # One set of storage options (credentials, endpoint) for listing, saving and loading;
+        # copies carry them, the caller's option objects stay as they were.
+        if self.storage_options:
+            if not self.save_options.storage_options:
+                self.save_options = replace(self.save_options, storage_options=dict(self.storage_options))
+            if not self.load_options.storage_options:
+                self.load_options = replace(self.load_options, storage_options=dict(self.storage_options))
         self.storage = open_storage(
             self.root,
             **(self.storage_options or self.save_options.storage_options or self.load_options.storage_options),
@@ -178,7 +174,7 @@ class Manager:
         committed checkpoint, or does not load, raises instead.
         """
         if step is not None:
-            found = [e for e in self.checkpoints() if e.step == step and e.status == COMPLETE]
+            found = [e for e in self.checkpoints() if e.step == step and e.status is EntryStatus.COMPLETE]
             if not found:
                 raise CheckpointNotFoundError(
                     f"{self.root}: no committed checkpoint at step {step} (steps: {self.all_steps()})"
@@ -186,12 +182,12 @@ class Manager:
             manifest = load(state_dict, found[0].uri, options=self.load_options, process_group=self.process_group)
             return (manifest.step if manifest.step is not None else step) + 1
         entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
-        complete = [e for e in entries if e.status == COMPLETE]
+        complete = [e for e in entries if e.status is EntryStatus.COMPLETE]
         newest = order_key(complete[0].info()) if complete else None
         for e in entries:
-            if e.status == DAMAGED:
+            if e.status is EntryStatus.DAMAGED:
                 log.warning("skipping %s: damaged manifest: %s", e.uri, e.error)
-            elif e.status != COMPLETE and (newest is None or order_key(e.info()) > newest):
+            elif e.status is not EntryStatus.COMPLETE and (newest is None or order_key(e.info()) > newest):
                 log.warning("skipping %s: incomplete (no manifest; the save never committed)", e.uri)
         for e in complete:
             error = None
@@ -223,7 +219,7 @@ class Manager:
 
     def all_steps(self) -> list[int]:
         """Steps of every committed checkpoint under the root, ascending."""
-        return sorted({e.step for e in self.checkpoints() if e.status == COMPLETE and e.step is not None})
+        return sorted({e.step for e in self.checkpoints() if e.status is EntryStatus.COMPLETE and e.step is not None})
 
     def checkpoints(self) -> list[Entry]:
         """Every checkpoint under the root, committed or not (empty for a new root)."""
@@ -265,7 +261,7 @@ class Manager:
     def _apply_retention(self) -> None:
         with self._lock:
             in_flight = frozenset(self._in_flight)
-        for entry in plan_gc(self.checkpoints(), self.policy, time.time(), in_flight):
+        for entry in plan_gc(self.checkpoints(), self.retention, time.time(), in_flight):
             delete(entry, self.storage.options)
             log.info("retention removed %s", entry.uri)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from .engine import PersistJob, Timings, persist_rank
 
 if TYPE_CHECKING:
-    from .save import SaveOptions
+    from .options import SaveOptions
     from .stage import HostBuffer
 
 

@@ -14,7 +14,8 @@ import torch
 from .describe import Piece, TensorEntry
 from .errors import CorruptChunkError
 from .format import Chunk, Manifest, TensorRecord
-from .load import LoadOptions, read_manifest, read_tensors
+from .load import read_manifest, read_tensors
+from .options import LoadOptions
 from .regions import Box
 from .storage import open_storage
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from .format import DATA_DIR, STAGING_DIR, Manifest
 from .interop.destination import check_destination, cleanup_on_failure
 from .interop.source import Source, TensorInfo
+from .options import SaveOptions
 from .regions import Box, split_into_chunks
-from .save import SaveOptions
 from .writer import CheckpointWriter
 
 

@@ -1,12 +1,15 @@
 """Which checkpoints a retention policy keeps: a pure function of their facts.
 
 Kept apart from deleting so it is tested without storage, and so the CLI's
-``gc`` and the training-loop ``Manager`` apply one rule.
+``gc`` and the training-loop ``Manager`` apply one rule. The policy itself is an
+option (:class:`ckpt.options.RetentionPolicy`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .options import BestMode, RetentionPolicy
 
 
 @dataclass(frozen=True)
@@ -21,34 +24,6 @@ class CheckpointInfo:
 
     def metric(self, name: str) -> float | None:
         return dict(self.metrics).get(name)
-
-
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """Keep a committed checkpoint if any rule keeps it; the newest is always kept.
-
-    keep_last: the N newest. keep_best: the K best by ``best_metric`` (``best_mode``
-    "min" or "max"; checkpoints without the metric never count as best).
-    keep_every: those whose step is a multiple of N. keep_within_s: those younger
-    than this. A policy with no rule keeps everything.
-    """
-
-    keep_last: int | None = None
-    keep_best: int | None = None
-    best_metric: str | None = None
-    best_mode: str = "min"
-    keep_every: int | None = None
-    keep_within_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.keep_best and not self.best_metric:
-            raise ValueError("keep_best needs best_metric")
-        if self.best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
-
-    @property
-    def keeps_all(self) -> bool:
-        return not any((self.keep_last, self.keep_best, self.keep_every, self.keep_within_s))
 
 
 def order_key(c: CheckpointInfo) -> tuple:
@@ -76,7 +51,7 @@ def select_deletions(
         keep.update(c.name for c in committed[: policy.keep_last])
     if policy.keep_best:
         scored = [c for c in committed if c.metric(policy.best_metric) is not None]
-        sign = 1.0 if policy.best_mode == "min" else -1.0
+        sign = 1.0 if policy.best_mode is BestMode.MIN else -1.0
         scored.sort(key=lambda c: (sign * c.metric(policy.best_metric), -order_key(c)[0]))
         keep.update(c.name for c in scored[: policy.keep_best])
     if policy.keep_every:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing.util
-import os
 import secrets
 import threading
 import time
@@ -11,59 +10,26 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import __version__, agree
+from . import agree
+from ._version import __version__
 from .commit import report_failure
 from .describe import TensorEntry, check_json_value, flatten, local_view
 from .engine import PersistJob, StagedChunk, Timings
 from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
 from .framing import ChunkSpec
+from .options import OnBusy, SaveOptions
 from .persist import Persister, persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
 from .stage import HostBuffer, Slot, place_chunks, stage
 from .storage import open_storage
 from .values import encode_checked
-
-
-@dataclass
-class SaveOptions:
-    """How a save lays out and commits its bytes.
-
-    chunk_bytes: largest stored chunk; bigger tensors are cut into row-major slabs.
-    block_bytes: checksum granularity; a partial read verifies whole blocks.
-    overwrite: replace a committed checkpoint at the same location (atomically).
-    commit_timeout_s: how long the committer waits for the slowest rank.
-    storage_options: passed to fsspec (credentials, endpoint_url, ...).
-    daemon: address of a node-local ``ckpt-server`` ("unix:///path" or "host:port"; default
-        $CKPT_DAEMON) that persists the snapshot; None persists in a background thread.
-    on_busy: an async save whose previous save (same structure) still persists either
-        "wait"s for it or is "refuse"d with SaveBusyError; memory never grows per save.
-    agree_on_plan: a rank reuses its cached plan when its own shards are unchanged, with no
-        collective. If the layout can change on some ranks only (explicit ``Sharded`` boxes
-        moving between saves), set this: each save then costs one tiny all-gather.
-    """
-
-    chunk_bytes: int = 64 << 20
-    block_bytes: int = 4 << 20
-    overwrite: bool = False
-    commit_timeout_s: float = 600.0
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    daemon: str | None = field(default_factory=lambda: os.environ.get("CKPT_DAEMON") or None)
-    on_busy: str = "wait"
-    agree_on_plan: bool = False
-
-    def __post_init__(self) -> None:
-        if self.chunk_bytes <= 0 or self.block_bytes <= 0 or self.block_bytes % 64:
-            raise ValueError("chunk_bytes must be positive and block_bytes a positive multiple of 64")
-        if self.on_busy not in ("wait", "refuse"):
-            raise ValueError(f"on_busy must be 'wait' or 'refuse', not {self.on_busy!r}")
-
 
 KEEP_BUFFERS = 2  # staging buffers kept per process: e.g. a full state and a model-only one
 
@@ -345,7 +311,7 @@ def _start(
         return handle
 
     buf, slots = _planner.buffer(plan, tensors, persister, options)
-    if not buf.busy.acquire(blocking=options.on_busy == "wait"):
+    if not buf.busy.acquire(blocking=options.on_busy is OnBusy.WAIT):
         error = SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
         if world > 1:  # ranks that did not refuse: their committer aborts now, not at its timeout
             report_failure(storage, save_id, rank, error)

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .commit import add_records, commit, write_rank_index
 from .describe import check_json_value
 from .engine import ObjectWriter, write_object
 from .errors import CheckpointExistsError
 from .format import DATA_DIR, MANIFEST, Manifest, dtype_from_name, dtype_name
 from .framing import ChunkSpec
+from .options import SaveOptions
 from .regions import Box, split_into_chunks
-from .save import SaveOptions
 from .storage import open_storage
 
 

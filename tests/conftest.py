@@ -48,7 +48,7 @@ def s3_bucket(s3_server) -> str:
 
 # A test (or a fixture it uses) that starts a process must say so with one of these markers:
 # `make test-fast` selects the tests without them and relies on their being pure.
-PROCESS_MARKERS = ("dist", "s3", "daemon", "faults")
+PROCESS_MARKERS = ("dist", "s3", "daemon", "faults", "subprocess")
 
 
 class UnmarkedProcessError(RuntimeError):

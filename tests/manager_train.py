@@ -46,7 +46,9 @@ def main() -> None:
     msd, osd = get_state_dict(model, opt)
     state = {"model": msd, "optim": osd, "step": 0}
 
-    mgr = ckpt.Manager(args.root, every_steps=args.every, keep_last=2, handle_sigterm=False)
+    mgr = ckpt.Manager(
+        args.root, every_steps=args.every, retention=ckpt.RetentionPolicy(keep_last=2), handle_sigterm=False
+    )
     start = mgr.restore(state)
     if start is not None:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -24,7 +24,7 @@ import ckpt
 from ckpt import SaveOptions
 from ckpt.cli import main
 from ckpt.format import MANIFEST
-from ckpt.load import LoadOptions
+from ckpt.options import LoadOptions
 from ckpt.reader import CheckpointReader
 from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads
 from ckpt.reshard import TargetLayout

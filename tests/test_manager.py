@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 import ckpt
 import ckpt.ramtier
-from ckpt.load import LoadOptions
-from ckpt.retention import CheckpointInfo, RetentionPolicy, order_key, select_deletions
+from ckpt.options import LoadOptions, RetentionPolicy
+from ckpt.retention import CheckpointInfo, order_key, select_deletions
 
 HERE = os.path.dirname(__file__)
 
@@ -99,7 +99,8 @@ def _state(value: float) -> dict:
 def test_saves_every_n_steps_marks_latest_and_applies_retention(tmp_path):
     root = str(tmp_path)
     losses = {0: 5.0, 2: 1.0, 4: 4.0, 6: 3.0, 8: 6.0}
-    mgr = ckpt.Manager(root, every_steps=2, keep_last=2, keep_best=1, best_metric="loss", handle_sigterm=False)
+    retention = ckpt.RetentionPolicy(keep_last=2, keep_best=1, best_metric="loss")
+    mgr = ckpt.Manager(root, every_steps=2, retention=retention, handle_sigterm=False)
     for step in range(9):
         mgr.maybe_save(step, _state(step), metrics={"loss": losses.get(step, 9.0)})
     mgr.close()
@@ -125,7 +126,7 @@ def test_retention_waits_for_commit_under_concurrent_async_saves(tmp_path, monke
 
     monkeypatch.setattr(engine, "write_rank", slow_write_rank)
     root = str(tmp_path)
-    mgr = ckpt.Manager(root, every_steps=1, keep_last=1, handle_sigterm=False)
+    mgr = ckpt.Manager(root, every_steps=1, retention=ckpt.RetentionPolicy(keep_last=1), handle_sigterm=False)
     seen_latest = []
     stop = threading.Event()
 

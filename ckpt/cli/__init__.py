@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CheckpointExistsError, CheckpointNotFoundError
 from . import convert, diff, export, gc, info, ls, merge, reshard, verify
 from .common import EPILOG, EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, one_line

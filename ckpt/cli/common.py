@@ -87,7 +87,7 @@ def writing_options(sp: argparse.ArgumentParser) -> None:
 
 def save_options(args: argparse.Namespace):
     """The ``SaveOptions`` that :func:`writing_options` asked for."""
-    from ..save import SaveOptions
+    from ..options import SaveOptions
 
     kw: dict[str, Any] = {"overwrite": getattr(args, "overwrite", False)}
     if getattr(args, "chunk_bytes", None):

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..diff import ONLY_A, ONLY_B, SHAPE, diff
+    from ..diff import DiffStatus, diff
     from ..interop import open_source
 
     with open_source(args.a) as a, open_source(args.b) as b:
@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     shown = [t for t in report.tensors if t.differs or args.all]
     rows = [("STATUS", "SHAPE", "DTYPE", "MAX_ABS", "REL_L2", "N_DIFF", "KEY")]
     for t in shown:
-        if t.status in (ONLY_A, ONLY_B):
+        if t.status in (DiffStatus.ONLY_A, DiffStatus.ONLY_B):
             shape, dtype, nums = str(t.shape_a or t.shape_b), t.dtype_a or t.dtype_b or "", ("-", "-", "-")
-        elif t.status == SHAPE:
+        elif t.status is DiffStatus.SHAPE:
             shape, dtype, nums = f"{t.shape_a} vs {t.shape_b}", f"{t.dtype_a}/{t.dtype_b}", ("-", "-", "-")
         else:
             shape = str(t.shape_a)

@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import COMPLETE, abort_upload, delete, open_uploads, plan_gc, scan, stale_uploads
-    from ..retention import RetentionPolicy
+    from ..catalog import EntryStatus, abort_upload, delete, open_uploads, plan_gc, scan, stale_uploads
+    from ..options import RetentionPolicy
 
     if (args.keep_best is None) != (args.metric is None):
         raise UsageError("--keep-best and --metric go together")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     verb = "deleted" if args.yes else "would delete"
     for e in done:
-        why = "retention" if e.status == COMPLETE else "incomplete"
+        why = "retention" if e.status is EntryStatus.COMPLETE else "incomplete"
         step = e.step if e.step is not None else "-"
         print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why})")
     for u in uploads:

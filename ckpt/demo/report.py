@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from ckpt.catalog import COMPLETE, Entry
+from ckpt.catalog import Entry
 
 from .model import entropy, n_params
 from .story import EVAL_RTOL, DemoResult, Phase, checkpoint_name
@@ -34,9 +34,8 @@ def _median(xs: list[float]) -> float:
 def _listing(entries: list[Entry], marker: str | None) -> list[str]:
     out = []
     for e in entries:
-        status = "complete" if e.status == COMPLETE else e.status
         flag = "  <- latest marker" if e.name == marker else ""
-        out.append(f"          {e.name}  {status:<10} {size(e.size):>10}{flag}")
+        out.append(f"          {e.name}  {e.status:<10} {size(e.size):>10}{flag}")
     return out
 
 

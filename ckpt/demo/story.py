@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ckpt
-from ckpt.catalog import COMPLETE, Entry, scan
+from ckpt.catalog import Entry, EntryStatus, scan
 from ckpt.format import LATEST
 from ckpt.merge import MergeResult
 from ckpt.reader import CheckpointReader
@@ -168,7 +168,7 @@ class DemoResult:
 
     @property
     def latest_committed_step(self) -> int | None:
-        steps = [e.step for e in (self.kill.checkpoints if self.kill else []) if e.status == COMPLETE]
+        steps = [e.step for e in (self.kill.checkpoints if self.kill else []) if e.status is EntryStatus.COMPLETE]
         return max(steps) if steps else None
 
     @property
@@ -349,7 +349,7 @@ def _story(cfg: DemoConfig, work: str, root: str, events: str, daemon: Daemon) -
 
     # 5. Merge the last checkpoints; evaluate the merge and the last checkpoint here, as plain tensors.
     final = scan(root)
-    complete = [e for e in final if e.status == COMPLETE]
+    complete = [e for e in final if e.status is EntryStatus.COMPLETE]
     sources = complete[-cfg.merge_last :]
     options = {"metric": "eval_loss"} if cfg.merge_method == "mwa" else {}
     merged = ckpt.merge(

@@ -140,7 +140,7 @@ def train_rank(rank: int, world: int, spec: RunSpec) -> dict[str, Any]:
     mgr = ckpt.Manager(
         spec.root,
         every_steps=spec.every,
-        keep_last=spec.keep_last,
+        retention=ckpt.RetentionPolicy(keep_last=spec.keep_last),
         save_options=ckpt.SaveOptions(daemon=spec.daemon, commit_timeout_s=spec.commit_timeout_s),
         load_options=ckpt.LoadOptions(daemon=spec.daemon),
     )

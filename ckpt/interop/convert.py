@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..format import DATA_DIR, STAGING_DIR, Manifest
-from ..save import SaveOptions
+from ..options import SaveOptions
 from ..writer import CheckpointWriter
 from .destination import check_destination, cleanup_on_failure
 from .source import Source

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 from ..describe import flatten
 from ..errors import CheckpointNotFoundError
 from ..fetch import target_view
-from ..load import LoadOptions, _assign, _check_match
+from ..load import _assign, _check_match
+from ..options import LoadOptions
 from ..regions import split_into_chunks
 from .source import Source, SourceInfo
 

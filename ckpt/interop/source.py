@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CheckpointFormatError
-from ..load import LoadOptions
+from ..options import LoadOptions
 from ..reader import CheckpointReader
 from ..regions import Box, split_into_chunks
 

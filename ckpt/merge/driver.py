@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..load import LoadOptions
-from ..save import SaveOptions
+from .._version import __version__
+from ..options import LoadOptions, SaveOptions
 from .combine import flat_start
 from .errors import MergeError, WeightError
 from .lcsc import SearchMethod

@@ -21,8 +21,8 @@ import torch
 
 from ..errors import CheckpointExistsError
 from ..framing import as_bytes, frame_order, safetensors_header, write_all
+from ..options import SaveOptions
 from ..regions import Box, split_into_chunks
-from ..save import SaveOptions
 from ..storage import open_storage
 from ..writer import CheckpointWriter, ChunkStream
 from .sources import TensorPlan

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..load import LoadOptions
+from ..options import LoadOptions
 from ..reader import CheckpointReader
 from .errors import MergeError, SourceMismatchError
 from .methods import MergeSourceInfo

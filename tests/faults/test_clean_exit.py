@@ -27,7 +27,7 @@ PARALLEL = 4  # processes at a time: most of each is interpreter and torch start
 
 MID_RETENTION = """
 import sys, torch, ckpt
-m = ckpt.Manager(sys.argv[1], every_steps=1, keep_last=1)
+m = ckpt.Manager(sys.argv[1], every_steps=1, retention=ckpt.RetentionPolicy(keep_last=1))
 state = {"w": torch.full((256, 256), 0.0)}
 for step in range(1, 6):
     state["w"].fill_(step)
