@@ -127,8 +127,8 @@ class DcpRecords:
                 if numel * st_dtype.itemsize > length:
                     raise ForeignFormatError(f"{where}: storage of {numel} {st_dtype} does not fit")
 
-                def read(a: int, b: int) -> torch.Tensor:
-                    out = torch.empty(b - a, dtype=st_dtype)
+                def read(a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+                    out = torch.empty(b - a, dtype=st_dtype) if out is None else out
                     if b > a:
                         self.storage.read_into_many(rel, offset + a * st_dtype.itemsize, [as_bytes(out)])
                     return out

@@ -30,7 +30,8 @@ Keys: ``model.<name>`` (weights in the model's dtype, buffers and frozen
 parameters included; under ZeRO 3, where the module's weights are not stored, the
 fp32 master cast to the model's dtype, as DeepSpeed itself derives them),
 ``fp32.<name>`` (master weights), ``<state>.<name>`` for each optimizer state
-(``exp_avg``, ``exp_avg_sq``, ``step``...). Values: ``deepspeed.<entry>`` (engine
+(``exp_avg``, ``exp_avg_sq``, ``step``...); a tied weight (``shared_params``) has
+both names under ``model.`` only, as the module's and the optimizer's state dicts do. Values: ``deepspeed.<entry>`` (engine
 and client state from the model-states file) and ``optimizer.<entry>``
 (``param_groups``, ``zero_stage``, loss scaler...), as JSON.
 Tensor- or pipeline-parallel checkpoints (``mp_rank_01``..., ``layer_*``) are refused.
@@ -98,11 +99,12 @@ class _Flat:
             self.bounds.append(self.bounds[-1] + s.length)
 
     def read_flat(self, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop), each piece read straight into its place in one buffer."""
         out = torch.empty(stop - start, dtype=self.src_dtype)
         for s, lo in zip(self.segs, self.bounds):
             a, b = max(start, lo), min(stop, lo + s.length)
             if a < b:
-                out[a - start : b - start] = s.src.read_flat(s.start + a - lo, s.start + b - lo)
+                s.src.read_flat(s.start + a - lo, s.start + b - lo, out[a - start : b - start])
         return out
 
     def read(self, box: Box) -> torch.Tensor:
@@ -422,11 +424,11 @@ class DeepSpeedSource(Source):
             else:  # ZeRO 3: one padded fragment per rank
                 segs = _cut(frags, 0, n, f"{self.uri}: {name}")
                 self._entries[f"model.{name}"] = _Flat(shape, frags[0].dtype, segs)
+        # tied weights: the module's state dict has both names; the optimizer state only the owner's
         for alias, target in (top.get("shared_params") or {}).items():
-            for kind in [k.split(".", 1)[0] for k in self._entries if k.endswith(f".{target}")]:
-                src = self._entries.get(f"{kind}.{target}")
-                if src is not None and f"{kind}.{alias}" not in self._entries:
-                    self._entries[f"{kind}.{alias}"] = src
+            src = self._entries.get(f"model.{target}")
+            if src is not None and f"model.{alias}" not in self._entries:
+                self._entries[f"model.{alias}"] = src
 
     # ---- Source -----------------------------------------------------------------------------------------------
 

@@ -181,6 +181,10 @@ def to_plain(obj: Any) -> Any:
 # ---- tensors: shape, stride and a storage reference; bytes stay in the file -------------------------------
 
 
+# reads elements [start, stop) of a storage, into the given 1-D tensor or a new one
+Reader = Callable[[int, int, "torch.Tensor | None"], torch.Tensor]
+
+
 class _Inert:
     """Refuses pickle's BUILD, so a hostile pickle cannot overwrite this object's fields."""
 
@@ -195,14 +199,14 @@ class StorageRef(_Inert):
 
     __slots__ = ("name", "dtype", "numel", "_read")
 
-    def __init__(self, name: str, dtype: torch.dtype, numel: int, read: Callable[[int, int], torch.Tensor]):
+    def __init__(self, name: str, dtype: torch.dtype, numel: int, read: Reader):
         self.name, self.dtype, self.numel, self._read = name, dtype, numel, read
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) as a 1-D tensor (reads only those bytes)."""
+    def read(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) as a 1-D tensor, read into ``out`` when given (reads only those bytes)."""
         if not 0 <= start <= stop <= self.numel:
             raise ForeignFormatError(f"{self.name}: elements [{start}, {stop}) outside the storage's {self.numel}")
-        return self._read(start, stop)
+        return self._read(start, stop, out)
 
 
 @dataclass(slots=True)
@@ -242,11 +246,12 @@ class LazyTensor(_Inert):
         view = flat.as_strided(box.sizes, self.stride)
         return view if view.is_contiguous() and view.numel() == flat.numel() else view.clone()
 
-    def read_flat(self, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the row-major flattening of a contiguous tensor."""
+    def read_flat(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, stop) of the row-major flattening, read into ``out`` when given."""
         if not self.is_contiguous():
-            return self.read().reshape(-1)[start:stop]
-        return self.storage.read(self.offset + start, self.offset + stop)
+            flat = self.read().reshape(-1)[start:stop]
+            return flat if out is None else out.copy_(flat)
+        return self.storage.read(self.offset + start, self.offset + stop, out)
 
 
 class _Marker(_Inert):
@@ -312,7 +317,12 @@ class _ByteView(StorageRef):
 
     def __init__(self, raw: StorageRef, dtype: torch.dtype) -> None:
         isz = dtype.itemsize
-        super().__init__(raw.name, dtype, raw.numel // isz, lambda a, b: raw.read(a * isz, b * isz).view(dtype))
+        super().__init__(
+            raw.name,
+            dtype,
+            raw.numel // isz,
+            lambda a, b, out: raw.read(a * isz, b * isz, None if out is None else out.view(torch.uint8)).view(dtype),
+        )
 
 
 def _ints(xs: Any) -> bool:

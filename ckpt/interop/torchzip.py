@@ -97,9 +97,12 @@ class TorchArchive:
                 f"{self.where}: storage {key} should hold {numel} {dtype} elements ({nbytes} bytes), "
                 f"its record has {info.file_size}"
             )
-        return StorageRef(f"{self.where}: storage {key}", dtype, numel, lambda a, b: self._read(info, dtype, a, b))
+        name = f"{self.where}: storage {key}"
+        return StorageRef(name, dtype, numel, lambda a, b, out: self._read(info, dtype, a, b, out))
 
-    def _read(self, info: zipfile.ZipInfo, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+    def _read(
+        self, info: zipfile.ZipInfo, dtype: torch.dtype, start: int, stop: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
         at = self._data_at.get(info.filename)
         if at is None:
             hdr = self.base + info.header_offset
@@ -109,7 +112,7 @@ class TorchArchive:
                 raise ForeignFormatError(f"{self.where}: damaged zip: no local header for {info.filename}")
             at = self._data_at[info.filename] = hdr + 30 + n_name + n_extra
         isz = dtype.itemsize
-        out = torch.empty(stop - start, dtype=dtype)
+        out = torch.empty(stop - start, dtype=dtype) if out is None else out
         if stop > start:
             try:
                 self.storage.read_into_many(self.rel, at + start * isz, [as_bytes(out)])
