@@ -31,8 +31,8 @@ parameters included; under ZeRO 3, where the module's weights are not stored, th
 fp32 master cast to the model's dtype, as DeepSpeed itself derives them),
 ``fp32.<name>`` (master weights), ``<state>.<name>`` for each optimizer state
 (``exp_avg``, ``exp_avg_sq``, ``step``...); a tied weight (``shared_params``) has
-both names under ``model.`` only, as the module's and the optimizer's state dicts do. Values: ``deepspeed.<entry>`` (engine
-and client state from the model-states file) and ``optimizer.<entry>``
+both names under ``model.`` only, as the module's and the optimizer's state dicts do.
+Values: ``deepspeed.<entry>`` (engine and client state from the model-states file) and ``optimizer.<entry>``
 (``param_groups``, ``zero_stage``, loss scaler...), as JSON.
 Tensor- or pipeline-parallel checkpoints (``mp_rank_01``..., ``layer_*``) are refused.
 """
