@@ -3,7 +3,8 @@
 Method: DeepSpeed (CPU, 2 gloo ranks, ZeRO 2, fp32 AdamW) trains one step of a
 TiedNet of about ``--width``/``--depth`` and saves it. Then, each in a fresh
 process on the same warm checkpoint: ``ckpt convert <ds dir> <out>`` (one pass,
-reads each parameter's regions from the rank files) and DeepSpeed's
+reads each parameter's regions from the rank files), ``ckpt.load`` of the DeepSpeed
+directory straight into full tensors (what resharding needs; no output), and DeepSpeed's
 ``ds_to_universal --inject_missing_state`` (extracts every ZeRO fragment into a
 temporary folder, merges them per parameter, writes the universal checkpoint;
 ``--keep_temp_folder`` so its size can be measured). Reported: wall time, peak
@@ -29,6 +30,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 WRAP = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+)
+
+
+# ckpt.load straight from the DeepSpeed directory into full tensors (RSS includes those targets)
+LOAD = (
+    "import sys, torch, ckpt; from ckpt.interop import open_source\n"
+    "with open_source(sys.argv[1]) as s: shapes = s.tensors()\n"
+    "state = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in shapes.items()}\n"
+    "ckpt.load(state, sys.argv[1], strict=False)"
 )
 
 
@@ -74,26 +84,31 @@ def main() -> None:
     work = args.dir or tempfile.mkdtemp(prefix="bench-foreign-")
     src = os.path.join(work, "ds")
     try:
-        t = time.perf_counter()
-        params = run_ranks(_save, 2, src, args.width, args.vocab, args.depth, timeout=1800)[0]
-        print(f"DeepSpeed ZeRO-2 checkpoint: {params / 1e6:.1f} M params, {_du(src) / 2**30:.2f} GiB "
-              f"(saved in {time.perf_counter() - t:.0f} s)", flush=True)
+        if not os.path.exists(os.path.join(src, "latest")):  # a --dir of an earlier run keeps its checkpoint
+            t = time.perf_counter()
+            params = run_ranks(_save, 2, src, args.width, args.vocab, args.depth, timeout=1800)[0]
+            print(f"saved {params / 1e6:.1f} M params in {time.perf_counter() - t:.0f} s")
+        print(f"DeepSpeed ZeRO-2 checkpoint: {_du(src) / 2**30:.2f} GiB", flush=True)
+        for old in ("ckpt", "universal"):
+            shutil.rmtree(os.path.join(work, old), ignore_errors=True)
         env_src = os.path.join(src, "global_step1")
         results = {}
         out = os.path.join(work, "ckpt")
         secs, rss = _timed([sys.executable, "-m", "ckpt.cli", "convert", src, out])
         results["ckpt convert"] = (secs, rss, 0, _du(out))
+        secs, rss = _timed([sys.executable, "-c", LOAD, src])
+        results["ckpt.load (no output)"] = (secs, rss, 0, 0)
         uni = os.path.join(work, "universal")
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", env_src,
                "--output_folder", uni, "--inject_missing_state", "--keep_temp_folder"]
         secs, rss = _timed(cmd)
         temp = _du(os.path.join(uni, "tmp"))  # --keep_temp_folder leaves its fragments in <output>/tmp
         results["ds_to_universal"] = (secs, rss, temp, _du(uni) - temp)
-        print(f"{'tool':<18}{'seconds':>9}{'peak RSS GiB':>14}{'temp GiB':>10}{'output GiB':>12}")
+        print(f"{'tool':<24}{'seconds':>9}{'peak RSS GiB':>14}{'temp GiB':>10}{'output GiB':>12}")
         for name, (s, r, tmpb, outb) in results.items():
-            print(f"{name:<18}{s:>9.1f}{r / 2**30:>14.2f}{tmpb / 2**30:>10.2f}{outb / 2**30:>12.2f}")
-        speedup = results["ds_to_universal"][0] / results["ckpt convert"][0]
-        print(f"ckpt convert is {speedup:.1f}x faster")
+            print(f"{name:<24}{s:>9.1f}{r / 2**30:>14.2f}{tmpb / 2**30:>10.2f}{outb / 2**30:>12.2f}")
+        for name in ("ckpt convert", "ckpt.load (no output)"):
+            print(f"{name} is {results['ds_to_universal'][0] / results[name][0]:.1f}x faster than ds_to_universal")
         print(json.dumps({k: dict(zip(("s", "rss", "temp", "out"), v)) for k, v in results.items()}))
     finally:
         if not args.dir:

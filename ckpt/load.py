@@ -47,7 +47,10 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
     if storage.exists(MANIFEST) or not storage.exists(""):
         return storage, read_manifest(storage)
     if storage.exists(LATEST):
-        name = json.loads(storage.read_bytes(LATEST))["name"]
+        try:
+            name = json.loads(storage.read_bytes(LATEST))["name"]
+        except (ValueError, KeyError, TypeError):  # another library's marker (DeepSpeed's names a tag)
+            raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's") from None
         child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {}))
         return child, read_manifest(child)
     held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))

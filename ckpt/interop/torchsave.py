@@ -1,9 +1,12 @@
-"""``torch.save`` files: read with ``weights_only=True`` (never unpickling code), written whole.
+"""``torch.save`` files: read through the safe unpickler (never running code), written whole.
 
-Reading memory-maps the file (zip format), so a tensor's bytes are paged in
-only when a slab of it is copied out. A remote file is first copied to a local
-temporary file for the same reason. Writing needs the whole state dict in
-memory, which is what ``torch.save`` itself requires.
+A zip file (torch.save's format since 1.6) is opened as a :class:`TorchArchive`:
+its pickle through the deny-by-default unpickler, each tensor a lazy view whose
+bytes are fetched by a ranged read of its storage record when a slab of it is
+asked for, on local disks and object stores alike. Foreign records it may hold
+(an ``argparse.Namespace``...) become JSON values. A legacy (pre-zip) file is
+read with ``torch.load(weights_only=True)``, a remote one after a local copy.
+Writing needs the whole state dict in memory, which is what ``torch.save`` itself requires.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from ..format import dtype_name
 from ..regions import Box
 from ..storage import open_storage
 from .hf import split_uri
+from .safe_pickle import LazyTensor, Record, to_plain
 from .source import ForeignFormatError, Source, TensorInfo
+from .torchzip import TorchArchive
 
 # torch.save's legacy (pre-zip) files start with a pickled magic number.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -43,6 +48,17 @@ class TorchSaveSource(Source):
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
+        parent, name = split_uri(uri)
+        self._data: dict[str, torch.Tensor | LazyTensor] = {}
+        self._values: dict[str, Any] = {}
+        archive_storage = open_storage(parent)
+        try:
+            head = archive_storage.read_range(name, 0, 4)
+        except FileNotFoundError:
+            raise ForeignFormatError(f"{uri}: no such file") from None
+        if head == b"PK\x03\x04":
+            self._flatten(_skeleton(TorchArchive(archive_storage, name).obj))
+            return
         storage = open_storage(uri)
         self._tmpdir: str | None = None
         path = storage.local_path("")
@@ -56,22 +72,25 @@ class TorchSaveSource(Source):
             if self._tmpdir:  # the mapping keeps the data reachable; the name is not needed
                 shutil.rmtree(self._tmpdir, ignore_errors=True)
                 self._tmpdir = None
+        self._flatten((obj, {}))
+
+    def _flatten(self, skeleton: tuple[Any, dict[int, LazyTensor]]) -> None:
+        """Flat keys the way ``ckpt.save`` makes them; meta placeholders stand for lazy tensors."""
+        obj, lazy = skeleton
         if not isinstance(obj, dict):
-            raise ForeignFormatError(f"{uri}: holds a {type(obj).__name__}, not a state dict")
-        self._data: dict[str, torch.Tensor] = {}
-        self._values: dict[str, Any] = {}
+            raise ForeignFormatError(f"{self.uri}: holds a {type(obj).__name__}, not a state dict")
         try:
             for key, leaf, _ in walk(obj):
                 if isinstance(leaf, torch.Tensor):
                     if leaf.layout != torch.strided or leaf.is_nested:
                         raise UnsupportedValueError(f"{key}: {leaf.layout} tensors cannot be stored")
                     dtype_name(leaf.dtype, key)
-                    self._data[key] = leaf
+                    self._data[key] = lazy.get(id(leaf), leaf)
                 else:
                     check_json_value(key, leaf)
                     self._values[key] = leaf
         except UnsupportedValueError as e:
-            raise ForeignFormatError(f"{uri}: {e}") from None
+            raise ForeignFormatError(f"{self.uri}: {e}") from None
         self._tensors = {k: TensorInfo(tuple(t.shape), t.dtype) for k, t in sorted(self._data.items())}
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -82,10 +101,33 @@ class TorchSaveSource(Source):
 
     def read(self, key: str, box: Box | None = None) -> torch.Tensor:
         t = self._data[key]
+        if isinstance(t, LazyTensor):
+            return t.read(box)
         return t if box is None else t[box.slices()]
 
     def close(self) -> None:
         self._data = {}
+
+
+def _skeleton(obj: Any) -> tuple[Any, dict[int, LazyTensor]]:
+    """``obj`` with each lazy tensor replaced by a meta placeholder (found again by id) and
+    each foreign record by its JSON form, so the state dict flattens as ``ckpt.save`` would."""
+    lazy: dict[int, LazyTensor] = {}
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, LazyTensor):
+            t = torch.empty(v.shape, dtype=v.dtype, device="meta")
+            lazy[id(t)] = v
+            return t
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(conv(x) for x in v)
+        return to_plain(v) if isinstance(v, Record) else v
+
+    return conv(obj), lazy
 
 
 def _load(path: str, uri: str) -> Any:
