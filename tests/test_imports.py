@@ -113,3 +113,45 @@ def test_a_cycle_is_caught(tmp_path):
     assert result.returncode == 1
     assert "FAILED cyclic.a" in result.stdout and "FAILED cyclic.b" in result.stdout
     assert "partially initialized module" in result.stdout
+
+
+def _run(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_import_ckpt_and_the_cli_parser_load_no_torch():
+    """`ckpt --help` answers without importing torch (seconds); so does `import ckpt`."""
+    out = _run(
+        "import contextlib, io, sys\n"
+        "import ckpt\n"
+        "print('torch' in sys.modules)\n"
+        "from ckpt.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['gc', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("first", ["ckpt.save", "ckpt.load", "ckpt.merge.methods", "ckpt.tree"])
+def test_public_names_are_what_they_were_whatever_is_imported_first(first):
+    """ckpt.save, ckpt.load and ckpt.merge stay the functions after their modules are imported,
+    and every name in ckpt.__all__ is the object its module defines."""
+    out = _run(
+        f"import importlib, inspect, ckpt, {first}\n"
+        "assert all(inspect.isfunction(getattr(ckpt, n)) for n in ('save', 'load', 'merge', 'read'))\n"
+        "from ckpt import load, merge, save\n"
+        "homes = (save.__module__, load.__module__, merge.__module__)\n"
+        "assert homes == ('ckpt.save', 'ckpt.load', 'ckpt.merge.driver'), homes\n"
+        "for name in ckpt.__all__:\n"
+        "    obj = getattr(ckpt, name)\n"
+        "    if name != '__version__':\n"
+        "        home = importlib.import_module(ckpt._EXPORTS[name].join(['ckpt.', '']))\n"
+        "        assert getattr(home, name) is obj, name\n"
+        "assert set(ckpt.__all__) <= set(dir(ckpt))\n"
+        "print('ok')\n"
+    )
+    assert out.strip() == "ok"

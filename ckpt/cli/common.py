@@ -56,7 +56,9 @@ def add_command(
 
 class LazyChoices:
     """Choices argparse reads only when it checks a value or prints the command's help, so that
-    building the parser does not import the module (and torch) they come from."""
+    building the parser does not import the module (and torch) they come from. Give the argument
+    a ``metavar`` (argparse lists choices without one when the argument is added) and name them
+    in the help with ``%(choices)s``."""
 
     def __init__(self, load: Callable[[], Iterable[str]]) -> None:
         self._load = load

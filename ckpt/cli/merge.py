@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", help="checkpoints (globs are expanded, also for s3:// and other URLs)")
     p.add_argument("-o", "--output", required=True, help="where to write the merged checkpoint")
     p.add_argument(
-        "--method", default="uniform", choices=LazyChoices(_method_names), help="weighting (default: uniform)"
+        "--method",
+        default="uniform",
+        choices=LazyChoices(_method_names),
+        metavar="METHOD",
+        help="weighting: %(choices)s (default: %(default)s)",
     )
     p.add_argument("--weights", help="explicit: comma-separated weights, in the order of the sources")
     p.add_argument("--normalize", action="store_true", help="explicit: divide the weights by their sum")
@@ -64,7 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--option", action="append", type=_option, default=[], metavar="KEY=VALUE", help="any other method option"
     )
     p.add_argument(
-        "--format", dest="output_format", default="ckpt", choices=LazyChoices(_formats), help="output format"
+        "--format",
+        dest="output_format",
+        default="ckpt",
+        choices=LazyChoices(_formats),
+        metavar="FORMAT",
+        help="output format: %(choices)s (default: %(default)s)",
     )
     p.add_argument("--max-shard-size", type=parse_size, help="hf: largest shard, e.g. 5GB (default: one file)")
     p.add_argument("--dtype", help="output dtype of merged tensors: fp32, bf16, fp16, ... (default: as stored)")
