@@ -24,6 +24,7 @@ CASES = {
     "megatron_torch_dist": ("megatron", "megatron_torch_dist"),
     "bytecheckpoint_ddp": ("bytecheckpoint", "bytecheckpoint_ddp/global_step_5"),
     "bytecheckpoint_fsdp2": ("bytecheckpoint", "bytecheckpoint_fsdp2/global_step_5"),
+    "bytecheckpoint_fsdp": ("bytecheckpoint", "bytecheckpoint_fsdp/global_step_5"),
 }
 
 
@@ -100,3 +101,13 @@ def test_hostile_metadata_is_refused(tmp_path):
     with pytest.raises(UnsafePickleError, match=r"model/\.metadata.*posix\.system"):
         open_source(str(tmp_path / "s"))
     assert not (tmp_path / "ran").exists()
+
+
+def test_fsdp_flat_parameter_is_split_into_the_original_ones():
+    """ByteCheckpoint's FSDP (1) flat parameter: a region of an original parameter that straddles the two
+    ranks' halves of the flat one reads as the same region of the reference."""
+    tensors, _ = _refs("bytecheckpoint_fsdp")
+    with open_source(os.path.join(FIXTURES, "bytecheckpoint_fsdp", "global_step_5")) as src:
+        key = "model._fsdp_wrapped_module.layers.0.weight"  # flat elements [0, 35); the halves meet at 33
+        assert torch.equal(src.read(key, Box((5, 1), (2, 3))), tensors[key][5:7, 1:4])
+        assert "model._fsdp_wrapped_module._flat_param" not in src.tensors()

@@ -32,7 +32,7 @@ import torch
 from ..describe import check_json_value
 from ..errors import UnsupportedValueError
 from ..framing import as_bytes
-from ..regions import Box
+from ..regions import Box, row_major_strides
 from ..storage import Storage, open_storage
 from .safe_pickle import LazyTensor, Record, StorageRef, load_pickle, to_plain
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo
@@ -41,6 +41,9 @@ from .torchzip import TorchArchive
 METADATA = ".metadata"
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 BYTECHECKPOINT_PARTS = ("model", "optimizer")
+# ByteCheckpoint's FSDP (1) metadata: how each flat parameter splits into the original ones
+FSDP_META = ("fsdp_flat_param_to_fqns", "fsdp_is_padding_mask", "fsdp_numels_with_padding", "fsdp_shapes")
+FLAT_PARAM = "_flat_param"
 EXTRA_STATE = "extra_state"
 
 
@@ -171,6 +174,7 @@ class _RecordSource(Source):
 
     def _setup(self) -> None:
         self._where: dict[str, tuple[DcpRecords, str]] = {}
+        self._slices: dict[str, tuple[DcpRecords, str, int, tuple[int, ...]]] = {}  # a range of a flat tensor
         self._lazy: dict[str, LazyTensor] = {}
         self._values: dict[str, Any] = {}
 
@@ -200,6 +204,7 @@ class _RecordSource(Source):
 
     def tensors(self) -> dict[str, TensorInfo]:
         out = {k: p.tensors[f][0] for k, (p, f) in self._where.items()}
+        out.update({k: TensorInfo(shape, p.tensors[f][0].dtype) for k, (p, f, _, shape) in self._slices.items()})
         out.update({k: TensorInfo(t.shape, t.dtype) for k, t in self._lazy.items()})
         return dict(sorted(out.items()))
 
@@ -209,8 +214,23 @@ class _RecordSource(Source):
     def read(self, key: str, box: Box | None = None) -> torch.Tensor:
         if key in self._lazy:
             return self._lazy[key].read(box)
+        if key in self._slices:
+            part, fqn, start, shape = self._slices[key]
+            box = box or Box.full(shape)
+            if box.is_empty():
+                return torch.empty(box.sizes, dtype=part.tensors[fqn][0].dtype)
+            strides = row_major_strides(shape)
+            first = sum(o * s for o, s in zip(box.offsets, strides))
+            last = sum((e - 1) * s for e, s in zip(box.ends, strides))
+            flat = part.read(fqn, Box((start + first,), (last - first + 1,)))
+            return flat.view(box.sizes) if flat.numel() == box.numel else flat.as_strided(box.sizes, strides).clone()
         part, fqn = self._where[key]
         return part.read(fqn, box or Box.full(part.tensors[fqn][0].shape))
+
+
+def _overlap(a: str, b: str) -> str:
+    """The longest suffix of ``a`` that starts ``b`` (ByteCheckpoint joins names this way)."""
+    return next((a[-i:] for i in range(len(a), 0, -1) if b.startswith(a[-i:])), "")
 
 
 def _holds_tensor(obj: Any) -> bool:
@@ -281,23 +301,55 @@ class ByteCheckpointSource(_RecordSource):
             return
         if not parts:
             raise ForeignFormatError(f"{uri}: no model/ or optimizer/ directory with {METADATA}")
+        users = []
         for p in parts:
             part = DcpRecords(storage, p + "/")
             self._add_part(part, p + ".")
-            self._user(part, p + ".")
+            users.append(self._user(part, p + "."))
+        for user in users:
+            self._decompose(user)
         if EXTRA_STATE in names:
             files = sorted(n for n in storage.listdir(EXTRA_STATE) if n.endswith(".pt"))
             for n in files:
                 obj = TorchArchive(storage, f"{EXTRA_STATE}/{n}").obj
                 self._add_object(f"{EXTRA_STATE}.{n[:-3]}", obj)
 
-    def _user(self, part: DcpRecords, prefix: str) -> None:
+    def _user(self, part: DcpRecords, prefix: str) -> dict:
         fields = part.metadata.fields
         user, version = fields.get("user_defined_dict"), fields.get("bytecheckpoint_version")
         if user:
             self._add_object(f"{prefix}user_defined_dict", user)
         if version is not None:
             self._values[f"{prefix}bytecheckpoint_version"] = str(version)
+        return user if isinstance(user, dict) else {}
+
+    def _decompose(self, user: dict) -> None:
+        """FSDP (1) flat parameters as the original ones: each a range of its flat parameter, named the way
+        ByteCheckpoint's own merge names it (the flat key without ``_flat_param``, then the parameter's fqn);
+        every tensor keyed by the flat parameter (its optimizer states too) is split the same way."""
+        to_fqns, padding, numels, shapes = (user.get(k) for k in FSDP_META)
+        if not all(isinstance(x, dict) for x in (to_fqns, padding, numels, shapes)):
+            return
+        for flat_key, fqns in to_fqns.items():
+            base = flat_key.replace(FLAT_PARAM, "")
+            ranges, at, i = [], 0, 0
+            for n, pad in zip(numels[flat_key], padding[flat_key]):
+                if not pad:
+                    fqn, shape = fqns[i], tuple(int(s) for s in shapes[flat_key][i])
+                    ranges.append((base + fqn[len(_overlap(base, fqn)) :], at, shape))
+                    i += 1
+                at += int(n)
+            for key in [k for k in self._where if k.endswith(flat_key) or f"{flat_key}." in k]:
+                part, fqn = self._where.pop(key)
+                info = part.tensors[fqn][0]
+                if info.shape == ():  # a per-parameter scalar (step): the same for each
+                    for name, _, _ in ranges:
+                        self._where[key.replace(flat_key, name)] = (part, fqn)
+                    continue
+                if len(info.shape) != 1 or info.shape[0] < at:
+                    raise ForeignFormatError(f"{self.uri}: {key} has shape {list(info.shape)}, its split needs {at}")
+                for name, start, shape in ranges:
+                    self._slices[key.replace(flat_key, name)] = (part, fqn, start, shape)
 
     def info(self) -> SourceInfo:
         return SourceInfo(metadata={"source_format": "bytecheckpoint"})
