@@ -201,3 +201,14 @@ def test_not_a_zip_is_a_format_error(tmp_path):
     (tmp_path / "t.pt").write_bytes(buf.getvalue()[:-200])  # cut through the central directory
     with pytest.raises(ForeignFormatError, match="t.pt"):
         open_archive(str(tmp_path / "t.pt"))
+
+
+def test_numpy_rng_state_is_data_not_code():
+    """Megatron keeps numpy's RNG state in a ShardedObject: the array comes back as a record with its raw bytes."""
+    np = pytest.importorskip("numpy")
+    state = np.random.RandomState(3).get_state()
+    out = load_pickle(pickle.dumps(state, protocol=2), "rng.pkl")
+    assert out[0] == "MT19937" and out[2:] == state[2:]
+    arr = out[1]
+    assert isinstance(arr, Record) and arr.cls.endswith("multiarray._reconstruct")
+    assert arr.state[4] == state[1].tobytes()  # (version, shape, dtype, fortran, raw bytes)

@@ -11,7 +11,8 @@ Deny by default. A pickle may name only:
   record, whose bytes stay in the file until a region is read;
 - the foreign classes named in :data:`FOREIGN_CLASSES` (DCP plans and metadata,
   Megatron-Core sharded records, ByteCheckpoint metadata, DeepSpeed's loss
-  scaler, stage enum and fragment addresses, ``argparse.Namespace``...), which
+  scaler, stage enum and fragment addresses, ``argparse.Namespace``, numpy
+  arrays and scalars...), which
   become :class:`Record` instances: the class name, constructor arguments and
   state as plain data. The class itself is never imported, so none of its code
   (``__reduce__``, ``__setstate__``, ``__init__``) runs.
@@ -62,6 +63,14 @@ FOREIGN_CLASSES: dict[str, str] = {
     "torch.distributed.checkpoint.filesystem._StoragePrefix": "torch DCP",
     **{f"pathlib.{n}": "python" for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")},
     "argparse.Namespace": "python",
+    # numpy arrays and scalars (RNG states in Megatron's ShardedObjects, scalars in args): kept as data
+    **{
+        f"{m}.{n}": "numpy"
+        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for n in ("_reconstruct", "scalar")
+    },
+    "numpy.ndarray": "numpy",
+    "numpy.dtype": "numpy",
     **{
         f"megatron.core.dist_checkpointing.mapping.{n}": "Megatron-Core"
         for n in ("ShardedTensor", "ShardedObject", "ShardedTensorFactory", "LocalNonpersistentObject")
