@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import CheckpointError
 from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
-from .load import read_manifest
+from .locate import read_manifest
 from .options import RetentionPolicy, StrEnum
 from .retention import CheckpointInfo, select_deletions
 from .storage import FsspecStorage, Storage, open_storage

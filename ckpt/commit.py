@@ -26,7 +26,7 @@ from typing import Any
 
 from . import structure
 from .errors import SaveAbortedError
-from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, dtype_from_name
+from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, dtype_from_name, dtype_name
 from .framing import ChunkSpec
 from .storage import Storage
 from .values import decode
@@ -104,7 +104,7 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
     tensors = {
         key: TensorRecord(
             tuple(meta["shape"]),
-            dtype_from_name(meta["dtype"]),
+            dtype_name(dtype_from_name(meta["dtype"])),  # validated: a known name
             sorted(chunks.get(key, []), key=lambda c: c.box.offsets),
             meta.get("layout", ""),
         )

@@ -62,3 +62,16 @@ class SaveAbortedError(CheckpointError):
 
 class SaveBusyError(CheckpointError):
     """An async save was refused because the previous one still holds the staging buffer."""
+
+
+class StorageOperationError(CheckpointError, OSError):
+    """A storage operation failed for good (after its retries, or at once if not retryable);
+    the message names the operation and the object, as do ``operation`` and ``target``."""
+
+    def __init__(self, message: str, operation: str = "", target: str = "", attempts: int = 0) -> None:
+        super().__init__(message)
+        self.operation, self.target, self.attempts = operation, target, attempts
+
+
+class ConditionalPutUnsupportedError(CheckpointError, NotImplementedError):
+    """The backend cannot create an object only-if-absent in one step (see ``supports_put_if_absent``)."""

@@ -13,14 +13,15 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import structure
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .regions import Box
 from .values import decode, dumps, encode_checked
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 2
@@ -30,56 +31,62 @@ STAGING_DIR = "_staging"
 LATEST = "latest"  # a run root's marker naming its newest committed checkpoint (ckpt.Manager)
 CHECKSUM_ALGORITHM = "xxh3-64"
 
-# torch dtype <-> (manifest name, safetensors code)
-_DTYPES: dict[torch.dtype, tuple[str, str]] = {
-    torch.float64: ("float64", "F64"),
-    torch.float32: ("float32", "F32"),
-    torch.float16: ("float16", "F16"),
-    torch.bfloat16: ("bfloat16", "BF16"),
-    torch.float8_e4m3fn: ("float8_e4m3fn", "F8_E4M3"),
-    torch.float8_e5m2: ("float8_e5m2", "F8_E5M2"),
-    torch.float8_e4m3fnuz: ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    torch.float8_e5m2fnuz: ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-    torch.int64: ("int64", "I64"),
-    torch.int32: ("int32", "I32"),
-    torch.int16: ("int16", "I16"),
-    torch.int8: ("int8", "I8"),
-    torch.uint64: ("uint64", "U64"),
-    torch.uint32: ("uint32", "U32"),
-    torch.uint16: ("uint16", "U16"),
-    torch.uint8: ("uint8", "U8"),
-    torch.bool: ("bool", "BOOL"),
-    torch.complex64: ("complex64", "C64"),
+# manifest name (also the torch attribute: torch.<name>) -> (safetensors code, bytes per element).
+# Plain names, so reading a manifest needs no torch (the CLI lists checkpoints without it).
+DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+    "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1),
+    "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint64": ("U64", 8),
+    "uint32": ("U32", 4),
+    "uint16": ("U16", 2),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "complex64": ("C64", 8),
 }
-_BY_NAME = {name: dt for dt, (name, _) in _DTYPES.items()}
-_BY_CODE = {code: dt for dt, (_, code) in _DTYPES.items()}
+_BY_CODE = {code: name for name, (code, _) in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype, key: str = "") -> str:
-    try:
-        return _DTYPES[dtype][0]
-    except KeyError:
-        raise UnsupportedValueError(f"{key or 'tensor'}: dtype {dtype} cannot be stored") from None
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UnsupportedValueError(f"{key or 'tensor'}: dtype {dtype} cannot be stored")
+    return name
 
 
 def safetensors_code(dtype: torch.dtype) -> str:
-    return _DTYPES[dtype][1]
+    return DTYPES[dtype_name(dtype)][0]
 
 
 def dtype_from_safetensors_code(code: object) -> torch.dtype | None:
     """The dtype of a safetensors code this library knows, else None."""
-    return _BY_CODE.get(code) if isinstance(code, str) else None
+    name = _BY_CODE.get(code) if isinstance(code, str) else None
+    return None if name is None else dtype_from_name(name)
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest") from None
+    if name not in DTYPES:
+        raise CheckpointFormatError(f"unknown dtype {name!r} in manifest")
+    import torch
+
+    return getattr(torch, name)
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def itemsize(dtype: torch.dtype | str) -> int:
+    """Bytes per element of a storable dtype (a torch dtype or its manifest name)."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if name in DTYPES:
+        return DTYPES[name][1]
+    return dtype.itemsize  # type: ignore[union-attr]  # a dtype ckpt does not store (only for sizes)
 
 
 def is_contained(name: str) -> bool:
@@ -127,15 +134,25 @@ class Chunk:
 
 @dataclass
 class TensorRecord:
+    """A stored tensor: global shape, dtype (its manifest name) and chunks."""
+
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str  # a key of DTYPES; ``dtype`` is the torch dtype
     chunks: list[Chunk]
     layout: str = ""  # how it was sharded at save time; informational
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype_name)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype_name][1]
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {
             "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
+            "dtype": self.dtype_name,
             "chunks": [c.to_json() for c in self.chunks],
         }
         if self.layout:
@@ -144,16 +161,13 @@ class TensorRecord:
 
     @classmethod
     def from_json(cls, d: dict) -> TensorRecord:
-        return cls(
-            tuple(d["shape"]),
-            dtype_from_name(d["dtype"]),
-            [Chunk.from_json(c) for c in d["chunks"]],
-            d.get("layout", ""),
-        )
+        if d["dtype"] not in DTYPES:
+            raise CheckpointFormatError(f"unknown dtype {d['dtype']!r} in manifest")
+        return cls(tuple(d["shape"]), d["dtype"], [Chunk.from_json(c) for c in d["chunks"]], d.get("layout", ""))
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return math.prod(self.shape) * self.itemsize
 
 
 @dataclass
@@ -234,7 +248,7 @@ class Manifest:
             if not is_contained(name):
                 raise CheckpointFormatError(f"{where}: object {name!r} is not a path inside the checkpoint")
         for key, rec in self.tensors.items():
-            size = itemsize(rec.dtype)
+            size = rec.itemsize
             for i, c in enumerate(rec.chunks):
                 if not c.box.fits_in(rec.shape):
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} {c.box} lies outside shape {rec.shape}")

@@ -4,7 +4,6 @@ each local shard needs, verify them, and copy them in place."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from collections import Counter
@@ -19,49 +18,16 @@ from . import agree, structure
 from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, target_view
-from .format import LATEST, MANIFEST, Manifest
+from .format import Manifest
+from .locate import open_checkpoint
 from .options import LoadOptions
 from .ramtier import RamTierStorage
 from .readplan import Need, ReadSettings, intersect_chunks, plan_reads
-from .storage import Storage, open_storage
+from .storage import Storage
 
 log = logging.getLogger("ckpt.load")
 
 
-def read_manifest(storage: Storage) -> Manifest:
-    where = storage.describe(MANIFEST)
-    try:
-        raw = storage.read_bytes(MANIFEST)
-    except FileNotFoundError:
-        hint = " (it holds uncommitted or partial data)" if storage.exists("") else ""
-        raise CheckpointNotFoundError(f"{storage.uri}: no committed checkpoint{hint}") from None
-    return Manifest.from_json_bytes(raw, where)
-
-
-def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest]:
-    """The checkpoint at ``uri``; at a run root (``ckpt.Manager``), the one ``latest`` names.
-
-    A root without a marker is refused with the list of the checkpoints it holds.
-    """
-    storage = open_storage(uri, **(storage_options or {}))
-    if storage.exists(MANIFEST) or not storage.exists(""):
-        return storage, read_manifest(storage)
-    if storage.exists(LATEST):
-        try:
-            name = json.loads(storage.read_bytes(LATEST))["name"]
-        except (ValueError, KeyError, TypeError):  # another library's marker (DeepSpeed's names a tag)
-            raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's") from None
-        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {}))
-        return child, read_manifest(child)
-    held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))
-    if held:
-        raise CheckpointNotFoundError(
-            f"{storage.uri}: a run root without a 'latest' marker; it holds {len(held)} checkpoint(s): "
-            + ", ".join(held[:20])
-            + (", ..." if len(held) > 20 else "")
-            + "; pass one of them"
-        )
-    return storage, read_manifest(storage)
 
 
 @dataclass

@@ -14,7 +14,8 @@ import torch
 from .describe import Piece, TensorEntry
 from .errors import CorruptChunkError
 from .format import Chunk, Manifest, TensorRecord
-from .load import read_manifest, read_tensors
+from .load import read_tensors
+from .locate import read_manifest
 from .options import LoadOptions
 from .regions import Box
 from .storage import open_storage
@@ -97,5 +98,5 @@ class CheckpointReader:
 def _only(manifest: Manifest, key: str, chunk: Chunk) -> Manifest:
     """A view of the manifest where ``key`` has just ``chunk`` (to read it in isolation)."""
     rec = manifest.tensors[key]
-    one = TensorRecord(rec.shape, rec.dtype, [chunk], rec.layout)
+    one = TensorRecord(rec.shape, rec.dtype_name, [chunk], rec.layout)
     return Manifest(manifest.save_id, {key: one}, {}, manifest.objects, manifest.block_bytes)

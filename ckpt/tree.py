@@ -15,7 +15,8 @@ import torch
 from . import structure
 from .describe import describe_tensor
 from .format import Manifest
-from .load import open_checkpoint, read_tensors
+from .load import read_tensors
+from .locate import open_checkpoint
 from .options import LoadOptions
 from .storage import Storage
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 
 from ckpt.errors import CheckpointFormatError
-from ckpt.format import _DTYPES
+from ckpt.format import DTYPES
 from ckpt.framing import (
     MAX_HEADER_BYTES,
     ChunkSpec,
@@ -73,7 +73,7 @@ def test_written_files_parse_back_aligned_and_open_with_the_stock_library(specs)
 
 
 def test_every_dtype_of_the_table_round_trips_through_the_header():
-    tensors = [(f"k{i}", dt, (3, 2)) for i, dt in enumerate(_DTYPES)]
+    tensors = [(f"k{i}", dt, (3, 2)) for i, dt in enumerate(getattr(torch, n) for n in DTYPES)]
     size = sum(6 * dt.itemsize for _, dt, _ in tensors)
     raw = safetensors_header(tensors, {}) + b"\0" * size
     assert [(k, e.dtype, e.shape) for k, e in _read(raw).entries.items()] == tensors

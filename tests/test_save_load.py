@@ -31,10 +31,10 @@ from ckpt import (
     StateDictMismatchError,
     UnsupportedValueError,
 )
-from ckpt.format import _DTYPES, MANIFEST
+from ckpt.format import DTYPES, MANIFEST
 from ckpt.storage import FsspecStorage, LocalStorage
 
-ALL_DTYPES = list(_DTYPES)
+ALL_DTYPES = [getattr(torch, name) for name in DTYPES]
 SMALL = SaveOptions(chunk_bytes=256, block_bytes=64)
 
 

@@ -7,7 +7,6 @@ command imports what it works with inside its handler.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..sizes import parse_size
+from ..values import to_json_text
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -129,7 +129,8 @@ def say(args: argparse.Namespace, text: str) -> None:
 
 
 def emit_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2, default=str)
+    """Standard JSON on stdout: non-finite floats and tuples as the format's typed values (FORMAT.md)."""
+    sys.stdout.write(to_json_text(doc, indent=2))
     sys.stdout.write("\n")
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..sizes import format_size
 from .common import EXIT_OK, add_command, emit_json, metrics_text, table
+
+if TYPE_CHECKING:
+    from ..format import Manifest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,20 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..interop import CkptSource, detect_format, open_source
+    if args.format in (None, "ckpt"):  # a ckpt checkpoint is described from its manifest, without torch
+        from ..format import MANIFEST
+        from ..locate import read_manifest
+        from ..storage import open_storage
 
-    fmt = args.format or detect_format(args.ckpt)
-    if fmt != "ckpt":
-        with open_source(args.ckpt, fmt) as src:
-            return _info_foreign(args, src)
-    src = CkptSource(args.ckpt)
-    m = src.reader.manifest
+        storage = open_storage(args.ckpt)
+        if args.format == "ckpt" or storage.exists(MANIFEST):
+            return _info_ckpt(args, read_manifest(storage))
+    from ..interop import detect_format, open_source
+
+    with open_source(args.ckpt, args.format or detect_format(args.ckpt)) as src:
+        return _info_foreign(args, src)
+
+
+def _info_ckpt(args: argparse.Namespace, m: Manifest) -> int:
     size = sum(m.objects.values())
     tensors = {}
     for key, rec in sorted(m.tensors.items()):
         t: dict[str, Any] = {
             "shape": list(rec.shape),
-            "dtype": str(rec.dtype).removeprefix("torch."),
+            "dtype": rec.dtype_name,
             "nbytes": rec.nbytes,
             "chunks": len(rec.chunks),
             "layout": rec.layout,

@@ -29,11 +29,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO
 
-from ..errors import CheckpointError
-
-
-class ConditionalPutUnsupportedError(CheckpointError, NotImplementedError):
-    """The backend cannot create an object only-if-absent in one step (see ``supports_put_if_absent``)."""
+from ..errors import ConditionalPutUnsupportedError
 
 
 class Storage(ABC):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageOperationError
 
 T = TypeVar("T")
 
@@ -83,6 +83,13 @@ RETRYABLE_TYPES = frozenset(
 RETRYABLE_ERRNOS = frozenset({errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE})
 
 
+# Packages whose exceptions are storage failures even when they are not OSErrors (missing
+# credentials, a bad endpoint or region configuration), matched by module name.
+BACKEND_PACKAGES = frozenset({"botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec", "urllib3"})
+CREDENTIAL_TYPES = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"}
+)
+
 # Definite answers that callers handle by type (a missing manifest, an existing object, ...).
 KEEP_AS_IS = (
     FileNotFoundError,
@@ -92,14 +99,6 @@ KEEP_AS_IS = (
     NotADirectoryError,
     CheckpointError,
 )
-
-
-class StorageOperationError(CheckpointError, OSError):
-    """A storage operation failed for good: after its retries, or at once if not retryable."""
-
-    def __init__(self, message: str, operation: str, target: str, attempts: int) -> None:
-        super().__init__(message)
-        self.operation, self.target, self.attempts = operation, target, attempts
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,17 @@ class RetryPolicy:
         """The wait before the next attempt, or raise the final error."""
         elapsed = time.monotonic() - start
         if not is_retryable(e):
-            if isinstance(e, KEEP_AS_IS) or not (isinstance(e, OSError) or _code(e) is not None):
+            backend = type(e).__module__.split(".")[0] in BACKEND_PACKAGES
+            if isinstance(e, KEEP_AS_IS) or not (isinstance(e, OSError) or _code(e) is not None or backend):
                 raise e  # callers rely on these types; anything else is a bug, not storage
+            hint = ""
+            if type(e).__name__ in CREDENTIAL_TYPES:
+                hint = (
+                    " (no usable S3 credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                    "or pass storage_options={'key': ..., 'secret': ...})"
+                )
             raise StorageOperationError(
-                f"{target}: {operation} failed (not retryable): {describe_error(e)}", operation, target, attempt
+                f"{target}: {operation} failed (not retryable): {describe_error(e)}{hint}", operation, target, attempt
             ) from e
         wait = self.delay(attempt - 1)
         if attempt >= self.max_attempts or elapsed + wait >= self.deadline_s:

@@ -1,0 +1,49 @@
+"""Find a committed checkpoint: read its manifest, or resolve a run root to the one ``latest`` names.
+
+No torch: the CLI lists and describes checkpoints through this without importing it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import CheckpointNotFoundError
+from .format import LATEST, MANIFEST, Manifest
+from .storage import Storage, open_storage
+
+
+def read_manifest(storage: Storage) -> Manifest:
+    where = storage.describe(MANIFEST)
+    try:
+        raw = storage.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        hint = " (it holds uncommitted or partial data)" if storage.exists("") else ""
+        raise CheckpointNotFoundError(f"{storage.uri}: no committed checkpoint{hint}") from None
+    return Manifest.from_json_bytes(raw, where)
+
+
+def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest]:
+    """The checkpoint at ``uri``; at a run root (``ckpt.Manager``), the one ``latest`` names.
+
+    A root without a marker is refused with the list of the checkpoints it holds.
+    """
+    storage = open_storage(uri, **(storage_options or {}))
+    if storage.exists(MANIFEST) or not storage.exists(""):
+        return storage, read_manifest(storage)
+    if storage.exists(LATEST):
+        try:
+            name = json.loads(storage.read_bytes(LATEST))["name"]
+        except (ValueError, KeyError, TypeError):  # another library's marker (DeepSpeed's names a tag)
+            raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's") from None
+        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {}))
+        return child, read_manifest(child)
+    held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))
+    if held:
+        raise CheckpointNotFoundError(
+            f"{storage.uri}: a run root without a 'latest' marker; it holds {len(held)} checkpoint(s): "
+            + ", ".join(held[:20])
+            + (", ..." if len(held) > 20 else "")
+            + "; pass one of them"
+        )
+    return storage, read_manifest(storage)
