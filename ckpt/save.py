@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing.util
 import secrets
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,25 +22,19 @@ from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name
 from .framing import ChunkSpec
 from .options import OnBusy, SaveOptions
-from .persist import Persister, persister_for
+from .persist import persister_for
 from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
-from .stage import HostBuffer, Slot, place_chunks, stage
+from .stage import BufferCache, stage
 from .storage import open_storage
 from .values import encode_checked
-
-KEEP_BUFFERS = 2  # staging buffers kept per process: e.g. a full state and a model-only one
 
 
 class _Planner:
     """Caches save plans by state-dict structure: collectives only on a new structure."""
 
-    def __init__(self, keep_buffers: int = KEEP_BUFFERS) -> None:
+    def __init__(self) -> None:
         self._plans: dict[tuple[str, int], SavePlan] = {}
         self._counts: dict[str, int] = {}
-        # Least recently used first. A buffer is as large as the rank's state: keeping one per
-        # structure ever saved would grow without bound (a job saving many distinct subsets).
-        self._buffers: OrderedDict[tuple[str, str, bool], _CachedBuffer] = OrderedDict()
-        self.keep_buffers = max(1, keep_buffers)  # the buffer being handed out is never freed
 
     def plan(
         self, tensors: dict[str, TensorEntry] | None, error: BaseException | None, options: SaveOptions, group
@@ -77,45 +68,9 @@ class _Planner:
         self._counts[plan.token] = n + 1
         return plan, f"{plan.token}-{n:06d}"
 
-    def buffer(
-        self, plan: SavePlan, tensors: dict[str, TensorEntry], persister: Persister, options: SaveOptions
-    ) -> tuple[HostBuffer, list[Slot]]:
-        """The plan's staging buffer, allocated on first use and reused after."""
-        # Shared memory or not is part of the key: a Unix-socket daemon maps the buffer by name.
-        key = (plan.token, persister.name, persister.needs_shared_memory)
-        cached = self._buffers.get(key)
-        if cached is None:
-            slots, nbytes = place_chunks(tensors, plan.items)
-            pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
-            rank, _ = _rank_world(None)
-            shm = persister.shm_path(f"{plan.token}-r{rank:05d}") if persister.needs_shared_memory else None
-            buf = HostBuffer(nbytes, pinned=pinned, shm_path=shm)
-            # Remove a shm name at exit (a daemon that mapped it keeps the bytes). Not atexit:
-            # multiprocessing children (mp.spawn trainers) skip it, leaking RAM in /dev/shm.
-            closer = multiprocessing.util.Finalize(None, buf.close, exitpriority=0)
-            cached = self._buffers[key] = _CachedBuffer(buf, slots, closer)
-        self._buffers.move_to_end(key)
-        self._evict()
-        return cached.buf, cached.slots
-
-    def _evict(self) -> None:
-        """Free the least recently used buffers beyond ``keep_buffers``; one still
-        persisting is kept until a later save finds it idle."""
-        for key in list(self._buffers)[: max(0, len(self._buffers) - self.keep_buffers)]:
-            cached = self._buffers[key]
-            if cached.buf.busy.acquire(blocking=False):
-                del self._buffers[key]
-                cached.closer()  # unlinks a shm name; the memory goes with the last reference
-
-
-@dataclass
-class _CachedBuffer:
-    buf: HostBuffer
-    slots: list[Slot]
-    closer: multiprocessing.util.Finalize
-
 
 _planner = _Planner()
+_staging_buffers = BufferCache()
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -310,7 +265,10 @@ def _start(
         handle._future = persister.submit(job(chunks), timings, release=None, handoff=handle._handoff)
         return handle
 
-    buf, slots = _planner.buffer(plan, tensors, persister, options)
+    # Shared memory or not is part of the key: a Unix-socket daemon maps the buffer by name.
+    shm = persister.shm_path(f"{plan.token}-r{_rank_world(None)[0]:05d}") if persister.needs_shared_memory else None
+    key = (plan.token, persister.name, persister.needs_shared_memory)
+    buf, slots = _staging_buffers.get(key, tensors, plan.items, shm)
     if not buf.busy.acquire(blocking=options.on_busy is OnBusy.WAIT):
         error = SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
         if world > 1:  # ranks that did not refuse: their committer aborts now, not at its timeout

@@ -9,8 +9,11 @@ node-local daemon can persist it without another copy.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -50,6 +53,58 @@ def place_chunks(tensors: dict[str, TensorEntry], items: list[WriteItem]) -> tup
         slots.append(Slot(s, at))
         at += -(-s.nbytes // ALIGN) * ALIGN
     return slots, at
+
+
+KEEP_BUFFERS = 2  # staging buffers kept per process: e.g. a full state and a model-only one
+
+
+class BufferCache:
+    """The staging buffers of the plans this process saved most recently: one per plan (and
+    persister), allocated on its first save and reused by every later one.
+
+    A buffer is as large as the rank's state: keeping one per structure ever saved would grow
+    without bound (a job saving many distinct subsets), so beyond ``keep`` the least recently
+    used are freed; one still being persisted is freed by a later save that finds it idle."""
+
+    def __init__(self, keep: int = KEEP_BUFFERS) -> None:
+        self._cached: OrderedDict[Hashable, _CachedBuffer] = OrderedDict()  # least recently used first
+        self.keep = max(1, keep)  # the buffer being handed out is never freed
+
+    def get(
+        self, key: Hashable, tensors: dict[str, TensorEntry], items: list[WriteItem], shm_path: str | None
+    ) -> tuple[HostBuffer, list[Slot]]:
+        """The buffer and slots of ``key``'s plan; a new buffer (pinned when a source tensor is on
+        a GPU, a /dev/shm file at ``shm_path`` when given) on first use."""
+        cached = self._cached.get(key)
+        if cached is None:
+            slots, nbytes = place_chunks(tensors, items)
+            pinned = torch.cuda.is_available() and any(e.local.is_cuda for e in tensors.values())
+            buf = HostBuffer(nbytes, pinned=pinned, shm_path=shm_path)
+            # Remove a shm name at exit (a daemon that mapped it keeps the bytes). Not atexit:
+            # multiprocessing children (mp.spawn trainers) skip it, leaking RAM in /dev/shm.
+            closer = multiprocessing.util.Finalize(None, buf.close, exitpriority=0)
+            cached = self._cached[key] = _CachedBuffer(buf, slots, closer)
+        self._cached.move_to_end(key)
+        self._evict()
+        return cached.buf, cached.slots
+
+    def buffers(self) -> list[HostBuffer]:
+        """The buffers kept, least recently used first."""
+        return [cached.buf for cached in self._cached.values()]
+
+    def _evict(self) -> None:
+        for key in list(self._cached)[: max(0, len(self._cached) - self.keep)]:
+            cached = self._cached[key]
+            if cached.buf.busy.acquire(blocking=False):
+                del self._cached[key]
+                cached.closer()  # unlinks a shm name; the memory goes with the last reference
+
+
+@dataclass
+class _CachedBuffer:
+    buf: HostBuffer
+    slots: list[Slot]
+    closer: multiprocessing.util.Finalize
 
 
 class HostBuffer:

@@ -29,6 +29,7 @@ from ckpt.format import MANIFEST
 
 # ``ckpt.save`` is the function; the module behind it holds what these tests patch.
 save_module = importlib.import_module("ckpt.save")
+stage_module = importlib.import_module("ckpt.stage")
 
 GATE_S = 60.0  # how long a gated phase waits before the test gives up
 
@@ -106,16 +107,16 @@ def stage_gate(monkeypatch) -> Iterator[Gate]:
 
 
 @pytest.fixture
-def allocations(monkeypatch) -> list[save_module.HostBuffer]:
+def allocations(monkeypatch) -> list[stage_module.HostBuffer]:
     """Every staging buffer the save path allocates from now on, in order."""
-    made: list[save_module.HostBuffer] = []
-    real_buffer = save_module.HostBuffer
+    made: list[stage_module.HostBuffer] = []
+    real_buffer = stage_module.HostBuffer
 
     def counting(*args, **kwargs):
         made.append(real_buffer(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(save_module, "HostBuffer", counting)
+    monkeypatch.setattr(stage_module, "HostBuffer", counting)
     return made
 
 
@@ -226,24 +227,24 @@ def test_staging_buffer_is_allocated_once_and_reused(tmp_path, monkeypatch, allo
 def test_buffers_of_structures_not_saved_lately_are_freed(tmp_path, monkeypatch):
     """A job that saves many distinct structures keeps only the most recently used staging
     buffers (each is as large as the rank's state); the others are closed and dropped."""
-    monkeypatch.setattr(save_module, "_planner", save_module._Planner(keep_buffers=2))
-    closed: list[save_module.HostBuffer] = []
-    real_close = save_module.HostBuffer.close
+    monkeypatch.setattr(save_module, "_staging_buffers", stage_module.BufferCache(keep=2))
+    closed: list[stage_module.HostBuffer] = []
+    real_close = stage_module.HostBuffer.close
 
     def spying_close(self):
         closed.append(self)
         real_close(self)
 
-    monkeypatch.setattr(save_module.HostBuffer, "close", spying_close)
+    monkeypatch.setattr(stage_module.HostBuffer, "close", spying_close)
     a, b, c = (make_state(tag(), seed=i) for i in range(3))
     ckpt.async_save(a, str(tmp_path / "a0")).wait()
     ckpt.async_save(b, str(tmp_path / "b0")).wait()
-    buffers = [cached.buf for cached in save_module._planner._buffers.values()]
+    buffers = save_module._staging_buffers.buffers()
     assert closed == []
     ckpt.async_save(a, str(tmp_path / "a1")).wait()  # a is now the most recently used
     ckpt.async_save(c, str(tmp_path / "c0")).wait()  # so b's buffer goes
     assert closed == [buffers[1]]
-    assert [cached.buf for cached in save_module._planner._buffers.values()][0] is buffers[0]
+    assert save_module._staging_buffers.buffers()[0] is buffers[0]
     ckpt.async_save(b, str(tmp_path / "b1")).wait()  # b again: a fresh buffer, a (least recent) goes
     assert closed == [buffers[1], buffers[0]]
     for name, state in (("a1", a), ("b1", b), ("c0", c)):
@@ -251,21 +252,21 @@ def test_buffers_of_structures_not_saved_lately_are_freed(tmp_path, monkeypatch)
 
 
 def test_a_buffer_still_persisting_is_not_freed(tmp_path, persist_gate, monkeypatch):
-    monkeypatch.setattr(save_module, "_planner", save_module._Planner(keep_buffers=1))
+    monkeypatch.setattr(save_module, "_staging_buffers", stage_module.BufferCache(keep=1))
     a, b = make_state(tag(), seed=1), make_state(tag(), seed=2)
     want_a = clone_state(a)
     h = ckpt.async_save(a, str(tmp_path / "a"))
     assert persist_gate.entered.wait(GATE_S)  # a's bytes are still being persisted
-    a_buf = next(iter(save_module._planner._buffers.values())).buf
+    a_buf = save_module._staging_buffers.buffers()[0]
     hb = ckpt.async_save(b, str(tmp_path / "b"))  # over the limit, but a's buffer is busy
-    assert any(cached.buf is a_buf for cached in save_module._planner._buffers.values())
+    assert any(buf is a_buf for buf in save_module._staging_buffers.buffers())
     persist_gate.open()
     h.wait(timeout=GATE_S)
     hb.wait(timeout=GATE_S)
     assert_state_bitwise(load_state(want_a, str(tmp_path / "a")), want_a)
     assert_state_bitwise(load_state(b, str(tmp_path / "b")), b)
     ckpt.async_save(b, str(tmp_path / "b2")).wait()  # a is idle now: the next save frees it
-    assert all(cached.buf is not a_buf for cached in save_module._planner._buffers.values())
+    assert all(buf is not a_buf for buf in save_module._staging_buffers.buffers())
 
 
 def test_on_busy_refuse_raises_while_previous_save_persists(tmp_path, persist_gate):
