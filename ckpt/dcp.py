@@ -53,7 +53,7 @@ from .engine import write_object
 from .errors import CheckpointExistsError
 from .format import DATA_DIR, MANIFEST, dtype_name
 from .framing import ChunkSpec
-from .load import read_manifest
+from .locate import read_manifest
 from .options import LoadOptions, SaveOptions
 from .reader import CheckpointReader
 from .regions import Box, split_into_chunks
