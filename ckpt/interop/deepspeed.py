@@ -160,7 +160,8 @@ class DeepSpeedSource(Source):
         names = set(self.storage.listdir(""))
         prefix = ""
         if not any(_MODEL.match(n) for n in names):
-            marker = LATEST_UNIVERSAL if LATEST_UNIVERSAL in names and UNIVERSAL_DIR not in names else LATEST
+            # the ZeRO checkpoint `latest` names comes first, as DeepSpeed loads it unless told otherwise
+            marker = LATEST if LATEST in names or LATEST_UNIVERSAL not in names else LATEST_UNIVERSAL
             if marker not in names:
                 tags = sorted(n for n in names if self.storage.fs.isdir(self.storage.path(n)))
                 raise ForeignFormatError(
@@ -331,7 +332,6 @@ class DeepSpeedSource(Source):
         state_names = [k for k, v in states[0][0].items() if v.numel == flats[0][0].numel] if ngroups else []
         scalar_names = [k for k, v in states[0][0].items() if v.numel == 1 and v.shape == ()] if ngroups else []
         at = 0
-        group_of: dict[str, int] = {}
         bounds = [0]
         for f in flats[0]:
             bounds.append(bounds[-1] + f.numel)
@@ -344,7 +344,6 @@ class DeepSpeedSource(Source):
                 g = next((i for i in range(ngroups) if bounds[i] <= at < bounds[i + 1]), None)
                 if g is None:
                     raise ForeignFormatError(f"{where}: lies past the flat groups ({bounds[-1]} elements per rank)")
-                group_of[name] = g
 
                 def segs(pick: Callable[[int], list[LazyTensor]], n=n, pn=pn, at=at, where=where) -> list[_Seg]:
                     out = []
@@ -374,7 +373,6 @@ class DeepSpeedSource(Source):
     # ---- universal checkpoints --------------------------------------------------------------------------------
 
     def _read_universal(self) -> None:
-        self.stage = "universal"
         zero = self.prefix + UNIVERSAL_DIR
         for name in sorted(self.storage.listdir(zero)):
             if name == "optimizer_state.pt":
