@@ -200,3 +200,39 @@ def test_unknown_or_malformed_tags_are_format_errors():
         decode({TAG: "ndarray", "dtype": "|O", "shape": [1], "base64": ""})
     with pytest.raises(CheckpointFormatError, match="malformed 'numpy.Generator'"):
         decode({TAG: "numpy.Generator", "state": {"bit_generator": "os.system", "state": {}}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generator_states_and_reads_onto_the_device(tmp_path):
+    g = torch.Generator(device="cuda").manual_seed(5)
+    torch.rand(3, device="cuda", generator=g)
+    state = {"gen": g, "cuda": torch.cuda.get_rng_state_all(), "w": torch.arange(6.0, device="cuda")}
+    ckpt.save(state, str(tmp_path / "c"))
+    got = ckpt.read(str(tmp_path / "c"), device="cuda")
+    assert got["gen"].device.type == "cuda" and got["w"].device.type == "cuda"
+    assert torch.equal(torch.rand(4, device="cuda", generator=got["gen"]), torch.rand(4, device="cuda", generator=g))
+    torch.cuda.set_rng_state_all(got["cuda"])  # a list of uint8 state tensors, as torch returns it
+    target = {"w": torch.zeros(6, device="cuda"), "cuda": []}  # an empty list is filled on the target's device
+    result = ckpt.load(target, str(tmp_path / "c"), partial=True)
+    assert torch.equal(target["w"], state["w"]) and result.unexpected_keys == ["gen"]
+    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), s) for t, s in zip(target["cuda"], state["cuda"]))
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 64], ids=["one-file", "sharded"])
+def test_hf_export_keeps_typed_values_as_standard_json(tmp_path, max_shard_bytes):
+    from safetensors import safe_open
+
+    from ckpt.interop import CkptSource, SafetensorsSource, export_safetensors
+
+    values = {"betas": (0.9, 0.999), "best": math.inf, "args": argparse.Namespace(lr=0.1)}
+    ckpt.save({"w": torch.arange(40.0), "v": values}, str(tmp_path / "c"))
+    with CkptSource(str(tmp_path / "c")) as src:
+        written = export_safetensors(src, str(tmp_path / "hf"), max_shard_bytes)
+    for name in written:
+        if name.endswith(".json"):
+            strict_json(open(tmp_path / "hf" / name).read())
+        else:
+            with safe_open(str(tmp_path / "hf" / name), "pt") as f:
+                strict_json((f.metadata() or {}).get("ckpt_values", "{}"))
+    with SafetensorsSource(str(tmp_path / "hf")) as back:
+        assert {k.removeprefix("v."): v for k, v in back.values().items()} == values

@@ -20,6 +20,7 @@ from ..errors import CheckpointFormatError
 from ..framing import as_bytes, frame_order, read_safetensors_header, safetensors_header, write_all
 from ..regions import Box, row_major_strides
 from ..storage import FsspecStorage, open_storage
+from ..values import decode, dumps, encode_checked
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -154,7 +155,10 @@ def _parse_values(raw: Any, where: str) -> dict[str, Any]:
         raise ForeignFormatError(f"{where}: {VALUES_KEY} metadata is not valid JSON ({e})") from None
     if not isinstance(values, dict):
         raise ForeignFormatError(f"{where}: {VALUES_KEY} metadata is not a JSON object")
-    return values
+    try:
+        return {k: decode(v) for k, v in values.items()}
+    except CheckpointFormatError as e:
+        raise ForeignFormatError(f"{where}: {VALUES_KEY}: {e}") from None
 
 
 def plan_shards(tensors: dict[str, TensorInfo], max_shard_bytes: int | None) -> list[list[str]]:
@@ -187,18 +191,19 @@ def export_safetensors(
     """
     tensors = source.tensors()
     values = source.values()
+    encoded = {k: encode_checked(v, k) for k, v in values.items()}  # standard JSON, typed as in a manifest
     meta = {"format": "pt"}
     if dst.rstrip("/").endswith(".safetensors"):
         parent, name = split_uri(dst)
         if values:
-            meta[VALUES_KEY] = json.dumps(values)
+            meta[VALUES_KEY] = dumps(encoded)
         _write_file(source, open_storage(parent), name, tensors, list(tensors), meta, slab_bytes, progress)
         return [name]
     storage = open_storage(dst)
     shards = plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         if values:
-            meta[VALUES_KEY] = json.dumps(values)
+            meta[VALUES_KEY] = dumps(encoded)
         _write_file(source, storage, SINGLE_FILE, tensors, shards[0], meta, slab_bytes, progress)
         return [SINGLE_FILE]
     n = len(shards)
@@ -212,8 +217,8 @@ def export_safetensors(
         "weight_map": dict(sorted(weight_map.items())),
     }
     if values:
-        index["metadata"][VALUES_KEY] = values
-    storage.put_atomic(DEFAULT_INDEX, json.dumps(index, indent=2).encode())
+        index["metadata"][VALUES_KEY] = encoded
+    storage.put_atomic(DEFAULT_INDEX, dumps(index, indent=2).encode())
     return [*names, DEFAULT_INDEX]
 
 

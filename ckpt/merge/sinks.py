@@ -24,6 +24,7 @@ from ..framing import as_bytes, frame_order, safetensors_header, write_all
 from ..options import SaveOptions
 from ..regions import Box, split_into_chunks
 from ..storage import open_storage
+from ..values import dumps, encode_checked
 from ..writer import CheckpointWriter, ChunkStream
 from .sources import TensorPlan
 from .stream import BufferPool
@@ -171,7 +172,7 @@ class HFSink(Sink):
         self.files = [HF_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         meta = {"format": "pt", HF_MERGE_KEY: json.dumps(record, separators=(",", ":"))}
         if n == 1 and values:
-            meta[HF_VALUES_KEY] = json.dumps(values)
+            meta[HF_VALUES_KEY] = dumps({k: encode_checked(v, k) for k, v in values.items()})
         self.values, self.record, self.meta, self.total = values, record, meta, sum(p.nbytes for p in plans.values())
         self._first = {s[0].key: i for i, s in enumerate(self.shards) if s}
         self._last = {s[-1].key: i for i, s in enumerate(self.shards) if s}
@@ -222,8 +223,8 @@ class HFSink(Sink):
                 "weight_map": dict(sorted((p.key, name) for name, s in zip(self.files, self.shards) for p in s)),
             }
             if self.values:
-                index["metadata"][HF_VALUES_KEY] = self.values
-            self.storage.put_atomic(HF_INDEX, json.dumps(index, indent=2).encode())
+                index["metadata"][HF_VALUES_KEY] = {k: encode_checked(v, k) for k, v in self.values.items()}
+            self.storage.put_atomic(HF_INDEX, dumps(index, indent=2).encode())
         for name in self.storage.listdir(""):
             if name.startswith("model-") and name.endswith(".safetensors") and name not in self.files:
                 self.storage.delete(name)  # shards of a model this one replaced
