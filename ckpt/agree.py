@@ -47,10 +47,12 @@ def combined(records: list[Record | None], what: str) -> BaseException | None:
     ranks = ", ".join(str(rank) for rank, _ in failed)
     if cls is StateDictMismatchError:
         problems = [f"rank {rank}: {p}" for rank, r in failed for p in (r["problems"] or [r["message"]])]
-        rank0, first = failed[0][0], failed[0][1]["message"].split("\n", 1)[0]
+        rank0, lines = failed[0][0], failed[0][1]["message"].splitlines()
+        hints = [line.removeprefix("hint: ") for line in lines[1:2] if line.startswith("hint: ")]
         return StateDictMismatchError(
             problems,
-            summary=f"{what} failed on rank(s) {ranks}; rank {rank0}: {first}",
+            summary=f"{what} failed on rank(s) {ranks}; rank {rank0}: {lines[0] if lines else ''}",
+            hint=hints[0] if hints else "",
             missing_keys=sorted({k for _, r in failed for k in r.get("missing_keys") or []}),
             unexpected_keys=sorted({k for _, r in failed for k in r.get("unexpected_keys") or []}),
         )

@@ -97,7 +97,9 @@ def _only_rank1_mismatches(rank: int, world: int, path: str) -> str:
 def test_a_mismatch_on_one_rank_raises_on_every_rank(tmp_path):
     results = run_ranks(_only_rank1_mismatches, 2, str(tmp_path / "c"), start_method="forkserver", timeout=120)
     for text in results:
-        assert text.splitlines()[0].startswith(f"load of {tmp_path / 'c'} failed on rank(s) 1; rank 1:")
+        first, hint = text.splitlines()[:2]
+        assert first.startswith(f"load of {tmp_path / 'c'} failed on rank(s) 1; rank 1:")
+        assert hint == "hint: shapes differ: the model is configured differently from the one saved"
         assert "rank 1: w: shape [5] here, [4] in the checkpoint" in text
 
 
