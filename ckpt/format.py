@@ -9,6 +9,7 @@ so a new version is added beside the old ones instead of replacing them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import structure
 from .errors import CheckpointFormatError, UnsupportedValueError
-from .regions import Box
+from .regions import Box, tiling_defect
 from .values import decode, dumps, encode_checked
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ DATA_DIR = "data"
 STAGING_DIR = "_staging"
 LATEST = "latest"  # a run root's marker naming its newest committed checkpoint (ckpt.Manager)
 CHECKSUM_ALGORITHM = "xxh3-64"
+DIGEST_ALGORITHM = "sha256"  # of the manifest itself (the ``digest`` field)
+MAX_INT = (1 << 63) - 1  # every count, size and offset of a manifest fits a signed 64-bit integer
 
 # manifest name (also the torch attribute: torch.<name>) -> (safetensors code, bytes per element).
 # Plain names, so reading a manifest needs no torch (the CLI lists checkpoints without it).
@@ -97,6 +100,60 @@ def is_contained(name: str) -> bool:
     return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts) and ":" not in parts[0]
 
 
+def _int(x: Any, what: str, lo: int = 0) -> int:
+    """``x`` if it is a JSON integer in [lo, MAX_INT] (not a bool, float or string), else ValueError."""
+    if type(x) is not int or not lo <= x <= MAX_INT:
+        raise ValueError(f"{what} must be an integer in [{lo}, 2**63), not {_show(x)}")
+    return x
+
+
+def _ints(x: Any, what: str) -> tuple[int, ...]:
+    if type(x) is list and all(type(v) is int and 0 <= v <= MAX_INT for v in x):
+        return tuple(x)
+    if type(x) is not list:
+        raise ValueError(f"{what} must be a list of integers, not {_show(x)}")
+    return tuple(_int(v, what) for v in x)  # raises, naming the bad entry
+
+
+def _typed(x: Any, kind: type, what: str) -> Any:
+    if type(x) is not kind:
+        raise ValueError(f"{what} must be a JSON {kind.__name__}, not {_show(x)}")
+    return x
+
+
+def _show(x: Any) -> str:
+    text = json.dumps(x, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def seal(body: bytes) -> bytes:
+    """The manifest as written: ``body`` (a compact JSON object) with its digest appended as the last member."""
+    digest = f"{DIGEST_ALGORITHM}:{hashlib.sha256(body).hexdigest()}"
+    return body[:-1] + b',"digest":"' + digest.encode() + b'"}'
+
+
+def check_digest(raw: bytes, doc: dict[str, Any], where: str, required: bool) -> None:
+    """Refuse a manifest whose bytes changed after it was written (bit rot, a hand edit, a torn copy).
+
+    The digest is the last member; it covers the bytes before it with ``}`` closing them, i.e.
+    the manifest as serialized before the digest was added, so verifying needs no re-serialization.
+    """
+    recorded = doc.get("digest")
+    if recorded is None and not required:
+        return
+    if not isinstance(recorded, str) or not recorded.startswith(f"{DIGEST_ALGORITHM}:"):
+        raise CheckpointFormatError(f"{where}: manifest digest {_show(recorded)} is not a {DIGEST_ALGORITHM} digest")
+    suffix = b',"digest":' + json.dumps(recorded).encode() + b"}"
+    if not raw.endswith(suffix):
+        raise CheckpointFormatError(f"{where}: manifest was rewritten after it was sealed (digest not last)")
+    computed = f"{DIGEST_ALGORITHM}:{hashlib.sha256(raw[: -len(suffix)] + b'}').hexdigest()}"
+    if computed != recorded:
+        raise CheckpointFormatError(
+            f"{where}: manifest digest mismatch: the file changed after it was written "
+            f"(recorded {recorded}, computed {computed})"
+        )
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A box of a global tensor stored row-major at ``[offset, offset+length)`` of ``object``.
@@ -123,12 +180,17 @@ class Chunk:
 
     @classmethod
     def from_json(cls, d: dict) -> Chunk:
+        """A chunk record, its types checked (ValueError or KeyError naming the field otherwise)."""
+        _typed(d, dict, "a chunk record")
+        checksums = _typed(d["checksums"], list, "checksums")
+        for c in checksums:
+            _typed(c, str, "a checksum")
         return cls(
-            Box(tuple(d["offsets"]), tuple(d["sizes"])),
-            d["object"],
-            int(d["offset"]),
-            int(d["length"]),
-            tuple(d["checksums"]),
+            Box(_ints(d["offsets"], "offsets"), _ints(d["sizes"], "sizes")),
+            _typed(d["object"], str, "object"),
+            _int(d["offset"], "offset"),
+            _int(d["length"], "length"),
+            tuple(checksums),
         )
 
 
@@ -161,9 +223,22 @@ class TensorRecord:
 
     @classmethod
     def from_json(cls, d: dict) -> TensorRecord:
-        if d["dtype"] not in DTYPES:
-            raise CheckpointFormatError(f"unknown dtype {d['dtype']!r} in manifest")
-        return cls(tuple(d["shape"]), d["dtype"], [Chunk.from_json(c) for c in d["chunks"]], d.get("layout", ""))
+        _typed(d, dict, "a tensor record")
+        dtype = _typed(d["dtype"], str, "dtype")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {_show(dtype)}")
+        chunks = []
+        for i, c in enumerate(_typed(d["chunks"], list, "chunks")):
+            try:
+                chunks.append(Chunk.from_json(c))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"chunk {i}: {_reason(e)}") from None
+        return cls(
+            _ints(d["shape"], "shape"),
+            dtype,
+            chunks,
+            _typed(d.get("layout", ""), str, "layout"),
+        )
 
     @property
     def nbytes(self) -> int:
@@ -211,15 +286,15 @@ class Manifest:
         }
         if self.structure is not None:
             doc["structure"] = self.structure
-        return dumps(doc, separators=(",", ":")).encode()
+        return seal(dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
     def from_json_bytes(cls, raw: bytes, where: str) -> Manifest:
         """Parse, dispatch on ``version`` to that version's reader, and validate."""
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({_reason(e)})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f"{where}: not a ckpt manifest")
         version = doc.get("version")
@@ -229,6 +304,7 @@ class Manifest:
             raise CheckpointFormatError(
                 f"{where}: format version {version!r} is not supported (this library reads {readable})"
             )
+        check_digest(raw, doc, where, required=version >= 2)
         manifest = reader(doc, where)
         manifest.validate(where)
         return manifest
@@ -249,6 +325,10 @@ class Manifest:
                 raise CheckpointFormatError(f"{where}: object {name!r} is not a path inside the checkpoint")
         for key, rec in self.tensors.items():
             size = rec.itemsize
+            if key in self.values:
+                raise CheckpointFormatError(f"{where}: {key} is both a tensor and a value")
+            if math.prod(rec.shape) * size > MAX_INT:
+                raise CheckpointFormatError(f"{where}: {key}: shape {list(rec.shape)} is too large")
             for i, c in enumerate(rec.chunks):
                 if not c.box.fits_in(rec.shape):
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} {c.box} lies outside shape {rec.shape}")
@@ -258,6 +338,11 @@ class Manifest:
                     raise CheckpointFormatError(
                         f"{where}: {key} chunk {i} bytes [{c.offset}, {c.offset + c.length}) outside object {c.object}"
                     )
+                if c.offset % size:
+                    raise CheckpointFormatError(
+                        f"{where}: {key} chunk {i} starts at byte {c.offset} of {c.object}, "
+                        f"not a multiple of its item size {size}"
+                    )
                 if len(c.checksums) != max(1, -(-c.length // self.block_bytes)):
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} has a wrong number of checksums")
             covered = sum(c.box.numel for c in rec.chunks)
@@ -265,29 +350,59 @@ class Manifest:
                 raise CheckpointFormatError(
                     f"{where}: {key}: chunks cover {covered} of {math.prod(rec.shape)} elements"
                 )
+            defect = tiling_defect(rec.shape, [c.box for c in rec.chunks])
+            if defect is not None:
+                raise CheckpointFormatError(f"{where}: {key}: {_describe_defect(rec, defect)}")
+
+
+def _describe_defect(rec: TensorRecord, point: tuple[int, ...]) -> str:
+    """Which chunks hold the element where the chunks fail to tile their tensor."""
+    at = Box(point, (1,) * len(point))
+    holders = [(i, c) for i, c in enumerate(rec.chunks) if c.box.contains(at)] if at.fits_in(rec.shape) else []
+    named = "; ".join(f"chunk {i} {c.box} in {c.object} bytes [{c.offset}, {c.offset + c.length})" for i, c in holders)
+    if len(holders) > 1:
+        return f"chunks overlap at element {list(point)} ({named})"
+    if not holders and at.fits_in(rec.shape):
+        return f"element {list(point)} is in no chunk"
+    return f"chunks do not cover each element exactly once (near element {list(point)})"
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message without KeyError's quotes."""
+    return f"missing field {e.args[0]!r}" if isinstance(e, KeyError) else f"{e}"
 
 
 def read_v1(doc: dict[str, Any], where: str) -> Manifest:
-    """A version 1 manifest (docs/FORMAT.md) from its parsed JSON; validated by the caller."""
+    """A version 1 manifest (docs/FORMAT.md) from its parsed JSON; validated by the caller.
+
+    Every field's type is checked here, so that later code never meets a string where it
+    expects a number (a crafted or damaged manifest fails here, naming the field)."""
     if doc.get("checksum") != CHECKSUM_ALGORITHM:
-        raise CheckpointFormatError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
+        raise CheckpointFormatError(f"{where}: unknown checksum algorithm {_show(doc.get('checksum'))}")
     try:
+        tensors = {}
+        for key, rec in _typed(doc["tensors"], dict, "tensors").items():
+            try:
+                tensors[key] = TensorRecord.from_json(rec)
+            except (KeyError, ValueError, CheckpointFormatError) as e:
+                raise ValueError(f"tensor {key}: {_reason(e)}") from None
+        step = doc.get("step")
         return Manifest(
-            save_id=doc["save_id"],
-            tensors={k: TensorRecord.from_json(v) for k, v in doc["tensors"].items()},
-            values=doc["values"],
-            objects={k: int(v) for k, v in doc["objects"].items()},
-            block_bytes=int(doc["block_bytes"]),
-            step=doc.get("step"),
-            metrics=doc.get("metrics") or {},
+            save_id=_typed(doc["save_id"], str, "save_id"),
+            tensors=tensors,
+            values=_typed(doc["values"], dict, "values"),
+            objects={k: _int(v, f"size of object {k}") for k, v in _typed(doc["objects"], dict, "objects").items()},
+            block_bytes=_int(doc["block_bytes"], "block_bytes", lo=1),
+            step=None if step is None else _int(step, "step", lo=-MAX_INT),
+            metrics=_typed(doc.get("metrics") or {}, dict, "metrics"),
             metadata=doc.get("metadata") or {},
-            topology=doc.get("topology") or {},
-            library_version=doc.get("library_version", ""),
-            created=doc.get("created", ""),
+            topology=_typed(doc.get("topology") or {}, dict, "topology"),
+            library_version=_typed(doc.get("library_version", ""), str, "library_version"),
+            created=_typed(doc.get("created", ""), str, "created"),
             version=1,
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+    except (KeyError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: malformed manifest: {_reason(e)}") from None
 
 
 def read_v2(doc: dict[str, Any], where: str) -> Manifest:
@@ -299,6 +414,10 @@ def read_v2(doc: dict[str, Any], where: str) -> Manifest:
         manifest.metrics, manifest.metadata = decode(manifest.metrics), decode(manifest.metadata)
     except CheckpointFormatError as e:
         raise CheckpointFormatError(f"{where}: {e}") from None
+    except RecursionError:
+        raise CheckpointFormatError(f"{where}: a value is nested too deeply") from None
+    if not isinstance(manifest.metrics, dict):
+        raise CheckpointFormatError(f"{where}: metrics must be an object of named values")
     manifest.structure = doc.get("structure")
     manifest.version = 2
     return manifest

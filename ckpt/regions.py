@@ -13,6 +13,7 @@ intersection rule.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -124,6 +125,35 @@ def _flat_boxes(start: int, stop: int, shape: Shape) -> Iterator[Box]:
         for b in _flat_boxes(0, last_col, shape[1:]):
             yield Box((last_row, *b.offsets), (1, *b.sizes))
 
+
+def tiling_defect(shape: Sequence[int], boxes: Sequence[Box]) -> Shape | None:
+    """None if ``boxes`` cover every element of ``shape`` exactly once, else a point near a defect
+    (an element covered twice or never; a corner of some box or of the shape).
+
+    Exact at any number of boxes, in O(n * 2**ndim): the mixed finite difference of a box's
+    indicator function is +-1 at its 2**ndim corners (sign: -1 per coordinate taken from the
+    end) and 0 elsewhere, and the difference is linear and invertible (its inverse is the prefix
+    sum). So the boxes' coverage counts equal the shape's indicator, i.e. each element is covered
+    exactly once, if and only if their signed corners add up to the shape's. Empty boxes cover
+    nothing and contribute nothing.
+    """
+    live = [b for b in boxes if not b.is_empty()]
+    if math.prod(shape) and all(b.offsets[1:] == (0,) * (b.ndim - 1) and b.sizes[1:] == tuple(shape[1:]) for b in live):
+        # the common case, slabs of whole rows: they must follow each other from row 0 to the end
+        at = 0
+        for b in sorted(live, key=lambda b: b.offsets[:1]):
+            if b.ndim and b.offsets[0] != at:
+                return (min(at, b.offsets[0]), *(0,) * (b.ndim - 1))
+            at += b.sizes[0] if b.ndim else 1
+        if at == (shape[0] if shape else 1):
+            return None
+    signs = [(-1) ** sum(pick) for pick in itertools.product((0, 1), repeat=len(shape))]
+    total: dict[Shape, int] = {}
+    for b, weight in itertools.chain(((Box.full(shape), -1),), ((b, 1) for b in live)):
+        for corner, sign in zip(itertools.product(*zip(b.offsets, b.ends)), signs):
+            total[corner] = total.get(corner, 0) + weight * sign
+    bad = [p for p, n in total.items() if n]
+    return min(bad) if bad else None
 
 Runs = tuple[tuple[int, int], ...]
 

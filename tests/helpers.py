@@ -1,5 +1,5 @@
 """What many test modules need to build data and check it bit for bit: random tensors, byte comparison,
-the stored manifest, the CLI run in-process.
+the stored manifest (read, or edited as a writer would), the CLI run in-process.
 
 Imported by name (``from helpers import ...``): conftest puts this folder on ``sys.path``, and spawned
 ranks that import a test module find it the same way.
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
+from collections.abc import Callable
 
 import fsspec
 import torch
 
-from ckpt.format import MANIFEST, Manifest
+from ckpt.format import MANIFEST, Manifest, seal
 from ckpt.reader import CheckpointReader
 
 
@@ -48,6 +50,21 @@ def manifest_of(uri: str) -> Manifest:
     """The committed manifest of the checkpoint at ``uri`` (a path or an fsspec URL), read as ckpt reads it."""
     with fsspec.open(f"{uri}/{MANIFEST}", "rb") as f:
         return Manifest.from_json_bytes(f.read(), uri)
+
+
+def edit_manifest(uri: str, edit: Callable[[dict], object], reseal: bool = True) -> None:
+    """Apply ``edit`` to the parsed ``manifest.json`` of the local checkpoint at ``uri`` and write it back;
+    with ``reseal`` its ``digest`` is recomputed, as a writer that wrote these contents would have, so
+    the reader's later checks are what sees the change (else the digest mismatch does)."""
+    path = f"{uri}/{MANIFEST}"
+    with open(path, "rb") as f:
+        doc = json.load(f)
+    edit(doc)
+    if reseal:
+        doc.pop("digest", None)
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    with open(path, "wb") as f:
+        f.write(seal(raw) if reseal else raw)
 
 
 def read_all(uri: str) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import fsspec
 import pytest
 import torch
 from damage import flip_bits
-from helpers import assert_bitwise, bits, manifest_of, random_tensor
+from helpers import assert_bitwise, bits, edit_manifest, manifest_of, random_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -631,21 +631,18 @@ def test_damaged_manifest_names_the_file(simple, damage):
 
 def test_manifest_with_chunk_outside_its_object_is_refused(simple):
     path, _ = simple
-    mpath = os.path.join(path, MANIFEST)
-    doc = json.loads(open(mpath, "rb").read())
-    obj = next(iter(doc["objects"]))
-    doc["objects"][obj] = 10
-    open(mpath, "w").write(json.dumps(doc))
+
+    def shrink(doc):
+        doc["objects"][next(iter(doc["objects"]))] = 10
+
+    edit_manifest(path, shrink)
     with pytest.raises(CheckpointFormatError, match="outside object"):
         ckpt.load({}, path, strict=False)
 
 
 def test_manifest_with_missing_chunk_is_refused(simple):
     path, _ = simple
-    mpath = os.path.join(path, MANIFEST)
-    doc = json.loads(open(mpath, "rb").read())
-    doc["tensors"]["a"]["chunks"] = []
-    open(mpath, "w").write(json.dumps(doc))
+    edit_manifest(path, lambda doc: doc["tensors"]["a"].update(chunks=[]))
     with pytest.raises(CheckpointFormatError, match=r"a: chunks cover 0 of 20"):
         ckpt.load({}, path, strict=False)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+import helpers
 import pytest
 import torch
+from helpers import edit_manifest
 
 import ckpt
 
@@ -17,16 +18,15 @@ def test_object_paths_outside_the_checkpoint_are_refused(tmp_path, name):
     secret.write_bytes(b"\0" * 4096)
     uri = str(tmp_path / "c")
     ckpt.save({"w": torch.ones(4)}, uri)
-    manifest_path = os.path.join(uri, "manifest.json")
-    with open(manifest_path) as f:
-        doc = json.load(f)
-    old = next(iter(doc["objects"]))
-    doc["objects"] = {name: 4096}
-    for chunk in doc["tensors"]["w"]["chunks"]:
-        assert chunk["object"] == old
-        chunk["object"] = name
-    with open(manifest_path, "w") as f:
-        json.dump(doc, f)
+
+    def redirect(doc):
+        old = next(iter(doc["objects"]))
+        doc["objects"] = {name: 4096}
+        for chunk in doc["tensors"]["w"]["chunks"]:
+            assert chunk["object"] == old
+            chunk["object"] = name
+
+    edit_manifest(uri, redirect)
     with pytest.raises(ckpt.CheckpointFormatError, match="not a path inside the checkpoint"):
         ckpt.load({"w": torch.zeros(4)}, uri)
 
@@ -41,20 +41,11 @@ def test_load_leaves_the_callers_options_alone(tmp_path):
         ckpt.load({"w": torch.zeros(4)}, uri, options=opts)
 
 
-def _rewrite_manifest(uri: str, edit) -> None:
-    path = os.path.join(uri, "manifest.json")
-    with open(path) as f:
-        doc = json.load(f)
-    edit(doc)
-    with open(path, "w") as f:
-        json.dump(doc, f)
-
-
 @pytest.mark.parametrize("version", [3, 0, "1", 2.0, True, None])
 def test_unknown_format_version_names_the_file_and_the_versions_read(tmp_path, version):
     uri = str(tmp_path / "c")
     ckpt.save({"w": torch.ones(4)}, uri)
-    _rewrite_manifest(uri, lambda doc: doc.update(version=version))
+    edit_manifest(uri, lambda doc: doc.update(version=version))
     with pytest.raises(ckpt.CheckpointFormatError) as ei:
         ckpt.load({"w": torch.zeros(4)}, uri)
     msg = str(ei.value)
@@ -75,7 +66,7 @@ def test_a_reader_for_a_new_version_sits_beside_the_old_ones(tmp_path, monkeypat
         doc["version"] = 3
         doc["tensor_records"] = doc.pop("tensors")
 
-    _rewrite_manifest(new, to_v3)
+    edit_manifest(new, to_v3)
     with pytest.raises(ckpt.CheckpointFormatError, match="format version 3 is not supported"):
         ckpt.load({"w": torch.zeros(4)}, new)
 
@@ -88,5 +79,109 @@ def test_a_reader_for_a_new_version_sits_beside_the_old_ones(tmp_path, monkeypat
         ckpt.load(target, uri)
         assert torch.equal(target["w"], want)
     with pytest.raises(ckpt.CheckpointFormatError, match="this library reads 1, 2, 3"):
-        _rewrite_manifest(old, lambda doc: doc.update(version=4))
+        edit_manifest(old, lambda doc: doc.update(version=4))
         ckpt.load({"w": torch.zeros(4)}, old)
+
+
+def _two_chunk_checkpoint(tmp_path):
+    """A (128, 8) float32 tensor in two chunks of 64 rows, the layout of the issue's one-digit edit."""
+    uri = str(tmp_path / "c")
+    want = torch.arange(128 * 8, dtype=torch.float32).reshape(128, 8)
+    ckpt.save({"w": want}, uri, options=ckpt.SaveOptions(chunk_bytes=64 * 8 * 4, block_bytes=256))
+    chunks = helpers.manifest_of(uri).tensors["w"].chunks
+    assert [c.box.offsets for c in chunks] == [(0, 0), (64, 0)]
+    return uri, want
+
+
+def test_a_shifted_chunk_is_refused_on_load_and_by_verify(tmp_path):
+    """Row offset 64 -> 63 (sealed again, as a buggy writer would): element counts still add up,
+    but row 63 is covered twice and row 127 never. Load and verify must refuse, naming both."""
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    edit_manifest(uri, lambda doc: doc["tensors"]["w"]["chunks"][1].update(offsets=[63, 0]))
+    target = {"w": torch.zeros(128, 8)}
+    with pytest.raises(ckpt.CheckpointFormatError, match=r"w: chunks overlap at element \[63, 0\] \(chunk 0 .*chunk 1"):
+        ckpt.load(target, uri)
+    assert torch.equal(target["w"], torch.zeros(128, 8)), "data was copied from a manifest that does not tile"
+    code, out, err = helpers.run_cli("verify", uri)
+    assert code == 1 and "chunks overlap at element [63, 0]" in err, (code, out, err)
+
+
+def test_overlapping_and_gapped_chunks_are_refused_at_any_chunk_count(tmp_path):
+    """1000 chunks; one moves onto its neighbour's rows: a pairwise check capped at a chunk count would miss it."""
+    uri = str(tmp_path / "c")
+    ckpt.save({"w": torch.ones(1000, 4)}, uri, options=ckpt.SaveOptions(chunk_bytes=16, block_bytes=64))
+    assert len(helpers.manifest_of(uri).tensors["w"].chunks) == 1000
+
+    def move(doc):
+        doc["tensors"]["w"]["chunks"][998]["offsets"] = [997, 0]
+
+    edit_manifest(uri, move)
+    with pytest.raises(ckpt.CheckpointFormatError, match=r"chunks overlap at element \[997, 0\]"):
+        ckpt.load({"w": torch.zeros(1000, 4)}, uri)
+
+
+def test_a_changed_manifest_fails_its_digest_naming_the_file(tmp_path):
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    path = os.path.join(uri, "manifest.json")
+    raw = open(path, "rb").read()
+    assert raw.rstrip(b"}").rsplit(b",", 1)[1].startswith(b'"digest":"sha256:')
+    flipped = raw.replace(b'"step":null', b'"step":1')  # valid JSON, valid manifest, wrong bytes
+    assert flipped != raw
+    open(path, "wb").write(flipped)
+    with pytest.raises(ckpt.CheckpointFormatError, match=rf"{path}: manifest digest mismatch"):
+        ckpt.load({"w": torch.zeros(128, 8)}, uri)
+    open(path, "wb").write(raw.replace(b",", b", "))  # same document, other bytes: not the text that was sealed
+    code, _, err = helpers.run_cli("info", uri)
+    assert code == 1 and "rewritten after it was sealed" in err and path in err, err
+    open(path, "wb").write(raw)
+    assert helpers.run_cli("info", uri)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("offset", "64", "offset must be an integer"),
+        ("offset", True, "offset must be an integer"),
+        ("offset", 1.0, "offset must be an integer"),
+        ("offset", -8, "offset must be an integer"),
+        ("offset", 2**64, "offset must be an integer"),
+        ("length", None, "length must be an integer"),
+        ("offsets", "ab", "offsets must be a list"),
+        ("offsets", [0], "rank mismatch|outside shape"),
+        ("sizes", [64, "8"], "sizes must be an integer"),
+        ("object", 7, "object must be a JSON str"),
+        ("checksums", [1], "a checksum must be a JSON str"),
+        ("offset", 2, "not a multiple of its item size 4"),
+    ],
+)
+def test_mistyped_chunk_fields_are_format_errors_naming_the_field(tmp_path, field, value, message):
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    edit_manifest(uri, lambda doc: doc["tensors"]["w"]["chunks"][1].update({field: value}))
+    with pytest.raises(ckpt.CheckpointFormatError, match=message) as ei:
+        ckpt.load({"w": torch.zeros(128, 8)}, uri)
+    assert "manifest.json" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(block_bytes="4096"), "block_bytes must be an integer"),
+        (lambda d: d.update(block_bytes=0), "block_bytes must be an integer in \\[1,"),
+        (lambda d: d.update(objects=[]), "objects must be a JSON dict"),
+        (lambda d: d["objects"].update({next(iter(d["objects"])): "99"}), "size of object"),
+        (lambda d: d.update(step="7"), "step must be an integer"),
+        (lambda d: d.update(metrics={"loss": "low"}), "metric loss must be a number"),
+        (lambda d: d.update(created=5), "created must be a JSON str"),
+        (lambda d: d.update(tensors={"w": []}), "tensor w: a tensor record must be a JSON dict"),
+        (lambda d: d["tensors"]["w"].update(shape=[128, -8]), "shape must be an integer"),
+        (lambda d: d["tensors"]["w"].update(dtype=["float32"]), "dtype must be a JSON str"),
+        (lambda d: d["tensors"]["w"].pop("chunks"), "missing field 'chunks'"),
+        (lambda d: d.update(values={"w": 1}), "w is both a tensor and a value"),
+        (lambda d: d["tensors"]["w"].update(shape=[2**62, 8]), "too large"),
+    ],
+)
+def test_mistyped_manifest_fields_are_format_errors(tmp_path, edit, message):
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    edit_manifest(uri, edit)
+    with pytest.raises(ckpt.CheckpointFormatError, match=message):
+        ckpt.load({"w": torch.zeros(128, 8)}, uri, strict=False)
