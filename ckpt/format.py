@@ -132,15 +132,13 @@ def seal(body: bytes) -> bytes:
     return body[:-1] + b',"digest":"' + digest.encode() + b'"}'
 
 
-def check_digest(raw: bytes, doc: dict[str, Any], where: str, required: bool) -> None:
+def check_digest(raw: bytes, doc: dict[str, Any], where: str) -> None:
     """Refuse a manifest whose bytes changed after it was written (bit rot, a hand edit, a torn copy).
 
     The digest is the last member; it covers the bytes before it with ``}`` closing them, i.e.
     the manifest as serialized before the digest was added, so verifying needs no re-serialization.
     """
     recorded = doc.get("digest")
-    if recorded is None and not required:
-        return
     if not isinstance(recorded, str) or not recorded.startswith(f"{DIGEST_ALGORITHM}:"):
         raise CheckpointFormatError(f"{where}: manifest digest {_show(recorded)} is not a {DIGEST_ALGORITHM} digest")
     suffix = b',"digest":' + json.dumps(recorded).encode() + b"}"
@@ -304,7 +302,8 @@ class Manifest:
             raise CheckpointFormatError(
                 f"{where}: format version {version!r} is not supported (this library reads {readable})"
             )
-        check_digest(raw, doc, where, required=version >= 2)
+        if version >= 2:  # version 1 had no digest
+            check_digest(raw, doc, where)
         manifest = reader(doc, where)
         manifest.validate(where)
         return manifest
