@@ -26,7 +26,8 @@ from .regions import Box, split_into_chunks
 Descriptor = dict[str, dict[str, Any]]
 
 
-def describe_rank(tensors: dict[str, TensorEntry]) -> Descriptor:
+def rank_descriptor(tensors: dict[str, TensorEntry]) -> Descriptor:
+    """What this rank holds, as the JSON the ranks exchange to plan a save."""
     return {
         key: {
             "shape": list(e.global_shape),

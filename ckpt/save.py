@@ -23,7 +23,7 @@ from .format import MANIFEST, dtype_name
 from .framing import ChunkSpec
 from .options import OnBusy, SaveOptions
 from .persist import persister_for
-from .plan import SavePlan, WriteItem, describe_rank, fingerprint, make_save_plan
+from .plan import SavePlan, WriteItem, fingerprint, make_save_plan, rank_descriptor
 from .stage import BufferCache, stage
 from .storage import open_storage
 from .values import encode_checked
@@ -40,7 +40,7 @@ class _Planner:
         self, tensors: dict[str, TensorEntry] | None, error: BaseException | None, options: SaveOptions, group
     ) -> tuple[SavePlan, str]:
         rank, world = _rank_world(group)
-        desc = describe_rank(tensors) if tensors is not None and error is None else {}
+        desc = rank_descriptor(tensors) if tensors is not None and error is None else {}
         fp = fingerprint(desc, world, options.chunk_bytes)
         cache_key = (fp, id(group))
         plan = self._plans.get(cache_key) if error is None else None
