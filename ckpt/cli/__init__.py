@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(e: BaseException) -> int:
     from ..interop import UnknownFormatError
     from ..interop.destination import DestinationError
+    from ..interop.hf_model import ModelConfigError
+    from ..interop.view import SelectionError
 
     usage = (CheckpointNotFoundError, UnknownFormatError, DestinationError, CheckpointExistsError, UsageError)
+    usage += (SelectionError, ModelConfigError)
     if isinstance(e, usage) or isinstance(e, FileNotFoundError):
         return EXIT_USAGE
     return EXIT_FAIL  # damaged input (CorruptChunkError, CheckpointFormatError, ...), I/O, anything else

@@ -6,6 +6,10 @@ and never holds more than one slab. Writing follows the Hub's conventions
 (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json``), streams each tensor slab by slab, and
 writes the index last.
+
+A model directory whose ``config.json`` ties weights (``lm_head.weight`` to
+``model.embed_tokens.weight``) stores the tie's source only; its target is served
+too, as the same bytes, so a model's state dict, which names both, loads strictly.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..framing import as_bytes, frame_order, read_safetensors_header, safetensor
 from ..regions import Box, row_major_strides
 from ..storage import FsspecStorage, open_storage
 from ..values import decode, dumps, encode_checked
+from .hf_model import CONFIG, tied_for_reading
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -90,6 +95,7 @@ class SafetensorsSource(Source):
         self._files: dict[str, _File] = {}
         self._where: dict[str, _File] = {}
         self._values: dict[str, Any] = {}
+        self._stored: dict[str, str] = {}  # a tied weight's name -> the name its bytes are stored under
         if storage.fs.isfile(storage.root):
             parent, name = split_uri(uri)
             f = _File(open_storage(parent), name)
@@ -103,14 +109,19 @@ class SafetensorsSource(Source):
             raise ForeignFormatError(f"{uri}: several safetensors indexes ({', '.join(indexes)}); pass one file")
         if indexes:
             self._open_index(storage, indexes[0])
-            return
-        files = [n for n in names if n.endswith(".safetensors")]
-        if len(files) != 1:
-            raise ForeignFormatError(f"{uri}: {len(files)} .safetensors files and no {DEFAULT_INDEX}")
-        f = _File(storage, files[0])
-        self._files[files[0]] = f
-        self._where = {k: f for k in f.entries}
-        self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(files[0]))
+        else:
+            files = [n for n in names if n.endswith(".safetensors")]
+            if len(files) != 1:
+                raise ForeignFormatError(f"{uri}: {len(files)} .safetensors files and no {DEFAULT_INDEX}")
+            f = _File(storage, files[0])
+            self._files[files[0]] = f
+            self._where = {k: f for k in f.entries}
+            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(files[0]))
+        local = storage.local_path("")
+        if CONFIG in names and local is not None:
+            for target, src in tied_for_reading(local).items():
+                if src in self._where and target not in self._where:
+                    self._where[target], self._stored[target] = self._where[src], src
 
     def _open_index(self, storage: FsspecStorage, index_name: str) -> None:
         where = storage.describe(index_name)
@@ -133,7 +144,7 @@ class SafetensorsSource(Source):
         self._values = _parse_values(meta.get(VALUES_KEY), where)
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return {k: f.entries[k][0] for k, f in sorted(self._where.items())}
+        return {k: f.entries[self._stored.get(k, k)][0] for k, f in sorted(self._where.items())}
 
     def values(self) -> dict[str, Any]:
         return dict(self._values)
@@ -142,8 +153,8 @@ class SafetensorsSource(Source):
         return SourceInfo()
 
     def read(self, key: str, box: Box | None = None) -> torch.Tensor:
-        f = self._where[key]
-        return f.read(key, box or Box.full(f.entries[key][0].shape))
+        f, name = self._where[key], self._stored.get(key, key)
+        return f.read(name, box or Box.full(f.entries[name][0].shape))
 
 
 def _parse_values(raw: Any, where: str) -> dict[str, Any]:
