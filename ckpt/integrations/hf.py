@@ -1,0 +1,318 @@
+"""HF Trainer and accelerate: their checkpoints saved and resumed through ckpt, nothing pickled.
+
+**Trainer.** ``CkptTrainerMixin`` (or ``CkptTrainer``, the mixin on ``transformers.Trainer``)
+keeps the Trainer's own checkpoint life cycle (``checkpoint-<step>`` folders,
+``trainer_state.json``, ``save_total_limit`` rotation, ``resume_from_checkpoint=True``, data
+skipping on resume) and replaces what it writes with ``torch.save``: the model, optimizer,
+scheduler, grad scaler and every process's RNG states go into one ckpt checkpoint,
+``checkpoint-<step>/ckpt``, saved by every rank (sharded state stays sharded: model and
+optimizer go through ``torch.distributed.checkpoint.state_dict``, so DDP and FSDP2 models
+save their own shards and resume under another world size). ``trainer.save_model()`` outside
+checkpoints still writes transformers' own files, for ``from_pretrained``.
+
+**accelerate.** Its ``save_state`` pickles optimizer, scheduler, sampler, RNG and custom states
+(its pre-hooks see only the model weights), so :func:`save_state` / :func:`load_state` replace
+the pair: every prepared model, optimizer, scheduler and data loader, the grad scaler, objects
+registered with ``register_for_checkpointing`` and every process's RNG states, in one ckpt
+checkpoint. Resuming mid-epoch stays the loop's business, as with accelerate: load, then
+``accelerator.skip_first_batches``.
+
+transformers and accelerate are imported here only, so ``import ckpt`` needs neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..format import MANIFEST
+from ..load import load
+from ..options import LoadOptions, SaveOptions
+from ..save import save
+
+# CkptTrainer is built by the module __getattr__ on first use (it subclasses transformers.Trainer)
+__all__ = ["CKPT_DIR", "CkptTrainer", "CkptTrainerMixin", "load_state", "save_state"]  # noqa: F822
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "ckpt"  # the ckpt checkpoint inside a Trainer's checkpoint-<step> folder
+
+
+# --- what both share: RNG states, model and optimizer state dicts ----------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: Python, numpy (if installed), torch CPU and every CUDA device."""
+    state: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["cpu"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """accelerate's ``AcceleratedOptimizer`` wraps the torch optimizer as ``.optimizer``."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _owner(models: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """The model whose parameters ``optimizer`` updates (its state is keyed by their names)."""
+    first = next(p for g in optimizer.param_groups for p in g["params"])
+    for model in models:
+        if any(p is first for p in model.parameters()):
+            return model
+    raise ValueError("an optimizer updates parameters of none of the models; prepare its model with it")
+
+
+def _load_rng(uri: str, key: str, options: LoadOptions) -> bool:
+    """Set this process's RNG states from ``rng.<key>``; False when the checkpoint has none for it
+    (saved by fewer processes), as the Trainer does without an RNG file."""
+    target = {"rng": {key: rng_state()}}
+    result = load(target, uri, strict=False, options=options)
+    if any(k.startswith(f"rng.{key}.") for k in result.missing_keys):
+        log.warning("%s: no RNG state for process %s; its random streams are not resumed", uri, key)
+        return False
+    set_rng_state(target["rng"][key])
+    return True
+
+
+# --- HF Trainer --------------------------------------------------------------------------------
+
+
+def _ckpt_in(folder: str | None) -> str | None:
+    """The ckpt checkpoint inside a Trainer checkpoint folder, if it holds one."""
+    if folder is None:
+        return None
+    uri = os.path.join(folder, CKPT_DIR)
+    return uri if os.path.exists(os.path.join(uri, MANIFEST)) else None
+
+
+class CkptTrainerMixin:
+    """Mix into a ``transformers.Trainer`` (before it: ``class T(CkptTrainerMixin, Seq2SeqTrainer)``)
+    so that its checkpoints are ckpt checkpoints; see the module docstring.
+
+    ``ckpt_save_options`` / ``ckpt_load_options`` are ckpt's options (``overwrite`` defaults to
+    True: the Trainer reuses a step's folder when it saves that step again)."""
+
+    ckpt_save_options: SaveOptions = SaveOptions(overwrite=True)
+    ckpt_load_options: LoadOptions = LoadOptions()
+    _ckpt_saving = False
+
+    # Saving: the Trainer calls save_model, then the optimizer/scaler/RNG savers, then writes
+    # trainer_state.json and rotates. Within its checkpoint save, the first writes everything.
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._ckpt_saving = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._ckpt_saving = False
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._ckpt_saving:
+            return super().save_model(output_dir, _internal_call)
+        self._ckpt_save(output_dir or self.args.output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._ckpt_saving:
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save_scaler(self, output_dir: str) -> None:
+        if not self._ckpt_saving:
+            super()._save_scaler(output_dir)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if not self._ckpt_saving:
+            super()._save_rng_state(output_dir)
+
+    def _ckpt_save(self, folder: str) -> None:
+        model = self.model_wrapped if self.is_fsdp_enabled else self.model
+        state: dict[str, Any] = {"model": get_model_state_dict(model)}
+        if not self.args.save_only_model:
+            state.update(self._ckpt_training_state(model))
+            state["rng"] = {str(self.args.process_index): rng_state()}
+        save(state, os.path.join(folder, CKPT_DIR), step=self.state.global_step, options=self.ckpt_save_options)
+
+    def _ckpt_training_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, _torch_optimizer(self.optimizer))
+        if self.lr_scheduler is not None:
+            state["scheduler"] = self.lr_scheduler.state_dict()
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    # Resuming: each loader the Trainer calls reads its part of the ckpt checkpoint, or defers
+    # to transformers for a folder the Trainer wrote itself.
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        uri = _ckpt_in(resume_from_checkpoint)
+        if uri is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._ckpt_load_model(model if model is not None else self.model, uri)
+
+    def _load_best_model(self) -> None:
+        uri = _ckpt_in(self.state.best_model_checkpoint)
+        if uri is None:
+            return super()._load_best_model()
+        self._ckpt_load_model(self.model_wrapped if self.is_fsdp_enabled else self.model, uri)
+
+    def _ckpt_load_model(self, model: torch.nn.Module, uri: str) -> None:
+        target = {"model": get_model_state_dict(model)}
+        load(target, uri, partial=True, options=self.ckpt_load_options)
+        set_model_state_dict(model, target["model"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        uri = _ckpt_in(checkpoint)
+        if uri is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        model = self.model_wrapped if self.is_fsdp_enabled else self.model
+        target = self._ckpt_training_state(model)
+        target.pop("scaler", None)  # _load_scaler's
+        if not target:
+            return
+        load(target, uri, partial=True, options=self.ckpt_load_options)
+        if "optimizer" in target:
+            set_optimizer_state_dict(model, _torch_optimizer(self.optimizer), target["optimizer"])
+        if "scheduler" in target:
+            self.lr_scheduler.load_state_dict(target["scheduler"])
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        uri = _ckpt_in(checkpoint)
+        if uri is None:
+            return super()._load_scaler(checkpoint)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            target = {"scaler": scaler.state_dict()}
+            load(target, uri, partial=True, options=self.ckpt_load_options)
+            scaler.load_state_dict(target["scaler"])
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        uri = _ckpt_in(checkpoint)
+        if uri is None:
+            return super()._load_rng_state(checkpoint)
+        _load_rng(uri, str(self.args.process_index), self.ckpt_load_options)
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    return type("CkptTrainer", (CkptTrainerMixin, Trainer), {"__module__": __name__, "__doc__": CKPT_TRAINER_DOC})
+
+
+CKPT_TRAINER_DOC = "``transformers.Trainer`` whose checkpoints are ckpt checkpoints (``CkptTrainerMixin``)."
+
+
+def __getattr__(name: str) -> Any:
+    # CkptTrainer is built on first use, so importing this module (for accelerate) needs no transformers
+    if name == "CkptTrainer":
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- accelerate ---------------------------------------------------------------------------------
+
+
+def _accelerator_state(accelerator: Any) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    models = list(accelerator._models)
+    state: dict[str, Any] = {"models": {str(i): get_model_state_dict(m) for i, m in enumerate(models)}}
+    optimizers = [_torch_optimizer(o) for o in accelerator._optimizers]
+    state["optimizers"] = {str(i): get_optimizer_state_dict(_owner(models, o), o) for i, o in enumerate(optimizers)}
+    state["schedulers"] = {str(i): s.state_dict() for i, s in enumerate(accelerator._schedulers)}
+    state["dataloaders"] = {str(i): _loader_state(d) for i, d in enumerate(accelerator._dataloaders)}
+    state["custom"] = {str(i): o.state_dict() for i, o in enumerate(accelerator._custom_objects)}
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    state["step"] = accelerator.step
+    return state, models
+
+
+def _loader_state(loader: Any) -> dict[str, Any]:
+    """Where a prepared data loader is in its epochs: its iteration count and, for accelerate's
+    seedable sampler, the sampler's seed and epoch."""
+    state = {"iteration": getattr(loader, "iteration", 0)}
+    sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
+    if sampler is not None and hasattr(sampler, "initial_seed") and hasattr(sampler, "epoch"):
+        state["sampler"] = {"initial_seed": sampler.initial_seed, "epoch": sampler.epoch}
+    return state
+
+
+def save_state(
+    accelerator: Any,
+    uri: str,
+    step: int | None = None,
+    metrics: dict[str, float] | None = None,
+    options: SaveOptions | None = None,
+) -> str:
+    """``accelerator.save_state`` through ckpt: every prepared object's state, the scaler,
+    registered custom objects and every process's RNG states, in one checkpoint at ``uri``.
+    Call on every process. Returns the save id."""
+    state, _ = _accelerator_state(accelerator)
+    state["rng"] = {str(accelerator.process_index): rng_state()}
+    return save(state, uri, step=step, metrics=metrics, options=options)
+
+
+def load_state(accelerator: Any, uri: str, options: LoadOptions | None = None) -> Any:
+    """``accelerator.load_state`` from a :func:`save_state` checkpoint, on every process, after
+    ``accelerator.prepare`` with the same objects (any world size: model and optimizer states
+    reshard). Returns the manifest (``.step``, ``.metrics``)."""
+    options = options or LoadOptions()
+    state, models = _accelerator_state(accelerator)
+    manifest = load(state, uri, partial=True, options=options)
+    for i, m in enumerate(models):
+        set_model_state_dict(m, state["models"][str(i)])
+    for i, o in enumerate(accelerator._optimizers):
+        opt = _torch_optimizer(o)
+        set_optimizer_state_dict(_owner(models, opt), opt, state["optimizers"][str(i)])
+    for i, s in enumerate(accelerator._schedulers):
+        s.load_state_dict(state["schedulers"][str(i)])
+    for i, d in enumerate(accelerator._dataloaders):
+        _set_loader_state(d, state["dataloaders"][str(i)])
+    for i, o in enumerate(accelerator._custom_objects):
+        o.load_state_dict(state["custom"][str(i)])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    accelerator.step = state["step"]
+    _load_rng(uri, str(accelerator.process_index), options)
+    return manifest
+
+
+def _set_loader_state(loader: Any, state: dict[str, Any]) -> None:
+    if hasattr(loader, "iteration"):
+        loader.iteration = state["iteration"]
+    sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
+    if "sampler" in state and sampler is not None and hasattr(sampler, "initial_seed"):
+        sampler.initial_seed = state["sampler"]["initial_seed"]
+        sampler.epoch = state["sampler"]["epoch"]

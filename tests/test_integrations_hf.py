@@ -1,0 +1,221 @@
+"""HF Trainer and accelerate save through ckpt and resume bitwise: a tiny Llama (from a config, with
+dropout, so the RNG states matter) trains, checkpoints mid-epoch, and a fresh model resumed from that
+checkpoint continues with losses and final weights identical, bit for bit, to the run that went on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import same_bits
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+import ckpt  # noqa: E402
+from ckpt.integrations import hf as ckpt_hf  # noqa: E402 - after the skips: it needs transformers
+
+pytestmark = pytest.mark.slow  # training runs of a few seconds each
+
+VOCAB, SEQ, ROWS, BATCH = 64, 10, 24, 4  # 6 steps an epoch
+
+
+def tiny_llama(seed: int) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=0.1,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return ROWS
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+# --- HF Trainer ---------------------------------------------------------------------------------
+
+
+def trainer(output_dir: str, model_seed: int) -> transformers.Trainer:
+    class Recording(ckpt_hf.CkptTrainer):
+        losses: list[torch.Tensor]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.losses.append((out[0] if return_outputs else out).detach().clone())
+            return out
+
+    args = transformers.TrainingArguments(
+        output_dir=output_dir,
+        max_steps=10,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        save_strategy="steps",
+        save_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    t = Recording(model=tiny_llama(model_seed), args=args, train_dataset=Rows())
+    t.losses = []
+    return t
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """10 steps uninterrupted, checkpoints at steps 4 and 8 (and 10, the end)."""
+    t = trainer(str(tmp_path_factory.mktemp("straight")), model_seed=0)
+    t.train()
+    assert len(t.losses) == 10
+    return t
+
+
+def same_run(straight, resumed) -> None:
+    assert resumed.state.global_step == 10 and len(resumed.losses) == 6
+    for i, (a, b) in enumerate(zip(straight.losses[4:], resumed.losses)):
+        assert same_bits(a, b), f"step {i + 5}: {a.item()} != {b.item()}"
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert same_bits(a, b), name
+
+
+def test_trainer_checkpoints_are_ckpt_and_resume_bitwise(straight, tmp_path):
+    folder = os.path.join(straight.args.output_dir, "checkpoint-4")
+    # the checkpoint is ckpt's (model, optimizer, scheduler, RNG) plus the Trainer's own JSON state
+    assert sorted(os.listdir(folder)) == ["ckpt", "trainer_state.json"]
+    saved = ckpt.read(os.path.join(folder, "ckpt"))
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(saved)
+    assert saved["scheduler"]["last_epoch"] == 4 and len(saved["optimizer"]["state"]) > 0
+
+    # a fresh model (other weights) in a new Trainer resumes mid-epoch: the same steps 5..10
+    resumed = trainer(str(tmp_path / "b"), model_seed=1)
+    assert not same_bits(resumed.model.model.embed_tokens.weight, straight.model.model.embed_tokens.weight)
+    resumed.train(resume_from_checkpoint=folder)
+    same_run(straight, resumed)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfter(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Killed(f"killed before step {self.step + 1}")
+
+
+def test_trainer_killed_then_resume_true(straight, tmp_path):
+    """A run dies after its save of step 4; resume_from_checkpoint=True finds that ckpt-backed
+    checkpoint in output_dir and continues exactly as the uninterrupted run did."""
+    out = str(tmp_path / "a")
+    first = trainer(out, model_seed=0)
+    first.add_callback(KillAfter(4))
+    with pytest.raises(Killed):
+        first.train()
+    assert sorted(os.listdir(out)) == ["checkpoint-4"]
+    again = trainer(out, model_seed=1)
+    again.train(resume_from_checkpoint=True)
+    same_run(straight, again)
+
+
+def test_trainer_load_best_model_at_end_from_ckpt(tmp_path):
+    t = trainer(str(tmp_path / "a"), model_seed=0)
+    t.args.eval_strategy = t.args.save_strategy
+    t.args.eval_steps, t.args.metric_for_best_model, t.args.load_best_model_at_end = 4, "loss", True
+    t.args.greater_is_better = True  # the worst loss "wins": an early checkpoint, not the final weights
+    t.eval_dataset = Rows()
+    t.train()
+    best = t.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-10")
+    assert os.path.exists(os.path.join(best, "ckpt", "manifest.json"))
+    stored = ckpt.read(os.path.join(best, "ckpt"))["model"]
+    assert all(same_bits(v, stored[k]) for k, v in t.model.state_dict().items())
+
+
+# --- accelerate ---------------------------------------------------------------------------------
+
+
+class Counter:
+    """A custom object registered with accelerate for checkpointing."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seen = state["seen"]
+
+
+def accelerate_run(steps: int, model_seed: int, save: str | None = None, save_at: int = 0, resume: str | None = None):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    AcceleratorState._reset_state(True)
+    model = tiny_llama(model_seed)
+    set_seed(0)
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+    loader = torch.utils.data.DataLoader(Rows(), batch_size=BATCH, shuffle=True, generator=torch.Generator())
+    counter = Counter()
+    acc.register_for_checkpointing(counter)
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    step, losses = 0, []
+    if resume:
+        step = ckpt_hf.load_state(acc, resume).step
+        assert counter.seen == step
+    model.train()
+    while step < steps:
+        epoch, done = divmod(step, len(loader))
+        loader.set_epoch(epoch)
+        for batch in acc.skip_first_batches(loader, done) if done else loader:
+            loss = model(**batch).loss
+            acc.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+            step += 1
+            counter.seen += 1
+            if step == save_at:
+                ckpt_hf.save_state(acc, save, step=step, metrics={"loss": loss.item()})
+            if step == steps:
+                break
+    return losses, acc.unwrap_model(model)
+
+
+def test_accelerate_save_state_load_state_resume_bitwise(tmp_path):
+    uri = str(tmp_path / "step-4")
+    straight, model = accelerate_run(10, model_seed=0, save=uri, save_at=4)
+    resumed, model2 = accelerate_run(10, model_seed=1, resume=uri)
+    assert len(straight) == 10 and len(resumed) == 6
+    for i, (a, b) in enumerate(zip(straight[4:], resumed)):
+        assert same_bits(a, b), f"step {i + 5}: {a.item()} != {b.item()}"
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert same_bits(a, b), name
+    # nothing pickled: one ckpt checkpoint holds it all
+    assert sorted(os.listdir(uri)) == ["data", "manifest.json"]
