@@ -123,7 +123,7 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
         step=head.get("step"),
         metrics=decode(head.get("metrics") or {}),
         metadata=decode(head.get("metadata") or {}),
-        structure=None if merged is None else structure.prune(merged, set(tensors) | set(values)),
+        structure=_structure_of(merged, set(tensors) | set(values)),
         topology=head.get("topology") or {},
         library_version=head.get("library_version", ""),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -137,6 +137,15 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
     if not storage.listdir(STAGING_DIR):
         storage.delete(STAGING_DIR, recursive=True)
     return manifest
+
+
+def _structure_of(merged: Any, keys: set[str]) -> Any:
+    """The merged structure without leaves no rank stored; None (readers infer it) when it
+    does not account for every key (an offline writer given a structure of other keys)."""
+    if merged is None:
+        return None
+    pruned = structure.prune(merged, keys)
+    return pruned if set(structure.leaves(pruned)) == keys else None
 
 
 def _committed_objects(storage: Storage) -> set[str]:

@@ -106,6 +106,7 @@ def reshard_for(
             step=info.step,
             metrics=info.metrics,
             metadata=info.metadata,
+            structure=info.structure,
             topology={
                 "world_size": 1,
                 "writer": "offline",

@@ -25,6 +25,7 @@ from .framing import ChunkSpec
 from .options import SaveOptions
 from .regions import Box, split_into_chunks
 from .storage import open_storage
+from .values import encode_checked
 
 
 class CheckpointWriter:
@@ -131,16 +132,19 @@ class CheckpointWriter:
         metrics: dict[str, float] | None = None,
         metadata: dict[str, Any] | None = None,
         topology: dict[str, Any] | None = None,
+        structure: Any = None,
     ) -> Manifest:
-        """Make the checkpoint visible (atomically)."""
+        """Make the checkpoint visible (atomically). ``structure``: the nesting to record
+        (ckpt.structure; a source checkpoint's when the keys are the same), else none."""
         self._flush()
         self._index.update(
             tensors=self._tensors,
-            values=self._values,
+            values={k: encode_checked(v, k) for k, v in self._values.items()},  # typed JSON, as ckpt.save's
             block_bytes=self.options.block_bytes,
             step=step,
-            metrics=dict(metrics or {}),
-            metadata=dict(metadata or {}),
+            metrics=encode_checked(dict(metrics or {}), "metrics"),
+            metadata=encode_checked(dict(metadata or {}), "metadata"),
+            structure=structure,
             topology=dict(topology or {"world_size": 1, "writer": "offline"}),
             library_version=__version__,
         )

@@ -138,3 +138,20 @@ def test_version_1_checkpoints_still_load_and_read_with_an_inferred_structure(tm
 def test_infer_handles_a_leaf_that_is_also_a_prefix():
     node = infer(["a", "a.b", "c.0.d", "c.01"])
     assert sorted(leaves(node)) == ["a", "a.b", "c.0.d", "c.01"]
+
+
+def test_reshard_and_convert_keep_the_structure(tmp_path, training_state):
+    from ckpt.interop import CkptSource
+    from ckpt.interop.convert import convert
+    from ckpt.reshard import TargetLayout, reshard_for
+
+    path = str(tmp_path / "c")
+    ckpt.save(training_state, path, metrics={"loss": math.nan})
+    with CkptSource(path) as src:
+        convert(src, str(tmp_path / "converted"))
+        reshard_for(src, str(tmp_path / "resharded"), TargetLayout(world=2, dim=0))
+    for out in ("converted", "resharded"):
+        got = ckpt.read(str(tmp_path / out))
+        assert same(got, training_state), out
+        assert list(got["optim"]["state"]) == [0, 1, 2, 3] and type(got["pairs"][0]) is tuple
+        assert math.isnan(Manifest.from_json_bytes(open(tmp_path / out / MANIFEST, "rb").read(), out).metrics["loss"])

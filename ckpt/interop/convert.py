@@ -55,4 +55,5 @@ def convert(
             step=info.step,
             metrics=info.metrics,
             metadata={**info.metadata, **(metadata or {})},
+            structure=info.structure,
         )

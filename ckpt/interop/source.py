@@ -47,6 +47,7 @@ class SourceInfo:
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    structure: Any = None  # the saved nesting (a ckpt version 2 checkpoint's); None: unknown
 
 
 class Source(ABC):
@@ -112,7 +113,7 @@ class CkptSource(Source):
 
     def info(self) -> SourceInfo:
         m = self.reader.manifest
-        return SourceInfo(m.step, dict(m.metrics), dict(m.metadata))
+        return SourceInfo(m.step, dict(m.metrics), dict(m.metadata), m.structure)
 
     def read(self, key: str, box: Box | None = None) -> torch.Tensor:
         return self.reader.read(key, box)
