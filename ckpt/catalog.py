@@ -4,8 +4,10 @@ A child of the root is a checkpoint if it holds ``manifest.json`` (complete),
 or ``data/`` / ``_staging/`` without one (incomplete: a save that never
 committed). A manifest that cannot be read marks it *damaged*: it is listed
 but never deleted, since it may be a newer format this version cannot read.
+A deleted checkpoint whose objects later checkpoints still reference
+(incremental saves, :mod:`ckpt.refs`) keeps just those, marked *retired*.
 Which checkpoints go is decided by :mod:`ckpt.retention` (shared with the
-training-loop manager); this module only finds and deletes.
+training-loop manager); this module only finds and deletes (:func:`collect`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import CheckpointError
 from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
 from .locate import read_manifest
 from .options import RetentionPolicy, StrEnum
+from .refs import live_objects
 from .retention import CheckpointInfo, select_deletions
 from .storage import FsspecStorage, Storage, open_storage
 
@@ -31,6 +34,10 @@ class EntryStatus(StrEnum):
     COMPLETE = "complete"  # committed: manifest.json is there and reads
     INCOMPLETE = "incomplete"  # data or staging files without a manifest: a save that never committed
     DAMAGED = "damaged"  # a manifest that does not read (perhaps a newer format): listed, never deleted
+    RETIRED = "retired"  # deleted, but holds objects that later checkpoints reference
+
+
+RETIRED_MARKER = "retired.json"  # in a deleted checkpoint that keeps referenced objects
 
 
 STALE_UPLOAD_S = 24 * 3600.0  # no save takes this long: an upload this old lost its writer
@@ -44,11 +51,12 @@ class Entry:
     uri: str
     status: EntryStatus
     step: int | None = None
-    size: int = 0
+    size: int = 0  # bytes stored in its own location (objects and manifest)
     created: float | None = None  # seconds since the epoch
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     latest: bool = False  # named by the root's ``latest`` marker (written by ckpt.Manager)
+    shared: int = 0  # bytes of earlier checkpoints' objects it references (incremental saves)
 
     def info(self) -> CheckpointInfo:
         """The facts retention decides on."""
@@ -85,7 +93,11 @@ def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None)
             return Entry(name, uri, EntryStatus.DAMAGED, step_from_name(name), size, mtime, error=str(e))
         size = sum(m.objects.values()) + storage.size(MANIFEST)
         step = m.step if m.step is not None else step_from_name(name)
-        return Entry(name, uri, EntryStatus.COMPLETE, step, size, _parse_time(m.created), dict(m.metrics))
+        created = _parse_time(m.created)
+        return Entry(name, uri, EntryStatus.COMPLETE, step, size, created, dict(m.metrics), shared=m.shared_bytes)
+    if RETIRED_MARKER in names:
+        size, mtime, _ = _contents(storage)
+        return Entry(name, uri, EntryStatus.RETIRED, step_from_name(name), size, mtime)
     if DATA_DIR in names or STAGING_DIR in names:
         size, mtime, files = _contents(storage)
         if files:  # some object stores keep empty "directories" after their objects are deleted
@@ -124,7 +136,7 @@ def plan_gc(
     """Entries to delete: incomplete ones older than the newest complete checkpoint,
     and complete ones ``policy`` drops. Never the root itself, a damaged one, the
     newest complete checkpoint, the one the ``latest`` marker names, or a save in flight."""
-    candidates = [e for e in entries if e.name != "." and e.status is not EntryStatus.DAMAGED]
+    candidates = [e for e in entries if e.name != "." and e.status in (EntryStatus.COMPLETE, EntryStatus.INCOMPLETE)]
     infos = [e.info() for e in candidates]
     doomed = set(select_deletions(infos, policy, now if now is not None else time.time(), in_flight))
     # The marker's checkpoint survives, but still counts towards the rules (keep_last, ...).
@@ -168,13 +180,57 @@ def abort_upload(root: str, upload: Upload, storage_options: dict[str, Any] | No
     open_storage(root, **(storage_options or {})).abort_upload(upload.key, upload.upload_id)
 
 
+def collect(root: str, doomed: list[Entry], storage_options: dict[str, Any] | None = None) -> list[Entry]:
+    """Delete the ``doomed`` checkpoints under ``root``, except the objects that a remaining
+    checkpoint or a save in flight references (those stay, the checkpoint *retired*); and
+    free what retired checkpoints keep that nothing references any more. Returns the
+    entries that were retired rather than removed.
+
+    Order (:mod:`ckpt.refs`): every doomed manifest goes first (nothing loads them, and a
+    save that would reference them sees it), then the references are read (in-flight
+    declarations, then manifests), then objects are deleted. An interrupted run leaves
+    retired or incomplete checkpoints, which the next run finishes."""
+    opts = storage_options or {}
+    for e in doomed:
+        if e.status is EntryStatus.COMPLETE:
+            storage = open_storage(e.uri, **opts)
+            storage.put_atomic(RETIRED_MARKER, json.dumps({"retired": time.time()}).encode())
+            storage.delete(MANIFEST)
+    root_storage = open_storage(root, **opts)
+    live = live_objects(root_storage)
+    doomed_names = {e.name for e in doomed}
+    retired = [e for e in scan(root, opts) if e.status is EntryStatus.RETIRED and e.name not in doomed_names]
+    kept = []
+    for e in [*doomed, *retired]:
+        if _sweep(open_storage(e.uri, **opts), e.name, live):
+            kept.append(e)
+    return kept
+
+
+def _sweep(storage: FsspecStorage, name: str, live: set[str] | None) -> bool:
+    """Delete the files of a checkpoint that has no manifest any more, keeping the objects
+    named in ``live`` (all of them if ``live`` is None: unknown); True if some are kept."""
+    storage.invalidate()
+    try:
+        found = storage.fs.find(storage.root)
+    except (FileNotFoundError, OSError):
+        found = []
+    files = [f[len(storage.fs._strip_protocol(storage.root).rstrip("/")) + 1 :] for f in found]
+    keep = {f for f in files if live is None or f"{name}/{f}" in live}
+    if not keep:
+        storage.delete("", recursive=True)
+        return False
+    if RETIRED_MARKER not in files:
+        storage.put_atomic(RETIRED_MARKER, json.dumps({"retired": time.time()}).encode())
+    for f in sorted(set(files) - keep - {RETIRED_MARKER, MANIFEST}):
+        storage.delete(f)
+    return True
+
+
 def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove a checkpoint; the manifest goes first, so an interrupted delete leaves
-    an incomplete checkpoint (invisible to loaders), never a complete one with holes."""
-    storage = open_storage(entry.uri, **(storage_options or {}))
-    if entry.status is EntryStatus.COMPLETE:
-        storage.delete(MANIFEST)
-    storage.delete("", recursive=True)
+    """Remove one checkpoint, keeping the objects that other checkpoints of its parent
+    directory (its run root) reference: :func:`collect` of just this one."""
+    collect(entry.uri.rstrip("/").rpartition("/")[0] or ".", [entry], storage_options)
 
 
 def latest_name(storage: Storage) -> str | None:

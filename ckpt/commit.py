@@ -28,7 +28,7 @@ from . import structure
 from .errors import SaveAbortedError
 from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, dtype_from_name, dtype_name
 from .framing import ChunkSpec
-from .storage import Storage
+from .storage import Storage, open_storage
 from .values import decode
 
 
@@ -47,7 +47,7 @@ def write_rank_index(storage: Storage, save_id: str, rank: int, index: dict[str,
 
 def add_records(index: dict[str, Any], rel: str, specs: list[ChunkSpec], records: list[Chunk]) -> None:
     """Enter one written object and its chunks into a rank index."""
-    index["objects"][rel] = records[-1].offset + records[-1].length if records else 0
+    index["objects"][rel] = max((r.offset + r.stored for r in records), default=0)
     for spec, rec in zip(specs, records):
         index["chunks"].setdefault(spec.key, []).append(rec.to_json())
 
@@ -97,8 +97,11 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
     head = indexes[0]
     objects: dict[str, int] = {}
     chunks: dict[str, list[Chunk]] = {}
+    refs: dict[str, dict[str, int]] = {}
     for idx in indexes:
         objects.update(idx["objects"])
+        for sibling, objs in (idx.get("refs") or {}).items():
+            refs.setdefault(sibling, {}).update(objs)
         for key, recs in idx["chunks"].items():
             chunks.setdefault(key, []).extend(Chunk.from_json(r) for r in recs)
     tensors = {
@@ -127,11 +130,15 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
         topology=head.get("topology") or {},
         library_version=head.get("library_version", ""),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        refs=refs,
     )
     manifest.validate(storage.describe(MANIFEST))
     previous = _committed_objects(storage)
     storage.put_atomic(MANIFEST, manifest.to_json_bytes())
-    for rel in sorted(previous - set(objects)):
+    replaced = previous - set(objects)
+    if replaced:
+        replaced -= _referenced_by_siblings(storage, replaced)
+    for rel in sorted(replaced):
         storage.delete(rel)
     storage.delete(f"{STAGING_DIR}/{save_id}", recursive=True)
     if not storage.listdir(STAGING_DIR):
@@ -155,6 +162,21 @@ def _committed_objects(storage: Storage) -> set[str]:
         return set(json.loads(storage.read_bytes(MANIFEST))["objects"])
     except (ValueError, KeyError, TypeError):
         return set()
+
+
+def _referenced_by_siblings(storage: Storage, objects: set[str]) -> set[str]:
+    """Those of ``objects`` (this checkpoint's) that other checkpoints of its run root, or
+    saves in flight there, reference: an overwrite must not delete them. All, if unknown."""
+    from .refs import live_objects, split_uri  # refs reads manifests; imported only on overwrite
+
+    root, name = split_uri(storage.uri)
+    try:
+        live = live_objects(open_storage(root, **storage.options))
+    except (OSError, ValueError, KeyError, TypeError):
+        live = None
+    if live is None:
+        return set(objects)
+    return {rel for rel in objects if f"{name}/{rel}" in live}
 
 
 def _abort(storage: Storage, save_id: str, reason: str) -> None:

@@ -4,7 +4,9 @@
 :mod:`ckpt.framing`, checksummed as the bytes go out); :func:`persist_rank`
 writes a rank's object and index, then commits or waits through
 :mod:`ckpt.commit`. The same code runs in a trainer's background thread and in
-the daemon.
+the daemon. A rank's :class:`Encoding` (from ``SaveOptions``, carried in the job's
+head as JSON) adds content digests, references to an earlier checkpoint's
+identical chunks (:mod:`ckpt.refs`) and compression (:mod:`ckpt.codec`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from collections.abc import Iterable, Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import codec, refs
 from .commit import add_records, commit, report_failure, wait_committed, write_rank_index
-from .format import DATA_DIR, Chunk
-from .framing import ChunkSpec, as_bytes, block_checksums, frame_order, object_header, write_all
+from .format import DATA_DIR, Chunk, dtype_name
+from .framing import ChunkSpec, as_bytes, block_checksums, checksum, frame_order, object_header, write_all
 from .storage import Storage
 
 
@@ -99,7 +102,18 @@ class ObjectWriter:
         self._unflushed = 0  # offset from which bytes may still be only in the page cache
         return self
 
-    def add(self, data: torch.Tensor) -> None:
+    def add_encoded(self, enc: codec.Encoded, digest: str | None = None) -> None:
+        """Append the next chunk, encoded (its spec says how many bytes it stores)."""
+        spec = self.specs[len(self.records)]
+        if spec.stored != enc.codec.stored:
+            raise ValueError(f"{spec.key} chunk {spec.box}: {enc.codec.stored} encoded bytes, declared {spec.stored}")
+        with self.timings.phase("upload"):
+            for frame in enc.frames:
+                write_all(self._f, memoryview(frame))
+        self.records.append(Chunk(spec.box, self.rel, self._at, spec.nbytes, enc.checksums, enc.codec, digest))
+        self._at += enc.codec.stored
+
+    def add(self, data: torch.Tensor, digest: str | None = None) -> None:
         """Append the next chunk's bytes (a contiguous CPU tensor); ``data`` is
         no longer read once this returns.
 
@@ -123,7 +137,7 @@ class ObjectWriter:
             raise
         with self.timings.phase("serialize"):
             sums = pending.result() if pending is not None else block_checksums(buf, self.block_bytes)
-        self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), sums))
+        self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), sums, digest=digest))
         self._at += len(buf)
         if self._at - self._unflushed >= _WRITEBACK_BYTES:
             self.storage.start_writeback(self._f, self._unflushed, self._at)
@@ -159,6 +173,96 @@ def object_name(save_id: str, rank: int) -> str:
     return f"{DATA_DIR}/{save_id}-r{rank:05d}.safetensors"
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How a rank stores its chunks beyond raw bytes; JSON in the job's head (``"encoding"``),
+    so the daemon gets it too.
+
+    level: zstd level of compressed chunks (None: no compression); byte_group: byte planes
+    before zstd; dtypes: names of the dtypes compressed; digests: compute each chunk's
+    content digest; base: an earlier checkpoint of the same run root whose identical
+    chunks are referenced instead of written (needs digests).
+    """
+
+    level: int | None = None
+    byte_group: bool = True
+    dtypes: frozenset[str] = field(default_factory=frozenset)
+    digests: bool = False
+    base: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "byte_group": self.byte_group, "dtypes": sorted(self.dtypes),
+                "digests": self.digests, "base": self.base}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Encoding:
+        if not d:
+            return cls()
+        return cls(d.get("level"), bool(d.get("byte_group", True)), frozenset(d.get("dtypes") or ()),
+                   bool(d.get("digests")), d.get("base"))
+
+    def compresses(self, spec: ChunkSpec) -> bool:
+        return self.level is not None and spec.nbytes > 0 and dtype_name(spec.dtype) in self.dtypes
+
+
+def digest_chunks(chunks: list[StagedChunk]) -> list[str]:
+    """Content digests of the chunks' raw bytes, on the codec threads."""
+    return list(codec.pool().map(lambda c: codec.digest(as_bytes(c.data)), chunks))
+
+
+def encode_chunks(chunks: list[StagedChunk], block_bytes: int, enc: Encoding) -> dict[int, codec.Encoded]:
+    """Compress each chunk ``enc`` selects, frame by frame on the codec threads; a chunk that
+    does not shrink by 1/64 is left out (stored raw, read straight into place)."""
+    jobs: dict[int, list[futures.Future]] = {}
+    for i, c in enumerate(chunks):
+        if not enc.compresses(c.spec):
+            continue
+        buf, size = as_bytes(c.data), c.spec.dtype.itemsize
+        group = codec.transform_for(size, enc.byte_group) is not None
+        jobs[i] = [
+            codec.pool().submit(codec.encode_frame, buf[at : at + block_bytes], size, enc.level, group)
+            for at in range(0, len(buf), block_bytes)
+        ]
+    out = {}
+    for i, fs in jobs.items():
+        frames = [f.result() for f in fs]
+        spec = chunks[i].spec
+        if sum(len(f) for f in frames) * 64 > spec.nbytes * 63:
+            continue
+        transform = codec.transform_for(spec.dtype.itemsize, enc.byte_group)
+        out[i] = codec.finish(frames, block_bytes, transform, checksum)
+    return out
+
+
+def write_chunks(
+    storage: Storage,
+    rel: str,
+    chunks: list[StagedChunk],
+    digests: list[str | None],
+    save_id: str,
+    block_bytes: int,
+    enc: Encoding,
+    timings: Timings,
+) -> tuple[list[ChunkSpec], list[Chunk]]:
+    """One data object: raw chunks widest dtype first, then encoded ones (U8 entries). The
+    header names every stored size, so encoded chunks are compressed before it is written."""
+    with timings.phase("serialize"):
+        encoded = encode_chunks(chunks, block_bytes, enc) if enc.level is not None else {}
+    raw = frame_order([i for i in range(len(chunks)) if i not in encoded], lambda i: chunks[i].spec.dtype)
+    order = raw + sorted(encoded)
+    specs = [chunks[i].spec for i in raw] + [
+        ChunkSpec(chunks[i].spec.key, chunks[i].spec.box, chunks[i].spec.dtype, encoded[i].codec.stored)
+        for i in sorted(encoded)
+    ]
+    with ObjectWriter(storage, rel, specs, save_id, block_bytes, timings) as w:
+        for i in order:
+            if i in encoded:
+                w.add_encoded(encoded[i], digests[i])
+            else:
+                w.add(chunks[i].data, digests[i])
+    return specs, w.records
+
+
 def write_rank(
     storage: Storage,
     save_id: str,
@@ -168,16 +272,34 @@ def write_rank(
     extra: dict[str, Any] | None = None,
     timings: Timings | None = None,
 ) -> None:
-    """Persist this rank's chunks and then its index (the durability marker)."""
+    """Persist this rank's chunks and then its index (the durability marker).
+
+    With ``extra["encoding"]`` (:class:`Encoding`), digests come first: chunks identical
+    to the base checkpoint's are referenced (declared in staging before anything relies on
+    them, :func:`ckpt.refs.reuse`), and only the others are written, compressed or not."""
+    timings = timings if timings is not None else Timings()
+    extra = dict(extra or {})
+    enc = Encoding.from_json(extra.pop("encoding", None))
     index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
-    if chunks:
+    digests: list[str | None] = [None] * len(chunks)
+    if enc.digests and chunks:
+        with timings.phase("serialize"):
+            digests = list(digest_chunks(chunks))
+    reused: dict[int, Chunk] = {}
+    if enc.base and chunks:
+        reused, held = refs.reuse(storage, save_id, rank, enc.base, [c.spec for c in chunks], digests)
+        if held:
+            index["refs"] = held
+    fresh = [i for i in range(len(chunks)) if i not in reused]
+    if fresh:
         rel = object_name(save_id, rank)
-        ordered = frame_order(chunks, lambda c: c.spec.dtype)
-        specs = [c.spec for c in ordered]
-        records = write_object(storage, rel, specs, (c.data for c in ordered), save_id, block_bytes, timings)
+        specs, records = write_chunks(
+            storage, rel, [chunks[i] for i in fresh], [digests[i] for i in fresh], save_id, block_bytes, enc, timings
+        )
         add_records(index, rel, specs, records)
-    if extra:
-        index.update(extra)
+    for i, rec in sorted(reused.items()):
+        index["chunks"].setdefault(chunks[i].spec.key, []).append(rec.to_json())
+    index.update(extra)
     write_rank_index(storage, save_id, rank, index)
 
 

@@ -13,7 +13,9 @@ through DRAM per core, and a freshly allocated buffer costs a page fault per
   arena reused from read to read, then verified and copied out.
 
 Gap segments (read-through between coalesced ranges) cost nothing locally:
-a local file is not read through its gaps.
+a local file is not read through its gaps. Compressed chunks: each stored
+frame is verified against its checksum (of the stored bytes) before it is
+decompressed into a per-thread arena, out of which the rows are copied.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 
 import torch
 
+from .codec import decode_frame
 from .describe import TensorEntry, local_view
 from .errors import CorruptChunkError
 from .format import Chunk, Manifest
@@ -59,7 +62,11 @@ class Fetcher:
                 if view is None:
                     view = self.storage.map_range(read.object, read.start, read.stop)
                     assert view is not None
-                self._mapped(read.object, seg, view[seg.start - read.start : seg.stop - read.start])
+                part = view[seg.start - read.start : seg.stop - read.start]
+                if seg.encoded:
+                    self._decode(read.object, seg, part)
+                else:
+                    self._mapped(read.object, seg, part)
 
     # -- local files -------------------------------------------------------------------------------
 
@@ -110,6 +117,9 @@ class Fetcher:
                 at += _aligned(seg.stop - seg.start)
         self.storage.read_into_many(read.object, read.start, [as_bytes(b) for b in bufs])
         for seg, buf in zip(read.segments, bufs):
+            if seg.encoded:
+                self._decode(read.object, seg, as_bytes(buf))
+                continue
             if self.verify:
                 raw = as_bytes(buf)
                 for lo, hi, chunk, b in self._blocks(seg):
@@ -117,12 +127,40 @@ class Fetcher:
             for n in seg.needs:
                 _Rows(self._source(seg, buf, n), self._dest(n), n).upto(seg.stop)
 
-    def _scratch(self, nbytes: int) -> torch.Tensor:
-        """This thread's scratch arena, grown to ``nbytes`` and reused across reads."""
-        arena = getattr(self._tls, "arena", None)
+    def _scratch(self, nbytes: int, name: str = "arena") -> torch.Tensor:
+        """This thread's scratch arena ``name``, grown to ``nbytes`` and reused across reads."""
+        arena = getattr(self._tls, name, None)
         if arena is None or arena.numel() < nbytes:
-            arena = self._tls.arena = torch.empty(nbytes, dtype=torch.uint8)
+            arena = torch.empty(nbytes, dtype=torch.uint8)
+            setattr(self._tls, name, arena)
         return arena
+
+    # -- compressed chunks -------------------------------------------------------------------------
+
+    def _decode(self, obj: str, seg: Segment, stored: memoryview) -> None:
+        """Verify and decompress the segment's frames (consecutive frames of one chunk), then
+        copy each need out of the raw bytes."""
+        frames = sorted(seg.blocks)
+        chunk = seg.blocks[frames[0]]
+        codec, B = chunk.codec, self.manifest.block_bytes
+        assert codec is not None
+        first, last = frames[0][1], frames[-1][1] + 1
+        lo, hi = first * B, min(last * B, chunk.length)
+        raw = self._scratch(hi - lo, "decoded")[: hi - lo]
+        out = as_bytes(raw)
+        size = self.manifest.tensors[seg.needs[0].key].itemsize
+        at = chunk.offset + codec.frame_start(first)
+        for f in range(first, last):
+            s0, s1 = at - seg.start, at - seg.start + codec.frames[f]
+            piece = stored[s0:s1]
+            if self.verify:
+                self._check(obj, chunk, f, at, at + codec.frames[f], checksum(piece))
+            where = f"{self.storage.describe(obj)}: bytes [{at}, {at + codec.frames[f]}) of chunk {chunk.box}"
+            decode_frame(piece, codec, f, size, out[f * B - lo : min((f + 1) * B, chunk.length) - lo], where)
+            at += codec.frames[f]
+        decoded = Segment(chunk.offset + lo, chunk.offset + hi)
+        for n in seg.needs:
+            _Rows(self._source(decoded, raw, n), self._dest(n), n).upto(decoded.stop)
 
     # -- shared ------------------------------------------------------------------------------------
 

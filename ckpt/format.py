@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import structure
+from .codec import Codec
 from .errors import CheckpointFormatError, UnsupportedValueError
 from .regions import Box, tiling_defect
 from .values import decode, dumps, encode_checked
@@ -152,6 +153,25 @@ def check_digest(raw: bytes, doc: dict[str, Any], where: str) -> None:
         )
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` can be a sibling checkpoint under a run root (one path component,
+    not hidden, not ``_staging`` or the like, not the ``latest`` marker)."""
+    return is_contained(name) and "/" not in name and not name.startswith((".", "_")) and name != LATEST
+
+
+def ref_object(sibling: str, rel: str) -> str:
+    """How a chunk record names object ``rel`` of sibling checkpoint ``sibling``."""
+    return f"../{sibling}/{rel}"
+
+
+def split_ref(name: str) -> tuple[str, str] | None:
+    """``../<sibling>/<rel>`` -> (sibling, rel); None for an object of the checkpoint itself."""
+    if not name.startswith("../"):
+        return None
+    sibling, _, rel = name[3:].partition("/")
+    return sibling, rel
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A box of a global tensor stored row-major at ``[offset, offset+length)`` of ``object``.
@@ -164,17 +184,29 @@ class Chunk:
     box: Box
     object: str
     offset: int
-    length: int
+    length: int  # raw bytes of the box (row-major), whatever the encoding
     checksums: tuple[str, ...]
+    codec: Codec | None = None  # None: stored raw; else compressed frames (ckpt/codec.py)
+    digest: str | None = None  # content digest of the raw bytes ("blake3:<hex>"), when computed
+
+    @property
+    def stored(self) -> int:
+        """Bytes the chunk occupies in its object from ``offset``."""
+        return self.length if self.codec is None else self.codec.stored
 
     def to_json(self) -> dict:
-        return {
+        d = {
             **self.box.to_json(),
             "object": self.object,
             "offset": self.offset,
             "length": self.length,
             "checksums": list(self.checksums),
         }
+        if self.codec is not None:
+            d["codec"] = self.codec.to_json()
+        if self.digest is not None:
+            d["digest"] = self.digest
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Chunk:
@@ -183,12 +215,16 @@ class Chunk:
         checksums = _typed(d["checksums"], list, "checksums")
         for c in checksums:
             _typed(c, str, "a checksum")
+        codec = d.get("codec")
+        digest = d.get("digest")
         return cls(
             Box(_ints(d["offsets"], "offsets"), _ints(d["sizes"], "sizes")),
             _typed(d["object"], str, "object"),
             _int(d["offset"], "offset"),
             _int(d["length"], "length"),
             tuple(checksums),
+            None if codec is None else Codec.from_json(_typed(codec, dict, "codec")),
+            None if digest is None else _typed(digest, str, "digest"),
         )
 
 
@@ -258,6 +294,21 @@ class Manifest:
     created: str = ""
     structure: Any = None  # the saved nesting (ckpt.structure); None: unknown, inferred from the keys
     version: int = FORMAT_VERSION  # of the file it was read from
+    # objects of earlier checkpoints under the same run root that chunks name (as
+    # ``../<sibling>/<rel>``): sibling -> {rel: size}. Never deleted with this checkpoint.
+    refs: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def object_size(self, name: str) -> int | None:
+        """The size of an object a chunk may name (own or referenced), None if not listed."""
+        ref = split_ref(name)
+        if ref is None:
+            return self.objects.get(name)
+        return self.refs.get(ref[0], {}).get(ref[1])
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of the objects of earlier checkpoints this one references."""
+        return sum(sum(objs.values()) for objs in self.refs.values())
 
     def tree(self) -> Any:
         """The saved nesting: as recorded, or inferred from the flat keys (version 1)."""
@@ -284,6 +335,8 @@ class Manifest:
         }
         if self.structure is not None:
             doc["structure"] = self.structure
+        if self.refs:
+            doc["refs"] = self.refs
         return seal(dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -322,6 +375,9 @@ class Manifest:
         for name in self.objects:
             if not is_contained(name):
                 raise CheckpointFormatError(f"{where}: object {name!r} is not a path inside the checkpoint")
+        for sibling, objs in self.refs.items():
+            if not is_checkpoint_name(sibling) or not all(is_contained(rel) for rel in objs):
+                raise CheckpointFormatError(f"{where}: refs name {sibling!r} outside the run root")
         for key, rec in self.tensors.items():
             size = rec.itemsize
             if key in self.values:
@@ -333,11 +389,16 @@ class Manifest:
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} {c.box} lies outside shape {rec.shape}")
                 if c.length != c.box.numel * size:
                     raise CheckpointFormatError(f"{where}: {key} chunk {i} length {c.length} != box bytes")
-                if c.object not in self.objects or c.offset + c.length > self.objects[c.object]:
+                if c.codec is not None:
+                    problem = c.codec.problem(c.length, self.block_bytes, size)
+                    if problem:
+                        raise CheckpointFormatError(f"{where}: {key} chunk {i}: codec: {problem}")
+                limit = self.object_size(c.object)
+                if limit is None or c.offset < 0 or c.offset + c.stored > limit:
                     raise CheckpointFormatError(
-                        f"{where}: {key} chunk {i} bytes [{c.offset}, {c.offset + c.length}) outside object {c.object}"
+                        f"{where}: {key} chunk {i} bytes [{c.offset}, {c.offset + c.stored}) outside object {c.object}"
                     )
-                if c.offset % size:
+                if c.codec is None and c.offset % size:  # compressed frames are bytes: any offset
                     raise CheckpointFormatError(
                         f"{where}: {key} chunk {i} starts at byte {c.offset} of {c.object}, "
                         f"not a multiple of its item size {size}"
@@ -418,6 +479,11 @@ def read_v2(doc: dict[str, Any], where: str) -> Manifest:
     if not isinstance(manifest.metrics, dict):
         raise CheckpointFormatError(f"{where}: metrics must be an object of named values")
     manifest.structure = doc.get("structure")
+    refs = doc.get("refs") or {}
+    try:
+        manifest.refs = {str(s): {str(k): int(v) for k, v in objs.items()} for s, objs in refs.items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: malformed refs ({type(e).__name__}: {e})") from None
     manifest.version = 2
     return manifest
 

@@ -34,10 +34,17 @@ class ChunkSpec:
     key: str
     box: Box
     dtype: torch.dtype
+    stored: int | None = None  # encoded (compressed) bytes: a U8 entry of this many bytes in the header
 
     @property
     def nbytes(self) -> int:
         return self.box.numel * self.dtype.itemsize
+
+    def entry(self) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        """(name, dtype, shape) of its header entry: the tensor, or the encoded bytes as U8."""
+        if self.stored is not None:
+            return self.name, torch.uint8, (self.stored,)
+        return self.name, self.dtype, self.box.sizes
 
     @property
     def name(self) -> str:
@@ -103,8 +110,12 @@ def safetensors_header(tensors: Iterable[tuple[str, torch.dtype, Sequence[int]]]
 
 
 def object_header(specs: Sequence[ChunkSpec], save_id: str) -> bytes:
-    """A data object's header: its chunks in the order given, under ckpt's metadata."""
-    return safetensors_header(((s.name, s.dtype, s.box.sizes) for s in specs), {"format": "ckpt", "save_id": save_id})
+    """A data object's header: its chunks in the order given, under ckpt's metadata. An encoded
+    chunk is a U8 entry of its stored bytes (``ckpt/codec.py``; metadata ``"encoded": "zstd"``)."""
+    metadata = {"format": "ckpt", "save_id": save_id}
+    if any(s.stored is not None for s in specs):
+        metadata["encoded"] = "zstd"
+    return safetensors_header((s.entry() for s in specs), metadata)
 
 
 # -- reading -----------------------------------------------------------------------------------

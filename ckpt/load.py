@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import agree, structure
+from . import agree, refs, structure
 from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, target_view
@@ -324,7 +324,7 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
         return target_view(entry, n.piece, n.chunk.box).is_contiguous()
 
     reads = plan_reads(needs, settings, direct_ok)
-    worker = Fetcher(storage, manifest, targets, options.verify)
+    worker = Fetcher(refs.reading(storage, manifest), manifest, targets, options.verify)
     threads = max(1, min(options.io_threads, len(reads)))
     if threads == 1:
         for r in reads:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .catalog import Entry, EntryStatus, delete, latest_name, plan_gc, scan
+from .catalog import Entry, EntryStatus, collect, latest_name, plan_gc, scan
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format import LATEST
 from .load import load
@@ -58,6 +58,10 @@ class Manager:
     Create it on every rank with the same arguments. ``restore`` returns the step
     to resume at (the saved step + 1) or None for a fresh start. ``storage_options``
     (fsspec: credentials, endpoint_url) apply to listing, saving and loading.
+    ``incremental``: each save references the chunks it shares with the newest committed
+    checkpoint (the ``latest`` marker's) instead of writing them again (content digests,
+    ``SaveOptions.incremental_from``); every checkpoint still loads on its own, and retention
+    keeps what remaining checkpoints reference.
     """
 
     root: str
@@ -70,6 +74,7 @@ class Manager:
     handle_sigterm: bool = True
     preemption_deadline_s: float = 120.0
     name_format: str = "step-{step:08d}"
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         # One set of storage options (credentials, endpoint) for listing, saving and loading;
@@ -128,13 +133,18 @@ class Manager:
     ) -> SaveHandle:
         """Save now, asynchronously; the marker and retention follow its commit."""
         name = self.name_format.format(step=step)
+        options = self.save_options
+        if self.incremental:
+            base = self.latest
+            base_uri = f"{self.root.rstrip('/')}/{base}" if base not in (None, name) else None
+            options = replace(options, incremental=True, incremental_from=base_uri)
         handle = async_save(
             state_dict,
             f"{self.root.rstrip('/')}/{name}",
             step=step,
             metrics=metrics,
             metadata=metadata,
-            options=self.save_options,
+            options=options,
             process_group=self.process_group,
         )
         pending = _Pending(name, step, handle)
@@ -187,7 +197,7 @@ class Manager:
         for e in entries:
             if e.status is EntryStatus.DAMAGED:
                 log.warning("skipping %s: damaged manifest: %s", e.uri, e.error)
-            elif e.status is not EntryStatus.COMPLETE and (newest is None or order_key(e.info()) > newest):
+            elif e.status is EntryStatus.INCOMPLETE and (newest is None or order_key(e.info()) > newest):
                 log.warning("skipping %s: incomplete (no manifest; the save never committed)", e.uri)
         for e in complete:
             error = None
@@ -261,9 +271,11 @@ class Manager:
     def _apply_retention(self) -> None:
         with self._lock:
             in_flight = frozenset(self._in_flight)
-        for entry in plan_gc(self.checkpoints(), self.retention, time.time(), in_flight):
-            delete(entry, self.storage.options)
-            log.info("retention removed %s", entry.uri)
+        doomed = plan_gc(self.checkpoints(), self.retention, time.time(), in_flight)
+        if doomed:
+            kept = {e.name for e in collect(self.root, doomed, self.storage.options)}
+            for entry in doomed:
+                log.info("retention %s %s", "retired" if entry.name in kept else "removed", entry.uri)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _agree(self, flag: bool) -> bool:

@@ -6,6 +6,7 @@ state dict, so memory stays bounded by the regions they ask for.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,4 +100,4 @@ def _only(manifest: Manifest, key: str, chunk: Chunk) -> Manifest:
     """A view of the manifest where ``key`` has just ``chunk`` (to read it in isolation)."""
     rec = manifest.tensors[key]
     one = TensorRecord(rec.shape, rec.dtype_name, [chunk], rec.layout)
-    return Manifest(manifest.save_id, {key: one}, {}, manifest.objects, manifest.block_bytes)
+    return dataclasses.replace(manifest, tensors={key: one}, values={})

@@ -5,7 +5,9 @@ Per (stored chunk, target piece) it computes the element spans that cover the
 intersection, widens them to whole checksum blocks (so every byte used is
 verified), and coalesces neighbouring ranges of one object into few reads.
 A span that is exactly a whole chunk may be read straight into the target's
-memory ("direct"); the rest goes through scratch buffers.
+memory ("direct"); the rest goes through scratch buffers. A compressed chunk
+(``chunk.codec``) is read by whole frames (a frame is a checksum block): its
+segment spans the stored bytes of the frames the span touches, and is decoded.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class Segment:
     stop: int
     direct: Need | None = None
     needs: list[Need] = field(default_factory=list)
-    # blocks to verify, keyed by (chunk offset in the object, block index)
+    # blocks to verify, keyed by (chunk offset in the object, block index); of an encoded
+    # segment: the frames to verify and decode, always (they are decoded even unverified)
     blocks: dict[tuple[int, int], Chunk] = field(default_factory=dict)
+    encoded: bool = False  # stored bytes of consecutive frames of one compressed chunk
 
 
 @dataclass
@@ -97,7 +101,16 @@ def plan_reads(needs: list[Need], settings: ReadSettings, direct_ok: Callable[[N
     B = settings.block_bytes
     by_object: dict[str, list[Segment]] = {}
     for n in needs:
+        codec = n.chunk.codec
         whole = n.span.start == 0 and n.span.stop * n.itemsize == n.chunk.length
+        if codec is not None:
+            first = n.span.start * n.itemsize // B
+            last = -(-n.span.stop * n.itemsize // B)
+            start = n.chunk.offset + codec.frame_start(first)
+            seg = Segment(start, start + sum(codec.frames[first:last]), needs=[n], encoded=True)
+            seg.blocks = {(n.chunk.offset, f): n.chunk for f in range(first, last)}
+            by_object.setdefault(n.chunk.object, []).append(seg)
+            continue
         if whole and direct_ok(n):
             seg = Segment(n.chunk.offset, n.chunk.offset + n.chunk.length, direct=n)
         else:
@@ -132,6 +145,7 @@ def _merge_overlaps(segs: list[Segment]) -> list[Segment]:
                     seg.needs.append(seg.direct)
                     seg.direct = None
             prev.stop = max(prev.stop, s.stop)
+            prev.encoded = prev.encoded or s.encoded
             prev.needs.extend(s.needs)
             prev.blocks.update(s.blocks)
         else:

@@ -24,6 +24,7 @@ from .framing import ChunkSpec
 from .options import OnBusy, SaveOptions
 from .persist import persister_for
 from .plan import SavePlan, WriteItem, fingerprint, make_save_plan, rank_descriptor
+from .refs import check_base
 from .stage import BufferCache, stage
 from .storage import open_storage
 from .values import encode_checked
@@ -229,6 +230,8 @@ def _start(
         try:
             if storage.exists(MANIFEST) and not options.overwrite:
                 raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
+            if options.incremental_from is not None:
+                check_base(uri, options.incremental_from)
             for name, v in (("metrics", metrics), ("metadata", metadata)):
                 check_json_value(name, v or {})
             flat = flatten(state_dict)
@@ -245,7 +248,7 @@ def _start(
     # hold different keys), which the committer merges. Values are encoded into new JSON
     # objects (a copy): after async_save returns the caller may mutate its lists and dicts (a
     # scheduler's learning rates), and the committer must still write what was passed.
-    head = {"structure": flat.structure}
+    head: dict[str, Any] = {"structure": flat.structure, "encoding": options.encoding()}
     if rank == 0:
         head.update(_head(plan, flat.values, step, metrics, metadata, options, world))
     persister = persister_for(options)

@@ -19,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "no retention rule keeps. Without a rule every complete checkpoint is kept. The newest complete "
         "checkpoint, the one the `latest` marker names, and damaged ones are never deleted. On S3 it also "
         "aborts unfinished multipart uploads (a killed writer's parts, stored and billed but in no object): "
-        "those inside a deleted checkpoint and any older than --abort-uploads-after. Prints what it would "
+        "those inside a deleted checkpoint and any older than --abort-uploads-after. Objects that a remaining "
+        "checkpoint or a save in flight references (incremental saves) are kept: their checkpoint is retired "
+        "(no manifest, just those objects) and freed once nothing references them. Prints what it would "
         "do unless --yes.",
     )
     sp.add_argument("root", metavar="ROOT")
@@ -40,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import EntryStatus, abort_upload, delete, open_uploads, plan_gc, scan, stale_uploads
+    from ..catalog import EntryStatus, abort_upload, collect, open_uploads, plan_gc, scan, stale_uploads
     from ..options import RetentionPolicy
 
     if (args.keep_best is None) != (args.metric is None):
@@ -56,11 +58,8 @@ def run(args: argparse.Namespace) -> int:
     doomed = plan_gc(entries, policy)
     doomed_names = {e.name for e in doomed}
     uploads = stale_uploads(open_uploads(args.root), doomed, time.time(), args.abort_uploads_after * 3600)
-    done = []
-    for e in doomed:
-        if args.yes:
-            delete(e)
-        done.append(e)
+    done = list(doomed)
+    retired = {e.name for e in collect(args.root, doomed)} if args.yes else set()
     for u in uploads if args.yes else ():
         abort_upload(args.root, u)
     if args.json:
@@ -68,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "dry_run": not args.yes,
                 "deleted" if args.yes else "would_delete": [e.to_json() for e in done],
+                "retired": sorted(retired),
                 "kept": [e.to_json() for e in entries if e.name not in doomed_names],
                 "aborted_uploads" if args.yes else "would_abort_uploads": [u.to_json() for u in uploads],
             }
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     for e in done:
         why = "retention" if e.status is EntryStatus.COMPLETE else "incomplete"
         step = e.step if e.step is not None else "-"
-        print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why})")
+        kept = "; objects later checkpoints reference kept (retired)" if e.name in retired else ""
+        print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why}{kept})")
     for u in uploads:
         print(f"{'aborted' if args.yes else 'would abort'}  upload of {u.key}  (started {timestamp(u.started)})")
     freed = sum(e.size for e in done)

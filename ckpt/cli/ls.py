@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list the checkpoints under a root",
         run,
         "List the checkpoints directly under ROOT: step, status (complete; incomplete = data but no "
-        "manifest, a save that never committed; damaged = unreadable manifest), size, time, metrics.",
+        "manifest, a save that never committed; damaged = unreadable manifest; retired = deleted, keeping only "
+        "objects later checkpoints reference), size (bytes stored in its own location), shared (bytes of "
+        "earlier checkpoints' objects it references: an incremental save), time, metrics.",
     )
     sp.add_argument("root", metavar="ROOT")
     sp.add_argument("--json", action="store_true", help="print a JSON list")
@@ -32,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no checkpoints under {args.root}", file=sys.stderr)
         return EXIT_OK
-    rows = [("STEP", "STATUS", "SIZE", "CREATED", "METRICS", "NAME")]
+    rows = [("STEP", "STATUS", "SIZE", "SHARED", "CREATED", "METRICS", "NAME")]
     for e in entries:
         step = str(e.step) if e.step is not None else "-"
         name = f"{e.name}  <- latest" if e.latest else e.name
-        rows.append((step, e.status, format_size(e.size), timestamp(e.created), metrics_text(e.metrics), name))
+        shared = format_size(e.shared) if e.shared else "-"
+        rows.append(
+            (step, e.status, format_size(e.size), shared, timestamp(e.created), metrics_text(e.metrics), name)
+        )
     table(rows)
     for e in entries:
         if e.error:

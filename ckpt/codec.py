@@ -1,0 +1,195 @@
+"""Chunk encodings: byte grouping + zstd in independent frames, and the content digest of a chunk.
+
+A compressed chunk is cut into frames of ``block_bytes`` uncompressed bytes (the
+checksum blocks), each compressed on its own, so a ranged read fetches and
+decompresses only the frames it needs. Byte grouping stores a frame's bytes as
+planes (every element's byte 0, then every byte 1, ...): the sign/exponent bytes
+of floating-point values repeat far more than their mantissa bytes, which zstd
+alone does not see. A frame that does not shrink is stored raw (its stored
+length then equals its uncompressed length, which a compressed frame never has).
+Frames are compressed and digests computed on a thread pool: zstd, blake3 and
+numpy's copies release the GIL. docs/FORMAT.md ("Version 2: compression") is the
+byte-level description.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import CorruptChunkError
+
+if TYPE_CHECKING:  # imported where used: the manifest reader (Codec) needs none of them
+    import zstandard
+
+ZSTD = "zstd"
+BYTEGROUP = "bytegroup"
+DIGEST = "blake3"  # content digests: "blake3:" + 32 hex digits (the first 128 bits)
+
+_tls = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def pool() -> ThreadPoolExecutor:
+    """Threads that compress frames and hash chunks, one per core."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="ckpt-codec")
+        return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A chunk record's ``codec``: how its stored bytes encode its ``length`` raw bytes.
+
+    ``frames[i]`` is the stored size of frame i, which holds raw bytes
+    ``[i * frame_bytes, (i + 1) * frame_bytes)`` of the chunk; frames lie back to back
+    from the chunk's ``offset``.
+    """
+
+    name: str
+    transform: str | None
+    frame_bytes: int
+    frames: tuple[int, ...]
+
+    @property
+    def stored(self) -> int:
+        return sum(self.frames)
+
+    def frame_start(self, i: int) -> int:
+        """Offset of frame ``i`` from the chunk's first stored byte (``i == len(frames)``: the end)."""
+        return sum(self.frames[:i])
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "transform": self.transform, "frame_bytes": self.frame_bytes,
+                "frames": list(self.frames)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Codec:
+        """A record's ``codec``, its JSON types checked (ValueError or KeyError naming the field)."""
+        name, transform, frame_bytes, frames = d["name"], d.get("transform"), d["frame_bytes"], d["frames"]
+        if type(name) is not str or not (transform is None or type(transform) is str):
+            raise ValueError(f"codec name and transform must be strings, not {name!r}, {transform!r}")
+        if type(frame_bytes) is not int or type(frames) is not list or any(type(f) is not int for f in frames):
+            raise ValueError("codec frame_bytes and frames must be integers")
+        return cls(name, transform, frame_bytes, tuple(frames))
+
+    def problem(self, length: int, block_bytes: int, itemsize: int) -> str | None:
+        """Why this codec cannot describe a chunk of ``length`` bytes, or None."""
+        if self.name != ZSTD:
+            return f"unknown codec {self.name!r}"
+        if self.transform not in (None, BYTEGROUP):
+            return f"unknown transform {self.transform!r}"
+        if self.frame_bytes != block_bytes:
+            return f"frame_bytes {self.frame_bytes} != block_bytes {block_bytes}"
+        if self.transform == BYTEGROUP and block_bytes % itemsize:
+            return "frames do not hold whole elements"
+        if len(self.frames) != max(1, -(-length // block_bytes)):
+            return f"{len(self.frames)} frames for {length} bytes"
+        for i, f in enumerate(self.frames):
+            raw = min(block_bytes, length - i * block_bytes)
+            if not 0 < f <= raw:
+                return f"frame {i} stores {f} bytes for {raw}"
+        return None
+
+
+@dataclass
+class Encoded:
+    """A chunk's stored frames, their checksums (of the stored bytes) and its codec."""
+
+    frames: list[bytes | memoryview]
+    codec: Codec
+    checksums: tuple[str, ...]
+
+
+def digest(buf: memoryview) -> str:
+    """The content digest of a chunk's raw bytes."""
+    import blake3
+
+    return f"{DIGEST}:{blake3.blake3(buf, max_threads=1).hexdigest(16)}"
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    import zstandard
+
+    cache = getattr(_tls, "compressors", None)
+    if cache is None:
+        cache = _tls.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    import zstandard
+
+    d = getattr(_tls, "decompressor", None)
+    if d is None:
+        d = _tls.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+def _group(raw: memoryview, itemsize: int) -> memoryview:
+    """Bytes as planes: byte 0 of every element, then byte 1, ..."""
+    import numpy as np
+
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.copy()
+    return memoryview(planes).cast("B")
+
+
+def encode_frame(raw: memoryview, itemsize: int, level: int, byte_group: bool) -> bytes | memoryview:
+    """One frame's stored bytes: compressed, or ``raw`` itself if compression does not shrink it."""
+    data = _group(raw, itemsize) if byte_group else raw
+    out = _compressor(level).compress(data)
+    return out if len(out) < len(raw) else raw
+
+
+def transform_for(itemsize: int, byte_group: bool) -> str | None:
+    return BYTEGROUP if byte_group and itemsize > 1 else None
+
+
+def finish(frames: Sequence[bytes | memoryview], block_bytes: int, transform: str | None,
+           checksum) -> Encoded:
+    """The record of frames compressed by :func:`encode_frame`."""
+    codec = Codec(ZSTD, transform, block_bytes, tuple(len(f) for f in frames))
+    return Encoded(list(frames), codec, tuple(checksum(memoryview(f)) for f in frames))
+
+
+def decode_frame(stored: memoryview, codec: Codec, i: int, itemsize: int, out: memoryview, where: str) -> None:
+    """Decode frame ``i`` (its ``stored`` bytes) into ``out`` (exactly its raw size).
+
+    A frame that does not decompress to exactly ``len(out)`` bytes raises
+    CorruptChunkError naming ``where``."""
+    import numpy as np
+    import zstandard
+
+    if len(stored) == len(out):  # stored raw
+        out[:] = stored
+        return
+    try:
+        data = _decompressor().decompress(stored, max_output_size=len(out))
+    except zstandard.ZstdError as e:
+        raise CorruptChunkError(f"{where}: frame {i} does not decompress ({e})") from None
+    if len(data) != len(out):
+        raise CorruptChunkError(f"{where}: frame {i} decompresses to {len(data)} bytes, not {len(out)}")
+    if codec.transform == BYTEGROUP:
+        planes = np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1)
+        np.frombuffer(out, dtype=np.uint8).reshape(-1, itemsize)[:] = planes.T
+    else:
+        out[:] = data
+

@@ -1,0 +1,170 @@
+"""Incremental saves: chunks identical to an earlier checkpoint of the run root are referenced, not
+written; every checkpoint loads on its own, bitwise; retention, gc and overwrites keep referenced
+objects (also while a save that references them is in flight) and free them once unreferenced."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ckpt
+from ckpt import refs
+from ckpt.catalog import EntryStatus, collect, plan_gc, scan
+from ckpt.options import Compression, RetentionPolicy, SaveOptions
+from ckpt.reader import CheckpointReader
+from ckpt.storage.local import LocalStorage
+from tests.helpers import run_cli
+
+BASE = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))  # 2 MiB, frozen
+
+
+def _state(step: int) -> dict:
+    return {"base": BASE, "adapter": torch.full((8, 1024), float(step)), "step": step}
+
+
+def _own_bytes(uri: str) -> int:
+    return sum(CheckpointReader(uri).manifest.objects.values())
+
+
+def _load(uri: str) -> dict:
+    out = {"base": torch.zeros_like(BASE), "adapter": torch.zeros(8, 1024), "step": None}
+    ckpt.load(out, uri)
+    return out
+
+
+def _assert_step(uri: str, step: int) -> None:
+    out = _load(uri)
+    assert torch.equal(out["base"], BASE) and torch.equal(out["adapter"], _state(step)["adapter"]), uri
+    assert out["step"] == step
+
+
+def test_later_saves_write_only_what_changed_and_load_alone(tmp_path):
+    root = str(tmp_path)
+    m = ckpt.Manager(root, incremental=True)
+    for step in (1, 2, 3):
+        m.save(step, _state(step))
+        m.wait()
+    m.close()
+    first, third = f"{root}/step-00000001", f"{root}/step-00000003"
+    assert _own_bytes(first) > BASE.nbytes
+    assert _own_bytes(third) < 2 * _state(3)["adapter"].nbytes  # the adapter and a header
+    manifest = CheckpointReader(third).manifest
+    (chunk,) = manifest.tensors["base"].chunks
+    assert chunk.object.startswith("../step-00000001/data/") and chunk.digest.startswith("blake3:")
+    assert set(manifest.refs) == {"step-00000001"}  # not through step 2: never a chain
+    for step in (1, 2, 3):
+        _assert_step(f"{root}/step-{step:08d}", step)
+    code, out, _ = run_cli("verify", third, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["shared_chunks"] == 1 and report["shared_stored_bytes"] == BASE.nbytes
+    code, out, _ = run_cli("ls", root, "--json")
+    listed = {e["name"]: e for e in json.loads(out)}
+    assert listed["step-00000003"]["shared"] >= BASE.nbytes and listed["step-00000001"]["shared"] == 0
+
+
+def test_compressed_chunks_are_referenced_with_their_frames(tmp_path):
+    opts = SaveOptions(compression=Compression(), incremental=True)
+    state = {"w": (BASE * 0.02).to(torch.bfloat16), "a": torch.zeros(4, 4)}
+    ckpt.save(state, str(tmp_path / "a"), options=opts)
+    state["a"] += 1
+    ckpt.save(state, str(tmp_path / "b"), options=SaveOptions(compression=Compression(),
+                                                              incremental_from=str(tmp_path / "a")))
+    (w,) = CheckpointReader(str(tmp_path / "b")).manifest.tensors["w"].chunks
+    assert w.object.startswith("../a/") and w.codec is not None
+    out = {"w": torch.zeros_like(state["w"]), "a": torch.zeros(4, 4)}
+    ckpt.load(out, str(tmp_path / "b"))
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["a"], state["a"])
+
+
+def test_a_base_without_digests_or_outside_the_root_is_not_referenced(tmp_path):
+    ckpt.save(_state(1), str(tmp_path / "plain"))  # no digests recorded
+    ckpt.save(_state(2), str(tmp_path / "next"), options=SaveOptions(incremental_from=str(tmp_path / "plain")))
+    assert not CheckpointReader(str(tmp_path / "next")).manifest.refs
+    _assert_step(str(tmp_path / "next"), 2)
+    with pytest.raises(ValueError, match="under the run root"):
+        ckpt.save(_state(3), str(tmp_path / "x" / "c"), options=SaveOptions(incremental_from=str(tmp_path / "next")))
+
+
+def test_retention_retires_referenced_checkpoints_and_frees_them_later(tmp_path):
+    root = str(tmp_path)
+    m = ckpt.Manager(root, incremental=True, retention=RetentionPolicy(keep_last=1))
+    for step in (1, 2, 3):
+        m.save(step, _state(step))
+        m.wait()
+    status = {e.name: e.status for e in scan(root)}
+    assert status == {"step-00000001": EntryStatus.RETIRED, "step-00000003": EntryStatus.COMPLETE}
+    assert not os.path.exists(f"{root}/step-00000001/manifest.json")
+    _assert_step(f"{root}/step-00000003", 3)
+    global BASE
+    old, BASE = BASE, BASE + 1  # the base changes: nothing references step 1 any more
+    try:
+        m.save(4, _state(4))
+        m.wait()
+        m.close()
+        assert {e.name for e in scan(root)} == {"step-00000004"}
+        _assert_step(f"{root}/step-00000004", 4)
+    finally:
+        BASE = old
+
+
+def test_gc_keeps_objects_an_in_flight_save_declared(tmp_path):
+    root = str(tmp_path)
+    opts = SaveOptions(incremental=True)
+    ckpt.save(_state(1), f"{root}/step-00000001", step=1, options=opts)
+    ckpt.save(_state(2), f"{root}/step-00000002", step=2, options=opts)
+    obj = next(iter(CheckpointReader(f"{root}/step-00000001").manifest.objects))
+    declared = tmp_path / "step-00000003" / "_staging" / "s1" / "refs-r00000.json"
+    declared.parent.mkdir(parents=True)
+    declared.write_text(json.dumps({"refs": {"step-00000001": [obj]}}))
+    doomed = [e for e in scan(root) if e.name == "step-00000001"]
+    assert [e.name for e in collect(root, doomed)] == ["step-00000001"]
+    assert os.path.exists(f"{root}/step-00000001/{obj}") and not os.path.exists(f"{root}/step-00000001/manifest.json")
+    declared.unlink()
+    collect(root, [])
+    assert not os.path.exists(f"{root}/step-00000001")
+    _assert_step(f"{root}/step-00000002", 2)
+
+
+def test_a_save_whose_base_goes_away_writes_every_chunk(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    ckpt.save(_state(1), f"{root}/a", options=SaveOptions(incremental=True))
+    put = LocalStorage.put_atomic
+
+    def declare_then_lose_base(self, rel, data):
+        put(self, rel, data)
+        if "refs-r" in rel:  # gc deletes the base right after the declaration
+            os.unlink(f"{root}/a/manifest.json")
+
+    monkeypatch.setattr(LocalStorage, "put_atomic", declare_then_lose_base)
+    ckpt.save(_state(2), f"{root}/b", options=SaveOptions(incremental_from=f"{root}/a"))
+    manifest = CheckpointReader(f"{root}/b").manifest
+    assert not manifest.refs and _own_bytes(f"{root}/b") > BASE.nbytes
+    _assert_step(f"{root}/b", 2)
+
+
+def test_overwriting_a_referenced_checkpoint_keeps_what_others_reference(tmp_path):
+    root = str(tmp_path)
+    ckpt.save(_state(1), f"{root}/a", options=SaveOptions(incremental=True))
+    ckpt.save(_state(2), f"{root}/b", options=SaveOptions(incremental_from=f"{root}/a"))
+    other = {"base": torch.zeros_like(BASE), "adapter": torch.zeros(8, 1024), "step": 0}
+    ckpt.save(other, f"{root}/a", options=SaveOptions(overwrite=True))
+    _assert_step(f"{root}/b", 2)
+    assert torch.equal(_load(f"{root}/a")["base"], other["base"])
+
+
+def test_plan_gc_never_dooms_retired_checkpoints_again(tmp_path):
+    root = str(tmp_path)
+    m = ckpt.Manager(root, incremental=True, retention=RetentionPolicy(keep_last=1))
+    for step in (1, 2):
+        m.save(step, _state(step))
+        m.wait()
+    m.close()
+    entries = scan(root)
+    assert [e.status for e in entries] == [EntryStatus.RETIRED, EntryStatus.COMPLETE]
+    assert plan_gc(entries, RetentionPolicy(keep_last=1)) == []
+    assert refs.live_objects(LocalStorage(root)) == {
+        f"step-00000001/{o}" for o in CheckpointReader(f"{root}/step-00000002").manifest.refs["step-00000001"]
+    }
