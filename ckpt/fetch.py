@@ -56,9 +56,9 @@ class Fetcher:
             return
         view = None  # one mapping per read: mapping and unmapping cost TLB shootdowns across threads
         for seg in read.segments:
-            if seg.direct is not None:
+            if seg.direct is not None and not seg.encoded:
                 self._direct(read.object, seg, seg.direct)
-            elif seg.needs:
+            elif seg.needs or seg.direct is not None:
                 if view is None:
                     view = self.storage.map_range(read.object, read.start, read.stop)
                     assert view is not None
@@ -106,10 +106,12 @@ class Fetcher:
 
     def _remote(self, read: Read) -> None:
         bufs: list[torch.Tensor] = []
-        scratch = self._scratch(sum(_aligned(s.stop - s.start) for s in read.segments if s.direct is None))
+        scratch = self._scratch(
+            sum(_aligned(s.stop - s.start) for s in read.segments if s.direct is None or s.encoded)
+        )
         at = 0
         for seg in read.segments:
-            if seg.direct is not None:
+            if seg.direct is not None and not seg.encoded:
                 n = seg.direct
                 bufs.append(target_view(self.targets[n.key], n.piece, n.chunk.box))
             else:
@@ -138,17 +140,18 @@ class Fetcher:
     # -- compressed chunks -------------------------------------------------------------------------
 
     def _decode(self, obj: str, seg: Segment, stored: memoryview) -> None:
-        """Verify and decompress the segment's frames (consecutive frames of one chunk), then
-        copy each need out of the raw bytes."""
+        """Verify and decompress the segment's frames (consecutive frames of one chunk): straight
+        into the target for a direct one, else into an arena that each need is copied out of."""
         frames = sorted(seg.blocks)
         chunk = seg.blocks[frames[0]]
         codec, B = chunk.codec, self.manifest.block_bytes
         assert codec is not None
         first, last = frames[0][1], frames[-1][1] + 1
         lo, hi = first * B, min(last * B, chunk.length)
-        raw = self._scratch(hi - lo, "decoded")[: hi - lo]
-        out = as_bytes(raw)
-        size = self.manifest.tensors[seg.needs[0].key].itemsize
+        n = seg.direct
+        raw = self._scratch(hi - lo, "decoded")[: hi - lo] if n is None else None
+        out = as_bytes(raw) if n is None else as_bytes(target_view(self.targets[n.key], n.piece, chunk.box))
+        size = self.manifest.tensors[(n or seg.needs[0]).key].itemsize
         at = chunk.offset + codec.frame_start(first)
         for f in range(first, last):
             s0, s1 = at - seg.start, at - seg.start + codec.frames[f]
@@ -158,9 +161,11 @@ class Fetcher:
             where = f"{self.storage.describe(obj)}: bytes [{at}, {at + codec.frames[f]}) of chunk {chunk.box}"
             decode_frame(piece, codec, f, size, out[f * B - lo : min((f + 1) * B, chunk.length) - lo], where)
             at += codec.frames[f]
+        if raw is None:
+            return
         decoded = Segment(chunk.offset + lo, chunk.offset + hi)
-        for n in seg.needs:
-            _Rows(self._source(decoded, raw, n), self._dest(n), n).upto(decoded.stop)
+        for need in seg.needs:
+            _Rows(self._source(decoded, raw, need), self._dest(need), need).upto(decoded.stop)
 
     # -- shared ------------------------------------------------------------------------------------
 

@@ -107,7 +107,11 @@ def plan_reads(needs: list[Need], settings: ReadSettings, direct_ok: Callable[[N
             first = n.span.start * n.itemsize // B
             last = -(-n.span.stop * n.itemsize // B)
             start = n.chunk.offset + codec.frame_start(first)
-            seg = Segment(start, start + sum(codec.frames[first:last]), needs=[n], encoded=True)
+            stop = start + sum(codec.frames[first:last])
+            # a whole chunk into a contiguous target of its dtype: decoded straight into place
+            seg = Segment(start, stop, direct=n, encoded=True) if whole and direct_ok(n) else Segment(
+                start, stop, needs=[n], encoded=True
+            )
             seg.blocks = {(n.chunk.offset, f): n.chunk for f in range(first, last)}
             by_object.setdefault(n.chunk.object, []).append(seg)
             continue
