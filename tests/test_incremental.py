@@ -16,7 +16,7 @@ from ckpt.catalog import EntryStatus, collect, plan_gc, scan
 from ckpt.options import Compression, RetentionPolicy, SaveOptions
 from ckpt.reader import CheckpointReader
 from ckpt.storage.local import LocalStorage
-from tests.helpers import run_cli
+from tests.helpers import edit_manifest, run_cli
 
 BASE = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))  # 2 MiB, frozen
 
@@ -168,3 +168,38 @@ def test_plan_gc_never_dooms_retired_checkpoints_again(tmp_path):
     assert refs.live_objects(LocalStorage(root)) == {
         f"step-00000001/{o}" for o in CheckpointReader(f"{root}/step-00000002").manifest.refs["step-00000001"]
     }
+
+
+def test_every_tool_reads_a_compressed_incremental_checkpoint_and_a_version_1_one(tmp_path):
+    from ckpt.format import MANIFEST
+
+    root = str(tmp_path / "run")
+    opts = SaveOptions(compression=Compression(), incremental=True)
+    state = {"w": (BASE * 0.02).to(torch.bfloat16), "a": torch.arange(12.0).reshape(3, 4), "lr": 0.5}
+    ckpt.save(state, f"{root}/s1", step=1, options=opts)
+    state["a"] = state["a"] + 1
+    ckpt.save(state, f"{root}/s2", step=2, options=SaveOptions(compression=Compression(),
+                                                               incremental_from=f"{root}/s1"))
+    # a version 1 checkpoint: what this library wrote before version 2 (no structure, no digest)
+    v1 = str(tmp_path / "v1")
+    ckpt.save({"w": state["w"], "a": state["a"], "lr": 0.5}, v1)
+    edit_manifest(v1, lambda doc: [doc.update(version=1), doc.pop("structure"), doc.pop("digest")], reseal=False)
+    assert json.load(open(f"{v1}/{MANIFEST}"))["version"] == 1
+    for c in (f"{root}/s2", v1):
+        code, out, _ = run_cli("info", c, "--json")
+        assert code == 0 and json.loads(out)["tensors"]["w"]["dtype"] == "bfloat16"
+        assert run_cli("verify", c)[0] == 0
+        code, out, _ = run_cli("diff", c, f"{root}/s2")
+        assert code == 0, out
+        assert run_cli("export", c, str(tmp_path / f"hf-{os.path.basename(c)}"), "--to", "safetensors")[0] == 0
+        assert run_cli("reshard", c, str(tmp_path / f"r-{os.path.basename(c)}"), "--for-world", "2")[0] == 0
+        out = {"w": torch.zeros_like(state["w"]), "a": torch.zeros(3, 4), "lr": None}
+        ckpt.load(out, str(tmp_path / f"r-{os.path.basename(c)}"))
+        assert torch.equal(out["w"], state["w"]) and torch.equal(out["a"], state["a"]) and out["lr"] == 0.5
+    code, out, _ = run_cli("info", f"{root}/s2")
+    assert "shared" in out and "compressed" in out
+    code, _, _ = run_cli("merge", f"{root}/s2", v1, "-o", str(tmp_path / "m"), "--no-progress")
+    assert code == 0
+    merged = {"w": torch.zeros_like(state["w"]), "a": torch.zeros(3, 4), "lr": None}
+    ckpt.load(merged, str(tmp_path / "m"))
+    assert torch.equal(merged["a"], state["a"])

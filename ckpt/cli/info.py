@@ -70,6 +70,9 @@ def _info_ckpt(args: argparse.Namespace, m: Manifest) -> int:
         "block_bytes": m.block_bytes,
         "objects": len(m.objects),
         "size": size,
+        "shared": m.shared_bytes,
+        "refs": sorted(m.refs),
+        "compressed_chunks": sum(1 for r in m.tensors.values() for c in r.chunks if c.codec is not None),
         "values": m.values,
         "tensors": tensors,
     }
@@ -87,6 +90,12 @@ def _info_ckpt(args: argparse.Namespace, m: Manifest) -> int:
     print(f"topology    {topo}")
     blocks = format_size(m.block_bytes)
     print(f"storage     {format_size(size)} in {len(m.objects)} object(s), checksum blocks of {blocks}")
+    if m.refs:
+        print(f"shared      {format_size(m.shared_bytes)} in objects of {', '.join(sorted(m.refs))} (incremental)")
+    if doc["compressed_chunks"]:
+        stored = sum(c.stored for r in m.tensors.values() for c in r.chunks)
+        raw = sum(c.length for r in m.tensors.values() for c in r.chunks)
+        print(f"compressed  {doc['compressed_chunks']} chunk(s); {format_size(raw)} stored in {format_size(stored)}")
     print(f"contents    {len(tensors)} tensor(s), {format_size(nbytes)}; {len(m.values)} value(s)")
     rows = [("KEY", "SHAPE", "DTYPE", "CHUNKS", "SIZE", "LAYOUT")]
     for key, t in tensors.items():
