@@ -6,6 +6,7 @@ checkpoint continues with losses and final weights identical, bit for bit, to th
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -48,10 +49,32 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), np.random.standard_normal(), torch.rand(2)
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    """Python (with a cached gauss), numpy and torch streams continue where they were saved."""
+    draws()
+    state = {"rng": {"0": ckpt_hf.rng_state()}}
+    ckpt.save(state, str(tmp_path / "c"))
+    want = draws()
+    torch.manual_seed(9)
+    back = {"rng": {"0": ckpt_hf.rng_state()}}
+    ckpt.load(back, str(tmp_path / "c"))
+    ckpt_hf.set_rng_state(back["rng"]["0"])
+    got = draws()
+    assert got[:4] == want[:4] and same_bits(got[4], want[4])
+
+
 # --- HF Trainer ---------------------------------------------------------------------------------
 
 
-def trainer(output_dir: str, model_seed: int) -> transformers.Trainer:
+def trainer(output_dir: str, model_seed: int, **extra: Any) -> transformers.Trainer:
     class Recording(ckpt_hf.CkptTrainer):
         losses: list[torch.Tensor]
 
@@ -74,6 +97,7 @@ def trainer(output_dir: str, model_seed: int) -> transformers.Trainer:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        **extra,
     )
     t = Recording(model=tiny_llama(model_seed), args=args, train_dataset=Rows())
     t.losses = []
@@ -219,3 +243,28 @@ def test_accelerate_save_state_load_state_resume_bitwise(tmp_path):
         assert same_bits(a, b), name
     # nothing pickled: one ckpt checkpoint holds it all
     assert sorted(os.listdir(uri)) == ["data", "manifest.json"]
+
+
+# --- under DDP: two ranks, per-rank RNG and data shards -------------------------------------------
+
+
+def _ddp_trainer_rank(rank: int, world: int, root: str) -> None:
+    # what torchrun sets; the process group is already up (tests/dist.py), accelerate adopts it
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    straight = trainer(os.path.join(root, "a"), model_seed=0, ddp_backend="gloo")
+    straight.train()
+    assert straight.args.world_size == world and len(straight.losses) == 10
+    resumed = trainer(os.path.join(root, "b"), model_seed=1, ddp_backend="gloo")
+    resumed.train(resume_from_checkpoint=os.path.join(root, "a", "checkpoint-4"))
+    same_run(straight, resumed)
+
+
+@pytest.mark.dist
+def test_trainer_under_ddp_two_ranks_resumes_bitwise(tmp_path):
+    from dist import run_ranks
+
+    run_ranks(_ddp_trainer_rank, 2, str(tmp_path), timeout=900, start_method="forkserver")
+    saved = ckpt.read(str(tmp_path / "a" / "checkpoint-4" / "ckpt"))
+    assert set(saved["rng"]) == {"0", "1"}  # each rank's own RNG states
+    assert not same_bits(saved["rng"]["0"]["cpu"], saved["rng"]["1"]["cpu"])

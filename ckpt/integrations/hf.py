@@ -51,29 +51,43 @@ CKPT_DIR = "ckpt"  # the ckpt checkpoint inside a Trainer's checkpoint-<step> fo
 # --- what both share: RNG states, model and optimizer state dicts ----------------------------
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states: Python, numpy (if installed), torch CPU and every CUDA device."""
-    state: dict[str, Any] = {"python": random.getstate(), "cpu": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors: Python, numpy (if installed), torch CPU and every CUDA
+    device. Tensors, not JSON values: a checkpoint keeps every rank's tensors under per-rank keys,
+    but only rank 0's values (docs/FORMAT.md), and each process has its own streams."""
+    version, words, gauss = random.getstate()
+    state = {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "python_meta": torch.tensor([version, gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "cpu": torch.get_rng_state(),
+    }
     try:
         import numpy as np
-
-        state["numpy"] = np.random.get_state()
     except ImportError:
         pass
+    else:
+        kind, key, pos, has_gauss, cached = np.random.get_state()
+        assert kind == "MT19937", kind  # the legacy global generator's only kind
+        state["numpy"] = torch.from_numpy(key.astype(np.int64))
+        state["numpy_meta"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Undo :func:`rng_state`."""
+    version, has_gauss, gauss = state["python_meta"].tolist()
+    random.setstate((int(version), tuple(state["python"].tolist()), gauss if has_gauss else None))
     torch.set_rng_state(state["cpu"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        pos, has_gauss, cached = state["numpy_meta"].tolist()
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    cuda = [state[f"cuda_{i}"] for i in range(sum(k.startswith("cuda_") for k in state))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
