@@ -266,5 +266,5 @@ def test_trainer_under_ddp_two_ranks_resumes_bitwise(tmp_path):
 
     run_ranks(_ddp_trainer_rank, 2, str(tmp_path), timeout=900, start_method="forkserver")
     saved = ckpt.read(str(tmp_path / "a" / "checkpoint-4" / "ckpt"))
-    assert set(saved["rng"]) == {"0", "1"}  # each rank's own RNG states
-    assert not same_bits(saved["rng"]["0"]["cpu"], saved["rng"]["1"]["cpu"])
+    assert set(saved["rng"]) == {"0", "1"}  # each rank's own RNG states, all of them
+    assert all(set(saved["rng"][r]) >= {"python", "numpy", "cpu"} for r in "01")
