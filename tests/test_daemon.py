@@ -347,6 +347,28 @@ def test_tcp_with_token_streams_the_snapshot(tmp_path, daemons, monkeypatch):
 
 
 @pytest.mark.daemon
+def test_daemon_compresses_and_references_as_the_options_say(tmp_path, daemons):
+    """The encoding travels in the job's head: the daemon compresses and writes only what changed."""
+    from ckpt.options import Compression
+
+    root = tmp_path / "run"
+    weights = (torch.randn(256, 256, generator=torch.Generator().manual_seed(31)) * 0.02).to(torch.bfloat16)
+    state = {"w": weights, "adapter": torch.zeros(4, 256)}
+    ckpt.async_save(state, str(root / "s1"), options=SaveOptions(
+        daemon=daemons.b.address, compression=Compression(), incremental=True)).wait()
+    state["adapter"] += 1
+    ckpt.async_save(state, str(root / "s2"), options=SaveOptions(
+        daemon=daemons.b.address, compression=Compression(), incremental_from=str(root / "s1"))).wait()
+    m = manifest_of(str(root / "s2"))
+    (w,) = m.tensors["w"].chunks
+    assert w.object.startswith("../s1/") and w.codec is not None and set(m.refs) == {"s1"}
+    assert not m.tensors["adapter"].chunks[0].object.startswith("../")
+    out = {"w": torch.zeros_like(weights), "adapter": torch.zeros(4, 256)}
+    ckpt.load(out, str(root / "s2"))
+    assert torch.equal(out["w"], weights) and torch.equal(out["adapter"], state["adapter"])
+
+
+@pytest.mark.daemon
 def test_tcp_streams_parts_over_4_mib_and_a_large_head(tmp_path, daemons, monkeypatch):
     """gRPC refuses messages over 4 MiB unless both sides raise the limit: a rank's snapshot
     of several MiB and a head (JSON values) of several MiB must both cross, in pieces."""
