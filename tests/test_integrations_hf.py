@@ -268,3 +268,23 @@ def test_trainer_under_ddp_two_ranks_resumes_bitwise(tmp_path):
     saved = ckpt.read(str(tmp_path / "a" / "checkpoint-4" / "ckpt"))
     assert set(saved["rng"]) == {"0", "1"}  # each rank's own RNG states, all of them
     assert all(set(saved["rng"][r]) >= {"python", "numpy", "cpu"} for r in "01")
+
+
+def _accelerate_rank(rank: int, world: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    uri = os.path.join(root, "step-2")
+    straight, model = accelerate_run(6, model_seed=0, save=uri, save_at=2)
+    resumed, model2 = accelerate_run(6, model_seed=1, resume=uri)
+    assert len(straight) == 6 and len(resumed) == 4
+    assert all(same_bits(a, b) for a, b in zip(straight[2:], resumed)), (straight[2:], resumed)
+    assert all(same_bits(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+@pytest.mark.dist
+def test_accelerate_two_processes_resume_bitwise(tmp_path):
+    from dist import run_ranks
+
+    run_ranks(_accelerate_rank, 2, str(tmp_path), timeout=900, start_method="forkserver")
+    saved = ckpt.read(str(tmp_path / "step-2"))
+    assert set(saved["rng"]) == {"0", "1"}

@@ -15,7 +15,9 @@ checkpoints still writes transformers' own files, for ``from_pretrained``.
 the pair: every prepared model, optimizer, scheduler and data loader, the grad scaler, objects
 registered with ``register_for_checkpointing`` and every process's RNG states, in one ckpt
 checkpoint. Resuming mid-epoch stays the loop's business, as with accelerate: load, then
-``accelerator.skip_first_batches``.
+``accelerator.skip_first_batches``. For bitwise resumes give the data loader its own
+``generator=``: creating an iterator otherwise draws from torch's global RNG, which the resumed
+run does at another point of the stream than the saved one did.
 
 transformers and accelerate are imported here only, so ``import ckpt`` needs neither.
 """
