@@ -32,6 +32,9 @@ from .storage import DelegatingStorage, Storage, open_storage
 log = logging.getLogger("ckpt.refs")
 
 DECLARATION = "refs-r{rank:05d}.json"
+# Smaller chunks are written again rather than referenced: rewriting them costs next to nothing,
+# while a reference keeps the whole object that holds them alive.
+MIN_REF_BYTES = 4096
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -125,7 +128,7 @@ def reuse(
     held: dict[str, dict[str, int]] = {}
     for i, (spec, digest) in enumerate(zip(specs, digests)):
         rec = base.tensors.get(spec.key)
-        if digest is None or rec is None or rec.dtype != spec.dtype:
+        if digest is None or rec is None or rec.dtype != spec.dtype or spec.nbytes < MIN_REF_BYTES:
             continue
         for c in _base_chunks(rec, spec):
             if c.digest != digest or c.length != spec.nbytes:
