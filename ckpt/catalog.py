@@ -207,6 +207,16 @@ def collect(root: str, doomed: list[Entry], storage_options: dict[str, Any] | No
     return kept
 
 
+def would_retire(root: str, doomed: list[Entry], storage_options: dict[str, Any] | None = None) -> set[str]:
+    """Names of the ``doomed`` checkpoints that :func:`collect` would retire (keep objects of)
+    rather than remove, as things stand: what a dry run reports."""
+    names = frozenset(e.name for e in doomed)
+    live = live_objects(open_storage(root, **(storage_options or {})), excluding=names)
+    if live is None:
+        return set(names)
+    return {n for n in names if any(ref.startswith(f"{n}/") for ref in live)}
+
+
 def _sweep(storage: FsspecStorage, name: str, live: set[str] | None) -> bool:
     """Delete the files of a checkpoint that has no manifest any more, keeping the objects
     named in ``live`` (all of them if ``live`` is None: unknown); True if some are kept."""

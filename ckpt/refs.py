@@ -156,12 +156,13 @@ def reuse(
     return found, held
 
 
-def live_objects(root: Storage) -> set[str] | None:
+def live_objects(root: Storage, excluding: frozenset[str] = frozenset()) -> set[str] | None:
     """Every object (``<checkpoint>/<rel>``) under ``root`` that a manifest or an in-flight
     save's declaration references; None if some manifest's ``refs`` or a declaration cannot
     be read (nothing is then known to be free). A manifest that is not JSON at all loads
     nowhere and references nothing. Declarations are read before manifests: a save that commits
-    meanwhile is seen in one or the other."""
+    meanwhile is seen in one or the other. ``excluding``: checkpoints whose manifests do not
+    count (a dry run's view of what deleting them would leave)."""
     root.invalidate()
     names = [n for n in root.listdir("") if is_checkpoint_name(n)]
     live: set[str] = set()
@@ -177,6 +178,8 @@ def live_objects(root: Storage) -> set[str] | None:
                         return None
                     live.update(f"{s}/{r}" for s, rels in doc["refs"].items() for r in rels)
     for n in names:
+        if n in excluding:
+            continue
         try:
             doc = json.loads(root.read_bytes(f"{n}/{MANIFEST}"))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

@@ -203,3 +203,21 @@ def test_every_tool_reads_a_compressed_incremental_checkpoint_and_a_version_1_on
     merged = {"w": torch.zeros_like(state["w"]), "a": torch.zeros(3, 4), "lr": None}
     ckpt.load(merged, str(tmp_path / "m"))
     assert torch.equal(merged["a"], state["a"])
+
+
+def test_gc_dry_run_says_which_checkpoints_it_would_retire(tmp_path):
+    root = str(tmp_path)
+    opts = SaveOptions(incremental=True)
+    ckpt.save(_state(1), f"{root}/step-00000001", step=1, options=opts)
+    ckpt.save(_state(2), f"{root}/step-00000002", step=2, options=SaveOptions(incremental_from=f"{root}/step-00000001"))
+    ckpt.save(_state(3), f"{root}/step-00000003", step=3, options=SaveOptions(incremental_from=f"{root}/step-00000002"))
+    code, out, _ = run_cli("gc", root, "--keep-last", "1", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["would_retire"] == ["step-00000001"]
+    assert sorted(e["name"] for e in report["would_delete"]) == ["step-00000001", "step-00000002"]
+    code, out, _ = run_cli("gc", root, "--keep-last", "1", "--yes", "--json")
+    assert json.loads(out)["retired"] == ["step-00000001"]
+    assert {e.name: e.status for e in scan(root)} == {
+        "step-00000001": EntryStatus.RETIRED, "step-00000003": EntryStatus.COMPLETE
+    }
+    _assert_step(f"{root}/step-00000003", 3)

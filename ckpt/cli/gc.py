@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..catalog import EntryStatus, abort_upload, collect, open_uploads, plan_gc, scan, stale_uploads
+    from ..catalog import EntryStatus, abort_upload, collect, open_uploads, plan_gc, scan, stale_uploads, would_retire
     from ..options import RetentionPolicy
 
     if (args.keep_best is None) != (args.metric is None):
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     doomed_names = {e.name for e in doomed}
     uploads = stale_uploads(open_uploads(args.root), doomed, time.time(), args.abort_uploads_after * 3600)
     done = list(doomed)
-    retired = {e.name for e in collect(args.root, doomed)} if args.yes else set()
+    retired = {e.name for e in collect(args.root, doomed)} if args.yes else would_retire(args.root, doomed)
     for u in uploads if args.yes else ():
         abort_upload(args.root, u)
     if args.json:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "dry_run": not args.yes,
                 "deleted" if args.yes else "would_delete": [e.to_json() for e in done],
-                "retired": sorted(retired),
+                "retired" if args.yes else "would_retire": sorted(retired),
                 "kept": [e.to_json() for e in entries if e.name not in doomed_names],
                 "aborted_uploads" if args.yes else "would_abort_uploads": [u.to_json() for u in uploads],
             }
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     for e in done:
         why = "retention" if e.status is EntryStatus.COMPLETE else "incomplete"
         step = e.step if e.step is not None else "-"
-        kept = "; objects later checkpoints reference kept (retired)" if e.name in retired else ""
+        kept = "; keeping the objects later checkpoints reference (retired)" if e.name in retired else ""
         print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why}{kept})")
     for u in uploads:
         print(f"{'aborted' if args.yes else 'would abort'}  upload of {u.key}  (started {timestamp(u.started)})")
