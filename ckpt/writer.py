@@ -36,6 +36,10 @@ class CheckpointWriter:
 
     def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 64 << 20) -> None:
         self.options = options or SaveOptions()
+        if self.options.compression is not None or self.options.incremental:
+            # it streams chunks in bounded memory; an encoded object's header needs every stored size first
+            raise ValueError("CheckpointWriter writes raw chunks: compression and incremental saves are "
+                             "options of ckpt.save / ckpt.async_save")
         self.storage = open_storage(uri, **self.options.storage_options)
         if self.storage.exists(MANIFEST) and not self.options.overwrite:
             raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")

@@ -161,3 +161,11 @@ def test_a_reader_refuses_a_codec_it_cannot_follow(tmp_path, change, problem):
     edit_manifest(uri, lambda doc: change(doc["tensors"]["w"]["chunks"][0]["codec"]))
     with pytest.raises(CheckpointFormatError, match=problem):
         CheckpointReader(uri)
+
+
+def test_the_offline_writer_refuses_options_it_cannot_honour(tmp_path):
+    from ckpt.writer import CheckpointWriter
+
+    for opts in (SaveOptions(compression=Compression()), SaveOptions(incremental=True)):
+        with pytest.raises(ValueError, match="ckpt.save"):
+            CheckpointWriter(str(tmp_path / "c"), opts)
