@@ -236,7 +236,7 @@ def _report_lost(job: PersistJob, error: BaseException) -> None:
         if job.rank == 0:
             safe = json.loads(job.storage.read_bytes(MANIFEST)).get("save_id") == job.save_id
         else:
-            safe = job.storage.exists(rank_index_name(job.save_id, job.rank))
+            safe = job.storage.exists(rank_index_name(job.save_id, job.rank, job.world_size))
         if safe:
             return
     except Exception:

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 
 from .errors import UnsupportedValueError
-from .regions import Box, Runs, Shape, chunk_bounds, concat_runs, flat_range_to_boxes, runs_length, select_runs
+from .regions import Box, Runs, Shape, cut_runs, flat_range_to_boxes, runs_length
 from .values import encode, encode_checked, unsupported
 
 
@@ -97,6 +97,10 @@ class TensorEntry:
     global_shape: Shape
     pieces: tuple[Piece, ...]
     layout: str
+    # A DTensor's (mesh shape, global rank at each mesh position) and placements as JSON strings
+    # (``placement_json``): enough for any rank to compute every rank's pieces (ckpt/rules.py).
+    mesh: tuple[Shape, tuple[int, ...]] | None = None
+    placements: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,20 +129,20 @@ def describe_tensor(key: str, value: Any) -> TensorEntry:
 
 def _describe_dtensor(key: str, dt: DTensor) -> TensorEntry:
     shape = tuple(dt.shape)
-    local_shape, pieces, layout = _dtensor_layout(key, shape, dt.device_mesh, tuple(dt.placements))
+    local_shape, pieces, layout, rule = _dtensor_layout(key, shape, dt.device_mesh, tuple(dt.placements))
     with torch.no_grad():  # a view of the local shard, without autograd bookkeeping
         local = dt.to_local()
     if tuple(local.shape) != local_shape:
         raise UnsupportedValueError(f"{key}: local shape {tuple(local.shape)} does not match its placements")
-    return TensorEntry(key, local, shape, pieces, layout)
+    return TensorEntry(key, local, shape, pieces, layout, *rule)
 
 
-_layouts: dict[tuple, tuple[Shape, tuple[Piece, ...], str]] = {}
+_layouts: dict[tuple, tuple[Shape, tuple[Piece, ...], str, tuple]] = {}
 
 
-def _dtensor_layout(key: str, shape: Shape, mesh, placements: tuple) -> tuple[Shape, tuple[Piece, ...], str]:
-    """(local shape, pieces, description) of this rank's shard, cached: the same
-    layout recurs for every save, and computing it costs ~0.1 ms a tensor."""
+def _dtensor_layout(key: str, shape: Shape, mesh, placements: tuple) -> tuple[Shape, tuple[Piece, ...], str, tuple]:
+    """(local shape, pieces, description, (mesh, placements as JSON)) of this rank's shard,
+    cached: the same layout recurs for every save, and computing it costs ~0.1 ms a tensor."""
     cache_key = (shape, mesh, placements)
     found = _layouts.get(cache_key)
     if found is not None:
@@ -147,9 +151,24 @@ def _dtensor_layout(key: str, shape: Shape, mesh, placements: tuple) -> tuple[Sh
     if coord is None:
         raise UnsupportedValueError(f"{key}: this rank is not in the DTensor's mesh {mesh}")
     local_shape, pieces = dtensor_pieces(key, shape, tuple(mesh.shape), tuple(coord), placements)
-    found = (local_shape, pieces, f"DTensor(mesh={tuple(mesh.shape)}, placements={placements})")
+    names = tuple(placement_json(p) for p in placements)
+    rule = ((tuple(mesh.shape), tuple(mesh.mesh.flatten().tolist())), names) if None not in names else (None, ())
+    found = (local_shape, pieces, f"DTensor(mesh={tuple(mesh.shape)}, placements={placements})", rule)
     _layouts[cache_key] = found
     return found
+
+
+def placement_json(p: Placement) -> str | None:
+    """A placement as a JSON string: ``R``, ``S<dim>``, ``S<dim>/<split factor>`` (``_StridedShard``),
+    as rules store it (ckpt/rules.py); None for one that has no such form."""
+    kind = type(p)
+    if kind is Replicate:
+        return "R"
+    if kind is Shard:
+        return f"S{p.dim}"
+    if kind is _StridedShard:
+        return f"S{p.dim}/{int(p.split_factor)}"
+    return None
 
 
 def dtensor_pieces(
@@ -175,17 +194,8 @@ def dtensor_pieces(
             raise UnsupportedValueError(
                 f"{key}: placement {p!r} on mesh dim {mesh_dim} {why}; redistribute to Shard/Replicate before saving"
             )
-        d, parts, index = p.dim, mesh_shape[mesh_dim], coord[mesh_dim]
-        held = runs[d]
-        if kind is Shard:
-            runs[d] = select_runs(held, *chunk_bounds(runs_length(held), parts, index))
-            continue
-        split, cut = int(p.split_factor), []
-        for j in range(split):
-            lo, hi = chunk_bounds(runs_length(held), split, j)
-            a, b = chunk_bounds(hi - lo, parts, index)
-            cut.append(select_runs(held, lo + a, lo + b))
-        runs[d] = concat_runs(cut)
+        split = 0 if kind is Shard else int(p.split_factor)
+        runs[p.dim] = cut_runs(runs[p.dim], mesh_shape[mesh_dim], coord[mesh_dim], split)
     local_shape = tuple(runs_length(r) for r in runs)
     if 0 in local_shape:
         offsets = tuple(r[0][0] if r else n for r, n in zip(runs, shape))

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from . import codec, refs
-from .commit import add_records, commit, report_failure, wait_committed, write_rank_index
-from .format import DATA_DIR, Chunk, dtype_name
+from .commit import add_records, commit, report_failure, wait_committed, write_object_index, write_rank_index
+from .format import Chunk, dtype_name, object_name
 from .framing import ChunkSpec, as_bytes, block_checksums, checksum, frame_order, object_header, write_all
 from .storage import Storage
 
@@ -169,10 +169,6 @@ def write_object(
     return w.records
 
 
-def object_name(save_id: str, rank: int) -> str:
-    return f"{DATA_DIR}/{save_id}-r{rank:05d}.safetensors"
-
-
 @dataclass(frozen=True)
 class Encoding:
     """How a rank stores its chunks beyond raw bytes; JSON in the job's head (``"encoding"``),
@@ -271,16 +267,20 @@ def write_rank(
     block_bytes: int,
     extra: dict[str, Any] | None = None,
     timings: Timings | None = None,
+    world: int = 1,
 ) -> None:
-    """Persist this rank's chunks and then its index (the durability marker).
+    """Persist this rank's chunks, then the object's index (the chunk records of the rule
+    tensors ``extra["index_keys"]`` lists), then the rank's staging index (the durability marker).
 
     With ``extra["encoding"]`` (:class:`Encoding`), digests come first: chunks identical
     to the base checkpoint's are referenced (declared in staging before anything relies on
-    them, :func:`ckpt.refs.reuse`), and only the others are written, compressed or not."""
+    them, :func:`ckpt.refs.reuse`), and only the others are written, compressed or not.
+    (A save with a base stores no tensor by rule: a referenced chunk lies in another object.)"""
     timings = timings if timings is not None else Timings()
     extra = dict(extra or {})
     enc = Encoding.from_json(extra.pop("encoding", None))
-    index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}}
+    index_keys = set(extra.pop("index_keys", ()))
+    index: dict[str, Any] = {"rank": rank, "objects": {}, "chunks": {}, "bytes": 0}
     digests: list[str | None] = [None] * len(chunks)
     if enc.digests and chunks:
         with timings.phase("serialize"):
@@ -292,15 +292,18 @@ def write_rank(
             index["refs"] = held
     fresh = [i for i in range(len(chunks)) if i not in reused]
     if fresh:
-        rel = object_name(save_id, rank)
+        rel = object_name(save_id, rank, world)
         specs, records = write_chunks(
             storage, rel, [chunks[i] for i in fresh], [digests[i] for i in fresh], save_id, block_bytes, enc, timings
         )
-        add_records(index, rel, specs, records)
+        add_records(index, rel, specs, records, index_keys)
+        if index_keys:
+            write_object_index(storage, save_id, rel, index)
     for i, rec in sorted(reused.items()):
         index["chunks"].setdefault(chunks[i].spec.key, []).append(rec.to_json())
+        index["bytes"] += rec.length
     index.update(extra)
-    write_rank_index(storage, save_id, rank, index)
+    write_rank_index(storage, save_id, rank, index, world)
 
 
 @dataclass
@@ -321,7 +324,7 @@ class PersistJob:
 def persist_rank(job: PersistJob, timings: Timings) -> None:
     """Write the rank's data and index; rank 0 then commits, the others wait for it."""
     try:
-        write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, job.head, timings)
+        write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, job.head, timings, job.world_size)
     except BaseException as e:
         report_failure(job.storage, job.save_id, job.rank, e)
         raise
@@ -329,4 +332,4 @@ def persist_rank(job: PersistJob, timings: Timings) -> None:
         if job.rank == 0:
             commit(job.storage, job.save_id, job.world_size, job.commit_timeout_s)
         else:
-            wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s)
+            wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s, job.world_size)

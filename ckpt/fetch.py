@@ -181,7 +181,8 @@ class Fetcher:
 
     def _check(self, obj: str, chunk: Chunk, b: int, lo: int, hi: int, digest: str) -> None:
         if digest != chunk.checksums[b]:
-            key = next((k for k, r in self.manifest.tensors.items() if chunk in r.chunks), "?")
+            tensors = self.manifest.tensors
+            key = next((k for k in self.targets if k in tensors and chunk in tensors[k].chunks_in(chunk.box)), "?")
             raise CorruptChunkError(
                 f"{self.storage.describe(obj)}: bytes [{lo}, {hi}) of {key} chunk {chunk.box} "
                 f"do not match their checksum (block {b})"

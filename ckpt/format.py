@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,37 @@ LATEST = "latest"  # a run root's marker naming its newest committed checkpoint 
 CHECKSUM_ALGORITHM = "xxh3-64"
 DIGEST_ALGORITHM = "sha256"  # of the manifest itself (the ``digest`` field)
 MAX_INT = (1 << 63) - 1  # every count, size and offset of a manifest fits a signed 64-bit integer
+RANK = "{rank}"  # in a manifest's ``rank_objects``: the writer rank, 5+ decimal digits
+SPREAD = "{spread}"  # in ``rank_objects``: the rank modulo SPREAD_PREFIXES, 2 digits
+SPREAD_PREFIXES = 64  # saves of more ranks put their objects under this many key prefixes
+SPREAD_ABOVE = 64
+
+
+def spread_prefix(rank: int, world: int) -> str:
+    """``"NN/"`` (the rank modulo 64) in a save of more than 64 ranks, else ``""``: thousands of
+    ranks writing at once spread their requests over 64 key prefixes, which an object store
+    can partition (S3's request limits are per partitioned prefix)."""
+    return f"{rank % SPREAD_PREFIXES:02d}/" if world > SPREAD_ABOVE else ""
+
+
+def object_name(save_id: str, rank: int, world: int = 1) -> str:
+    """The data object a rank of ``ckpt.save`` writes."""
+    return f"{DATA_DIR}/{spread_prefix(rank, world)}{save_id}-r{rank:05d}.safetensors"
+
+
+def object_pattern(save_id: str, world: int) -> str:
+    """``object_name`` for every rank at once: a manifest's ``rank_objects``."""
+    spread = f"{SPREAD}/" if world > SPREAD_ABOVE else ""
+    return f"{DATA_DIR}/{spread}{save_id}-r{RANK}.safetensors"
+
+
+def rank_object(pattern: str, rank: int) -> str:
+    return pattern.replace(SPREAD, f"{rank % SPREAD_PREFIXES:02d}").replace(RANK, f"{rank:05d}")
+
+
+def index_name(obj: str) -> str:
+    """The chunk index written beside data object ``obj`` (Version 2: object indexes)."""
+    return obj.removesuffix(".safetensors") + ".index.json"
 
 # manifest name (also the torch attribute: torch.<name>) -> (safetensors code, bytes per element).
 # Plain names, so reading a manifest needs no torch (the CLI lists checkpoints without it).
@@ -228,14 +260,94 @@ class Chunk:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class Mesh:
+    """A device mesh as a save saw it: its shape and the save group's rank at each position
+    (row-major). Compared and hashed by identity: it keys caches, and lists up to W ranks."""
+
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "ranks": list(self.ranks)}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Mesh:
+        _typed(d, dict, "a mesh")
+        mesh = cls(_ints(d["shape"], "mesh shape"), _ints(d["ranks"], "mesh ranks"))
+        if not mesh.shape or math.prod(mesh.shape) != len(mesh.ranks) or 0 in mesh.shape:
+            raise ValueError(f"a mesh of shape {list(mesh.shape)} lists {len(mesh.ranks)} ranks")
+        return mesh
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A tensor stored by rule (ckpt/rules.py): the layout it was saved in. Its chunks are
+    computable; their records live in the writers' object indexes (ckpt/indexes.py)."""
+
+    meshes: tuple[int, ...]  # indexes into the manifest's ``meshes``: one per copy (replica group)
+    placements: tuple[str, ...]
+    chunk_bytes: int
+
+    def to_json(self) -> dict:
+        return {"meshes": list(self.meshes), "placements": list(self.placements), "chunk_bytes": self.chunk_bytes}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Rule:
+        _typed(d, dict, "a rule")
+        names = tuple(_typed(p, str, "a placement") for p in _typed(d["placements"], list, "placements"))
+        return cls(_ints(d["meshes"], "rule meshes"), names, _int(d["chunk_bytes"], "chunk_bytes", lo=1))
+
+
+class LazyChunks(Sequence):
+    """The chunk list of a rule tensor, read from object indexes on first use. The load path
+    asks ``TensorRecord.chunks_in`` instead, which reads only the indexes a region needs."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.source: Any = None  # ckpt.indexes.IndexSource, set by Manifest.bind
+        self._all: list[Chunk] | None = None
+
+    def resolve(self) -> Any:
+        if self.source is None:
+            raise CheckpointFormatError(
+                f"{self.key}: stored by rule; its chunk records are in object indexes, which a manifest "
+                "not bound to its storage cannot read (ckpt.locate.read_manifest binds it)"
+            )
+        return self.source
+
+    def _list(self) -> list[Chunk]:
+        if self._all is None:
+            self._all = self.resolve().all_chunks(self.key)
+        return self._all
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return iter(self._list())
+
+
 @dataclass
 class TensorRecord:
-    """A stored tensor: global shape, dtype (its manifest name) and chunks."""
+    """A stored tensor: global shape, dtype (its manifest name) and chunks (or, Version 2, the
+    rule that computes them)."""
 
     shape: tuple[int, ...]
     dtype_name: str  # a key of DTYPES; ``dtype`` is the torch dtype
-    chunks: list[Chunk]
+    chunks: Sequence[Chunk]  # a list, or LazyChunks for a rule tensor
     layout: str = ""  # how it was sharded at save time; informational
+    rule: Rule | None = None
+
+    def chunks_in(self, box: Box) -> list[Chunk]:
+        """The stored chunks intersecting ``box``; for a rule tensor, read from the indexes of
+        just the objects that hold them."""
+        if isinstance(self.chunks, LazyChunks):
+            return self.chunks.resolve().chunks_in(self.chunks.key, box)
+        return [c for c in self.chunks if c.box.intersect(box) is not None]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -246,21 +358,24 @@ class TensorRecord:
         return DTYPES[self.dtype_name][1]
 
     def to_json(self) -> dict:
-        d: dict[str, Any] = {
-            "shape": list(self.shape),
-            "dtype": self.dtype_name,
-            "chunks": [c.to_json() for c in self.chunks],
-        }
+        d: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype_name}
+        if self.rule is not None:
+            d["rule"] = self.rule.to_json()
+        else:
+            d["chunks"] = [c.to_json() for c in self.chunks]
         if self.layout:
             d["layout"] = self.layout
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> TensorRecord:
+    def from_json(cls, d: dict, key: str = "") -> TensorRecord:
         _typed(d, dict, "a tensor record")
         dtype = _typed(d["dtype"], str, "dtype")
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {_show(dtype)}")
+        if "rule" in d:
+            layout = _typed(d.get("layout", ""), str, "layout")
+            return cls(_ints(d["shape"], "shape"), dtype, LazyChunks(key), layout, Rule.from_json(d["rule"]))
         chunks = []
         for i, c in enumerate(_typed(d["chunks"], list, "chunks")):
             try:
@@ -297,6 +412,30 @@ class Manifest:
     # objects of earlier checkpoints under the same run root that chunks name (as
     # ``../<sibling>/<rel>``): sibling -> {rel: size}. Never deleted with this checkpoint.
     refs: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Version 2, rule tensors: the meshes their rules name, the data object of a writer rank
+    # (``rank_object``), and each data object's index: {"index": path, "digest": xxh3 hex}.
+    meshes: list[Mesh] = field(default_factory=list)
+    rank_objects: str = ""
+    indexes: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def bind(self, storage: Any) -> Manifest:
+        """Let rule tensors read their chunk records from ``storage`` (the checkpoint's location)."""
+        lazy = [rec.chunks for rec in self.tensors.values() if isinstance(rec.chunks, LazyChunks)]
+        if lazy:
+            from .indexes import IndexSource
+
+            source = IndexSource(storage, self)
+            for chunks in lazy:
+                chunks.source = source
+        return self
+
+    def grid_of(self, rec: TensorRecord) -> tuple[Any, list[Mesh]]:
+        """The ``rules.Grid`` of a rule tensor and the meshes its copies live on."""
+        from .rules import grid
+
+        assert rec.rule is not None
+        meshes = [self.meshes[m] for m in rec.rule.meshes]
+        return grid(tuple(rec.shape), meshes[0].shape, rec.rule.placements), meshes
 
     def object_size(self, name: str) -> int | None:
         """The size of an object a chunk may name (own or referenced), None if not listed."""
@@ -337,11 +476,18 @@ class Manifest:
             doc["structure"] = self.structure
         if self.refs:
             doc["refs"] = self.refs
+        if self.meshes:
+            doc["meshes"] = [m.to_json() for m in self.meshes]
+        if self.rank_objects:
+            doc["rank_objects"] = self.rank_objects
+        if self.indexes:
+            doc["indexes"] = self.indexes
         return seal(dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
-    def from_json_bytes(cls, raw: bytes, where: str) -> Manifest:
-        """Parse, dispatch on ``version`` to that version's reader, and validate."""
+    def from_json_bytes(cls, raw: bytes, where: str, storage: Any = None) -> Manifest:
+        """Parse, dispatch on ``version`` to that version's reader, and validate; with the
+        checkpoint's ``storage``, rule tensors can read their object indexes (``bind``)."""
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -359,7 +505,7 @@ class Manifest:
             check_digest(raw, doc, where)
         manifest = reader(doc, where)
         manifest.validate(where)
-        return manifest
+        return manifest if storage is None else manifest.bind(storage)
 
     def validate(self, where: str) -> None:
         """Structural checks that make later reads safe: chunks inside their
@@ -378,33 +524,24 @@ class Manifest:
         for sibling, objs in self.refs.items():
             if not is_checkpoint_name(sibling) or not all(is_contained(rel) for rel in objs):
                 raise CheckpointFormatError(f"{where}: refs name {sibling!r} outside the run root")
+        for obj, entry in self.indexes.items():
+            if obj not in self.objects or entry.get("index") not in self.objects:
+                raise CheckpointFormatError(f"{where}: the index of {obj!r} or the object itself is not listed")
+            if not re.fullmatch(r"[0-9a-f]{16}", entry.get("digest", "")):
+                raise CheckpointFormatError(f"{where}: the index of {obj!r} has no valid digest")
         for key, rec in self.tensors.items():
             size = rec.itemsize
             if key in self.values:
                 raise CheckpointFormatError(f"{where}: {key} is both a tensor and a value")
             if math.prod(rec.shape) * size > MAX_INT:
                 raise CheckpointFormatError(f"{where}: {key}: shape {list(rec.shape)} is too large")
+            if rec.rule is not None:
+                self._validate_rule(key, rec, where)
+                continue
             for i, c in enumerate(rec.chunks):
-                if not c.box.fits_in(rec.shape):
-                    raise CheckpointFormatError(f"{where}: {key} chunk {i} {c.box} lies outside shape {rec.shape}")
-                if c.length != c.box.numel * size:
-                    raise CheckpointFormatError(f"{where}: {key} chunk {i} length {c.length} != box bytes")
-                if c.codec is not None:
-                    problem = c.codec.problem(c.length, self.block_bytes, size)
-                    if problem:
-                        raise CheckpointFormatError(f"{where}: {key} chunk {i}: codec: {problem}")
-                limit = self.object_size(c.object)
-                if limit is None or c.offset < 0 or c.offset + c.stored > limit:
-                    raise CheckpointFormatError(
-                        f"{where}: {key} chunk {i} bytes [{c.offset}, {c.offset + c.stored}) outside object {c.object}"
-                    )
-                if c.codec is None and c.offset % size:  # compressed frames are bytes: any offset
-                    raise CheckpointFormatError(
-                        f"{where}: {key} chunk {i} starts at byte {c.offset} of {c.object}, "
-                        f"not a multiple of its item size {size}"
-                    )
-                if len(c.checksums) != max(1, -(-c.length // self.block_bytes)):
-                    raise CheckpointFormatError(f"{where}: {key} chunk {i} has a wrong number of checksums")
+                problem = self.chunk_problem(rec, c)
+                if problem:
+                    raise CheckpointFormatError(f"{where}: {key} chunk {i} {problem}")
             covered = sum(c.box.numel for c in rec.chunks)
             if covered != math.prod(rec.shape):
                 raise CheckpointFormatError(
@@ -413,6 +550,45 @@ class Manifest:
             defect = tiling_defect(rec.shape, [c.box for c in rec.chunks])
             if defect is not None:
                 raise CheckpointFormatError(f"{where}: {key}: {_describe_defect(rec, defect)}")
+
+
+    def chunk_problem(self, rec: TensorRecord, c: Chunk) -> str | None:
+        """What is wrong with chunk record ``c`` of ``rec`` (inline, or from an object index)."""
+        size = rec.itemsize
+        if not c.box.fits_in(rec.shape):
+            return f"{c.box} lies outside shape {rec.shape}"
+        if c.length != c.box.numel * size:
+            return f"length {c.length} != box bytes"
+        if c.codec is not None:
+            problem = c.codec.problem(c.length, self.block_bytes, size)
+            if problem:
+                return f"codec: {problem}"
+        limit = self.object_size(c.object)
+        if limit is None or c.offset < 0 or c.offset + c.stored > limit:
+            return f"bytes [{c.offset}, {c.offset + c.stored}) outside object {c.object}"
+        if c.codec is None and c.offset % size:  # compressed frames are bytes: any offset
+            return f"starts at byte {c.offset} of {c.object}, not a multiple of its item size {size}"
+        if len(c.checksums) != max(1, -(-c.length // self.block_bytes)):
+            return "has a wrong number of checksums"
+        return None
+
+    def _validate_rule(self, key: str, rec: TensorRecord, where: str) -> None:
+        """A rule covers its tensor by construction; check that it is one (its placements
+        partition the shape) and that its writers' objects can be named."""
+        rule = rec.rule
+        assert rule is not None
+        if not rule.meshes or any(not 0 <= m < len(self.meshes) for m in rule.meshes):
+            raise CheckpointFormatError(f"{where}: {key}: rule names meshes {list(rule.meshes)} of {len(self.meshes)}")
+        if len({self.meshes[m].shape for m in rule.meshes}) != 1:
+            raise CheckpointFormatError(f"{where}: {key}: rule names meshes of different shapes")
+        if not rec.shape or math.prod(rec.shape) == 0:
+            raise CheckpointFormatError(f"{where}: {key}: a rule needs a non-empty tensor")
+        if RANK not in self.rank_objects or not is_contained(rank_object(self.rank_objects, 0)):
+            raise CheckpointFormatError(f"{where}: {key}: stored by rule, but rank_objects is {self.rank_objects!r}")
+        try:
+            self.grid_of(rec)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{where}: {key}: {e}") from None
 
 
 def _describe_defect(rec: TensorRecord, point: tuple[int, ...]) -> str:
@@ -443,7 +619,7 @@ def read_v1(doc: dict[str, Any], where: str) -> Manifest:
         tensors = {}
         for key, rec in _typed(doc["tensors"], dict, "tensors").items():
             try:
-                tensors[key] = TensorRecord.from_json(rec)
+                tensors[key] = TensorRecord.from_json(rec, key)
             except (KeyError, ValueError, CheckpointFormatError) as e:
                 raise ValueError(f"tensor {key}: {_reason(e)}") from None
         step = doc.get("step")
@@ -484,6 +660,15 @@ def read_v2(doc: dict[str, Any], where: str) -> Manifest:
         manifest.refs = {str(s): {str(k): int(v) for k, v in objs.items()} for s, objs in refs.items()}
     except (AttributeError, TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{where}: malformed refs ({type(e).__name__}: {e})") from None
+    try:
+        manifest.meshes = [Mesh.from_json(m) for m in _typed(doc.get("meshes", []), list, "meshes")]
+        manifest.rank_objects = _typed(doc.get("rank_objects", ""), str, "rank_objects")
+        manifest.indexes = {
+            k: {"index": _typed(v["index"], str, "index"), "digest": _typed(v["digest"], str, "digest")}
+            for k, v in _typed(doc.get("indexes", {}), dict, "indexes").items()
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: malformed manifest: {_reason(e)}") from None
     manifest.version = 2
     return manifest
 

@@ -308,7 +308,7 @@ def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, Tensor
         rec = manifest.tensors[key]
         size = rec.dtype.itemsize
         for i, piece in enumerate(entry.pieces):
-            got, covered = intersect_chunks(key, i, piece.box, rec.chunks, size, options.max_gap_bytes)
+            got, covered = intersect_chunks(key, i, piece.box, rec.chunks_in(piece.box), size, options.max_gap_bytes)
             if covered != piece.box.numel:
                 raise CorruptChunkError(
                     f"{storage.uri}: {key}: stored chunks cover {covered} "

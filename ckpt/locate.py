@@ -20,7 +20,7 @@ def read_manifest(storage: Storage) -> Manifest:
     except FileNotFoundError:
         hint = " (it holds uncommitted or partial data)" if storage.exists("") else ""
         raise CheckpointNotFoundError(f"{storage.uri}: no committed checkpoint{hint}") from None
-    return Manifest.from_json_bytes(raw, where)
+    return Manifest.from_json_bytes(raw, where, storage)
 
 
 def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest]:

@@ -192,6 +192,20 @@ def concat_runs(parts: Sequence[Runs]) -> Runs:
     return select_runs(flat, 0, sum(c for _, c in flat))
 
 
+def cut_runs(held: Runs, parts: int, index: int, split: int = 0) -> Runs:
+    """What part ``index`` of ``parts`` keeps of the runs ``held`` along one tensor dim, as DTensor
+    cuts it: ``Shard`` (``split`` 0) takes one ``torch.chunk`` part; ``_StridedShard`` with
+    ``split_factor`` ``split`` cuts the held items into ``split`` parts and takes that part of each."""
+    if not split:
+        return select_runs(held, *chunk_bounds(runs_length(held), parts, index))
+    cut = []
+    for j in range(split):
+        lo, hi = chunk_bounds(runs_length(held), split, j)
+        a, b = chunk_bounds(hi - lo, parts, index)
+        cut.append(select_runs(held, lo + a, lo + b))
+    return concat_runs(cut)
+
+
 def runs_length(runs: Runs) -> int:
     return sum(c for _, c in runs)
 

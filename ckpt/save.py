@@ -13,13 +13,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import agree
 from ._version import __version__
 from .commit import report_failure
 from .describe import TensorEntry, check_json_value, flatten, local_view
 from .engine import PersistJob, StagedChunk, Timings
 from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
-from .format import MANIFEST, dtype_name
+from .format import MANIFEST, dtype_name, object_pattern
 from .framing import ChunkSpec
 from .options import OnBusy, SaveOptions
 from .persist import persister_for
@@ -41,8 +40,10 @@ class _Planner:
         self, tensors: dict[str, TensorEntry] | None, error: BaseException | None, options: SaveOptions, group
     ) -> tuple[SavePlan, str]:
         rank, world = _rank_world(group)
-        desc = rank_descriptor(tensors) if tensors is not None and error is None else {}
-        fp = fingerprint(desc, world, options.chunk_bytes)
+        desc, own = ({}, {})
+        if tensors is not None and error is None:
+            desc, own = rank_descriptor(tensors, _group_rank(group))
+        fp = fingerprint(desc, own, world, options.chunk_bytes)
         cache_key = (fp, id(group))
         plan = self._plans.get(cache_key) if error is None else None
         if plan is not None and options.agree_on_plan and world > 1:
@@ -54,16 +55,8 @@ class _Planner:
         elif plan is None and options.agree_on_plan and world > 1:
             dist.all_gather_object([None] * world, None, group=group)  # the other ranks' check above
         if plan is None:
-            token = secrets.token_hex(4)
-            mine = {"desc": desc, "error": agree.record(error), "token": token}
-            gathered = [mine]
-            if world > 1:
-                gathered = [None] * world
-                dist.all_gather_object(gathered, mine, group=group)
-            refused = agree.combined([g["error"] for g in gathered], "save")
-            if refused is not None:
-                raise refused from error
-            plan = make_save_plan([g["desc"] for g in gathered], rank, options.chunk_bytes, gathered[0]["token"])
+            exchange = _DistExchange(rank, world, group)
+            plan = make_save_plan(desc, own, error, tensors or {}, exchange, options.chunk_bytes, secrets.token_hex(4))
             self._plans[cache_key] = plan
         n = self._counts.get(plan.token, 0)
         self._counts[plan.token] = n + 1
@@ -72,6 +65,35 @@ class _Planner:
 
 _planner = _Planner()
 _staging_buffers = BufferCache()
+
+
+class _DistExchange:
+    """Planning's collectives over the save's process group (one all-gather, one broadcast per class)."""
+
+    def __init__(self, rank: int, world: int, group) -> None:
+        self.rank, self.world, self.group = rank, world, group
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any, src: int) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.group, group_src=src)
+        return box[0]
+
+
+def _group_rank(group):
+    """Global rank -> rank in the save's group (-1 outside it)."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return int
+    ranks = {g: i for i, g in enumerate(dist.get_process_group_ranks(group))}
+    return lambda r: ranks.get(r, -1)
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -244,13 +266,20 @@ def _start(
         plan, save_id = _planner.plan(flat.tensors if flat else None, error, options, group)
     assert flat is not None
     tensors = flat.tensors
-    # Rank 0's head carries what the manifest needs; every rank adds its structure (ranks may
-    # hold different keys), which the committer merges. Values are encoded into new JSON
-    # objects (a copy): after async_save returns the caller may mutate its lists and dicts (a
-    # scheduler's learning rates), and the committer must still write what was passed.
-    head: dict[str, Any] = {"structure": flat.structure, "encoding": options.encoding()}
+    # Rank 0's head carries what the manifest needs; the first rank of each class of ranks adds
+    # its structure (classes hold different keys), which the committer merges. Values are
+    # encoded into new JSON objects (a copy): after async_save returns the caller may mutate its
+    # lists and dicts (a scheduler's learning rates), and the committer must still write what was
+    # passed. ``index_keys``: the rule tensors whose chunk records go to the object's index (none
+    # in an incremental save: its chunks may lie in an earlier checkpoint's objects).
+    rules = options.incremental_from is None
+    head: dict[str, Any] = {"encoding": options.encoding()}
+    head["index_keys"] = sorted({i.key for i in plan.items if rules and plan.tensors[i.key].rule})
+    if plan.leader or rank == 0:
+        head["structure"] = flat.structure
     if rank == 0:
-        head.update(_head(plan, flat.values, step, metrics, metadata, options, world))
+        head.update(_head(plan, flat.values, step, metrics, metadata, options, world, rules))
+        head["rank_objects"] = object_pattern(save_id, world)
     persister = persister_for(options)
     handle = SaveHandle(uri, save_id, timings)
 
@@ -324,14 +353,18 @@ def _join_lazy_snapshots() -> None:
 threading._register_atexit(_join_lazy_snapshots)
 
 
-def _head(plan: SavePlan, values, step, metrics, metadata, options: SaveOptions, world: int) -> dict[str, Any]:
+def _head(
+    plan: SavePlan, values, step, metrics, metadata, options: SaveOptions, world: int, rules: bool = True
+) -> dict[str, Any]:
     """What only the committer's manifest needs, carried in rank 0's index."""
     meshes = sorted({m.layout for m in plan.tensors.values() if m.layout.startswith("DTensor")})
     return {
         "tensors": {
             k: {"shape": list(m.shape), "dtype": dtype_name(m.dtype), "layout": m.layout}
+            | ({"rule": m.rule.to_json()} if m.rule and rules else {})
             for k, m in plan.tensors.items()
         },
+        "meshes": [m.to_json() for m in plan.meshes],
         "values": {k: encode_checked(v, k) for k, v in values.items()},
         "block_bytes": options.block_bytes,
         "step": step,
@@ -341,7 +374,6 @@ def _head(plan: SavePlan, values, step, metrics, metadata, options: SaveOptions,
             "world_size": world,
             "backend": dist.get_backend() if dist.is_initialized() else None,
             "dtensor_layouts": meshes,
-            "bytes_written_per_rank": plan.bytes_per_rank,
         },
         "library_version": __version__,
     }

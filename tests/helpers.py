@@ -18,6 +18,7 @@ import torch
 
 from ckpt.format import MANIFEST, Manifest, seal
 from ckpt.reader import CheckpointReader
+from ckpt.storage import open_storage
 
 
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -49,7 +50,7 @@ def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str = "") -> Non
 def manifest_of(uri: str) -> Manifest:
     """The committed manifest of the checkpoint at ``uri`` (a path or an fsspec URL), read as ckpt reads it."""
     with fsspec.open(f"{uri}/{MANIFEST}", "rb") as f:
-        return Manifest.from_json_bytes(f.read(), uri)
+        return Manifest.from_json_bytes(f.read(), uri, open_storage(uri))
 
 
 def edit_manifest(uri: str, edit: Callable[[dict], object], reseal: bool = True) -> None:

@@ -290,10 +290,12 @@ def test_reused_plan_needs_no_collective_and_writes_everything(saved) -> None:
     for world, ranks in results.items():
         for rank, r in enumerate(ranks):
             assert not r["reload_mismatches"], f"world {world} rank {rank}: {r['reload_mismatches']}"
-            gathers = 1 if world > 1 else 0
-            assert r["counts"]["first"] == ({"all_gather_object": 1} if gathers else {}), (world, rank)
+            # A new structure: one small all-gather, then one broadcast per class of ranks (here every
+            # rank holds the same keys: one class). A reused one: nothing.
+            first = {"all_gather_object": 1, "broadcast_object_list": 1} if world > 1 else {}
+            assert r["counts"]["first"] == first, (world, rank)
             assert r["counts"]["again"] == {}, f"world {world} rank {rank}: second save ran {r['counts']['again']}"
-            assert r["counts"]["bal"] == ({"all_gather_object": 1} if gathers else {}), (world, rank)
+            assert r["counts"]["bal"] == first, (world, rank)
 
 
 def _assert_each_element_stored_once(manifest: ckpt.Manifest, where: str) -> None:

@@ -264,7 +264,7 @@ class CheckpointerService(ckpt_pb2_grpc.CheckpointerServicer):
     def _mirror_local(self, storage: Storage, request: ckpt_pb2.PersistRequest) -> None:
         """Copy this rank's committed data object into the RAM tier (kernel-side copy from
         the page cache); until it is there, restores read storage."""
-        rel = object_name(request.save_id, request.rank)
+        rel = object_name(request.save_id, request.rank, request.world_size)
         src = storage.local_path(rel)
         if not request.chunks or src is None or not storage.exists(rel):
             return
