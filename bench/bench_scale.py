@@ -51,7 +51,7 @@ from ckpt import commit as commit_mod  # noqa: E402
 from ckpt.describe import TensorEntry, dtensor_pieces, placement_json  # noqa: E402
 from ckpt.format import MANIFEST, Chunk, index_name, object_name, object_pattern, spread_prefix  # noqa: E402
 from ckpt.indexes import digest, encode_index  # noqa: E402
-from ckpt.load import read_manifest  # noqa: E402
+from ckpt.locate import read_manifest  # noqa: E402
 from ckpt.plan import fingerprint, make_save_plan, rank_descriptor  # noqa: E402
 from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads  # noqa: E402
 from ckpt.rules import Mesh, _holders, grid, rule_chunks  # noqa: E402
@@ -460,7 +460,7 @@ def table(rows: list[dict], dcp: dict[tuple[str, int], dict]) -> str:
         c = row["commit"]
         lines.append(
             f"{name:5} W={w:<6}"
-            f" plan {fmt(max(x['plan_cpu_s'] for x in p))}s/{fmt(max(x['plan_mb'] for x in p))}MB"
+            f" plan cpu {fmt(max(x['plan_cpu_s'] for x in p))}s/{fmt(max(x['plan_mb'] for x in p))}MB"
             f" recv {fmt(max(x['recv_mb'] for x in p))}MB"
             + (f" [DCP rank0 plan {tag}{fmt(d['plan_cpu_s'])}s recv {tag}{fmt(d['recv_mb'])}MB]" if d else "")
             + f" | manifest {fmt(c['manifest_mb'])}MB"
@@ -468,8 +468,8 @@ def table(rows: list[dict], dcp: dict[tuple[str, int], dict]) -> str:
             + f" | commit {fmt(c['commit_wall_s'])}s wall {fmt(c['commit_cpu_s'])}s cpu {fmt(c['commit_mb'])}MB"
             f" max/prefix/s r{c['max_reads_per_s']} w{c['max_writes_per_s']}"
             f" | load read {fmt(max(x['load_read_mb'] for x in ls + lh))}MB"
-            f" {fmt(max(x['load_wall_s'] for x in ls))}s (W/2: {fmt(max(x['load_wall_s'] for x in lh))}s)"
-            f" {fmt(max(x['load_mb'] for x in ls + lh))}MB"
+            f" cpu {fmt(max(x['load_cpu_s'] for x in ls))}s (W/2: {fmt(max(x['load_cpu_s'] for x in lh))}s)"
+            f" wall {fmt(max(x['load_wall_s'] for x in ls + lh))}s {fmt(max(x['load_mb'] for x in ls + lh))}MB"
             + (f" [DCP unpickle .metadata {tag}{fmt(d['load_parse_cpu_s'])}s]" if d else "")
         )
     return "\n".join(lines)

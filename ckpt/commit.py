@@ -101,7 +101,7 @@ def report_failure(storage: Storage, save_id: str, rank: int, error: BaseExcepti
 # Waiting ranks poll at most this many requests per second in all, a quarter of S3's 5,500
 # reads per second per prefix: the staging prefix also serves the committer's listings.
 POLL_BUDGET_PER_S = 1000.0
-READ_THREADS = 32  # the committer's parallel reads of rank indexes
+READ_THREADS = 64  # the committer's parallel reads (and listings) of rank indexes
 
 
 def poll_cap(storage: Storage) -> float:
@@ -289,21 +289,26 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, 
     """On a non-committing rank: return once the committer has committed.
 
     Each poll is one request, for this rank's own index: the committer deletes it on commit
-    and, after writing ``ABORT``, on abort. ``ABORT`` is read once before polling (the save may
-    have been aborted before this rank's index appeared) and once the index is gone."""
-    mine = rank_index_name(save_id, rank)
+    and, after writing ``ABORT``, on abort. ``ABORT`` is also read at the first poll (the save
+    may have been aborted before this rank's index appeared) and once the index is gone. The
+    first poll comes after a jittered pause too, so W ranks finishing together do not all
+    read ``ABORT`` in the same second."""
+    mine = rank_index_name(save_id, rank, world_size)
     abort = staging_name(save_id, "ABORT")
     deadline = time.monotonic() + timeout_s
     delays = poll_delays(storage, world_size)
-    _raise_if_aborted(storage, save_id, abort)
+    first = True
     while True:
+        time.sleep(next(delays))
         storage.invalidate()
+        if first:
+            _raise_if_aborted(storage, save_id, abort)
+            first = False
         if not storage.exists(mine):
             _raise_if_aborted(storage, save_id, abort)
             return
         if time.monotonic() > deadline:
             raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
-        time.sleep(next(delays))
 
 
 def _raise_if_aborted(storage: Storage, save_id: str, abort: str) -> None:

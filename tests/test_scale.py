@@ -210,3 +210,55 @@ def test_a_dtensor_held_on_one_mesh_per_replica_group_is_written_once() -> None:
     written = [i.chunk for p in plans for i in p.items]
     assert coverage_problem("experts", (6, 2), written) is None
     assert len({r for r, p in enumerate(plans) if p.items}) > 2  # both copies share the writing
+
+
+def test_waiting_ranks_stay_under_half_of_s3s_read_limit_in_every_second() -> None:
+    """4096 ranks that finish within one second, polling on commit.poll_delays for 30 s: no
+    second sees more than 2,750 requests (half of S3's 5,500 reads per second per prefix)."""
+    import random
+
+    from ckpt.commit import poll_delays
+
+    remote = type("Remote", (), {"is_remote": True})()
+    rng = random.Random(0)
+    per_second = [0] * 40
+    for _ in range(4096):
+        t = rng.random()
+        for delay in poll_delays(remote, 4096, rng):
+            t += delay
+            if t >= 30:
+                break
+            per_second[int(t)] += 1
+    assert max(per_second) <= 2750, per_second
+    assert sum(per_second) > 4096 * 5  # and they do keep polling (about every 4 s each)
+    local = type("Local", (), {"is_remote": False})()
+    assert next(poll_delays(local, 4096)) <= 0.001  # a local disk is polled at once
+
+
+def test_object_names_spread_over_prefixes_past_64_ranks() -> None:
+    from ckpt.format import object_name, object_pattern, rank_object
+
+    assert object_name("s", 3, 8) == "data/s-r00003.safetensors"
+    assert object_name("s", 130, 256) == "data/02/s-r00130.safetensors"
+    for world in (8, 256):
+        assert all(rank_object(object_pattern("s", world), r) == object_name("s", r, world) for r in range(world))
+
+
+def test_a_waiting_rank_of_a_large_job_waits_for_its_spread_index(tmp_path) -> None:
+    """Past 64 ranks the staging indexes sit under spread prefixes; a waiting rank must poll its
+    own there (not return at once), and learn of an abort once the committer deletes it."""
+    from ckpt.commit import _abort, rank_index_name, wait_committed, write_rank_index
+    from ckpt.errors import SaveAbortedError
+    from ckpt.storage import open_storage
+
+    storage = open_storage(str(tmp_path))
+    for r in (0, 70):
+        write_rank_index(storage, "s-0", r, {"rank": r}, world=100)
+    assert storage.exists("_staging/s-0/06/rank-00070.json")
+    with pytest.raises(SaveAbortedError, match="no commit within"):
+        wait_committed(storage, "s-0", 70, 0.3, world_size=100)
+    with pytest.raises(SaveAbortedError, match="rank failure: rank 3 died"):
+        _abort(storage, "s-0", "rank failure: rank 3 died")
+    assert not storage.exists(rank_index_name("s-0", 70, 100))
+    with pytest.raises(SaveAbortedError, match="rank 3 died"):
+        wait_committed(storage, "s-0", 70, 5, world_size=100)
