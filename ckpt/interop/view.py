@@ -8,6 +8,7 @@ both. Nothing is copied: every read goes to the underlying source.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,7 +42,8 @@ class SourceView(Source):
         return dict(self._values)
 
     def info(self) -> SourceInfo:
-        return self.source.info()
+        # the saved nesting names the source's keys, not these
+        return dataclasses.replace(self.source.info(), structure=None)
 
     def stored_name(self, key: str) -> str:
         """The key ``key`` is read from in the underlying source."""
