@@ -7,7 +7,8 @@ skipping on resume) and replaces what it writes with ``torch.save``: the model, 
 scheduler, grad scaler and every process's RNG states go into one ckpt checkpoint,
 ``checkpoint-<step>/ckpt``, saved by every rank (sharded state stays sharded: model and
 optimizer go through ``torch.distributed.checkpoint.state_dict``, so DDP and FSDP2 models
-save their own shards and resume under another world size). ``trainer.save_model()`` outside
+save their own shards and resume under another world size). Under DeepSpeed the Trainer's own
+checkpointing runs unchanged (ckpt reads those in place). ``trainer.save_model()`` outside
 checkpoints still writes transformers' own files, for ``from_pretrained``.
 
 **accelerate.** Its ``save_state`` pickles optimizer, scheduler, sampler, RNG and custom states
@@ -146,6 +147,9 @@ class CkptTrainerMixin:
     # trainer_state.json and rotates. Within its checkpoint save, the first writes everything.
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.is_deepspeed_enabled:  # its engine checkpoints itself (ckpt reads those: ckpt.load, ckpt convert)
+            log.warning("DeepSpeed checkpoints are written by DeepSpeed itself, not through ckpt")
+            return super()._save_checkpoint(model, trial)
         self._ckpt_saving = True
         try:
             super()._save_checkpoint(model, trial)
