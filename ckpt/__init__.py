@@ -22,11 +22,13 @@ _EXPORTS = {  # public name -> the module of this package that defines it
     "CheckpointNotFoundError": "errors",
     "ConditionalPutUnsupportedError": "errors",
     "CorruptChunkError": "errors",
+    "MissingObjectError": "errors",
     "SaveAbortedError": "errors",
     "SaveBusyError": "errors",
     "StateDictMismatchError": "errors",
     "StorageOperationError": "errors",
     "TruncatedObjectError": "errors",
+    "UnsafeObjectError": "errors",
     "UnsupportedValueError": "errors",
     # errors of the interop and merge tools
     "DestinationError": "interop.destination",

@@ -13,6 +13,8 @@ training-loop manager); this module only finds and deletes (:func:`collect`).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,8 +22,8 @@ from datetime import datetime
 from typing import Any
 
 from .errors import CheckpointError
-from .format import DATA_DIR, LATEST, MANIFEST, STAGING_DIR
-from .locate import read_manifest
+from .format import DATA_DIR, MANIFEST, STAGING_DIR
+from .locate import read_latest, read_manifest
 from .options import RetentionPolicy, StrEnum
 from .refs import live_objects
 from .retention import CheckpointInfo, select_deletions
@@ -60,14 +62,18 @@ class Entry:
 
     def info(self) -> CheckpointInfo:
         """The facts retention decides on."""
-        return CheckpointInfo(
-            self.name, self.step, self.status is EntryStatus.COMPLETE, self.created, tuple(sorted(self.metrics.items()))
-        )
+        numbers = tuple(sorted((k, float(v)) for k, v in self.metrics.items() if _finite_number(v)))
+        return CheckpointInfo(self.name, self.step, self.status is EntryStatus.COMPLETE, self.created, numbers)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["created"] = _iso(self.created)
         return d
+
+
+def _finite_number(v: Any) -> bool:
+    """Whether a stored metric can rank checkpoints (a version 2 metric may be any value)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def child_uri(root: str, name: str) -> str:
@@ -81,8 +87,17 @@ def step_from_name(name: str) -> int | None:
 
 
 def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None) -> Entry | None:
-    """What is at ``uri``, or None if it is not a checkpoint at all."""
-    storage = open_storage(uri, **(storage_options or {}))
+    """What is at ``uri``, or None if it is not a checkpoint at all. A checkpoint that cannot be
+    examined (unreadable, deleted meanwhile, hostile) is a damaged entry, never an error, so one
+    bad checkpoint does not break listing, gc or restoring the others."""
+    try:
+        return _entry_at(uri, name, storage_options)
+    except (CheckpointError, OSError) as e:
+        return Entry(name, uri, EntryStatus.DAMAGED, step_from_name(name), error=f"{type(e).__name__}: {e}")
+
+
+def _entry_at(uri: str, name: str, storage_options: dict[str, Any] | None) -> Entry | None:
+    storage = open_storage(uri, **(storage_options or {})).confine()
     storage.invalidate()
     names = set(storage.listdir(""))
     if MANIFEST in names:
@@ -107,7 +122,7 @@ def entry_at(uri: str, name: str, storage_options: dict[str, Any] | None = None)
 
 def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry]:
     """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
-    storage = open_storage(root, **(storage_options or {}))
+    storage = open_storage(root, **(storage_options or {})).confine()
     storage.invalidate()
     if not storage.fs.isdir(storage.root):
         raise FileNotFoundError(f"{root}: no such directory")
@@ -245,12 +260,8 @@ def delete(entry: Entry, storage_options: dict[str, Any] | None = None) -> None:
 
 def latest_name(storage: Storage) -> str | None:
     """The checkpoint the root's ``latest`` marker names, if there is a readable one."""
-    try:
-        doc = json.loads(storage.read_bytes(LATEST))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
-        return None
-    name = doc.get("name") if isinstance(doc, dict) else None
-    return name if isinstance(name, str) else None
+    marker = read_latest(storage)
+    return None if marker is None else marker["name"]
 
 
 def _contents(storage: FsspecStorage) -> tuple[int, float | None, int]:

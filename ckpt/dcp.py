@@ -100,7 +100,7 @@ class Writer(StorageWriter):
         rank = kwargs.get("rank", dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
         if is_coordinator and rank != 0:
             raise ValueError(f"ckpt.dcp.Writer needs DCP's coordinator to be rank 0 (it is rank {rank})")
-        self._storage = open_storage(self.uri, **self.options.storage_options)
+        self._storage = open_storage(self.uri, **self.options.storage_options).confine()
         if self._storage.exists(MANIFEST) and not self.options.overwrite:
             raise CheckpointExistsError(f"{self.uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
 
@@ -281,7 +281,7 @@ class Reader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         try:
-            read_manifest(open_storage(str(checkpoint_id)))
+            read_manifest(open_storage(str(checkpoint_id)).confine())
         except Exception:
             return False
         return True

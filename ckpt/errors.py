@@ -23,6 +23,16 @@ class TruncatedObjectError(CheckpointFormatError, EOFError):
     """A data object ends before the bytes the manifest says it holds."""
 
 
+class MissingObjectError(CheckpointFormatError):
+    """A data object the manifest names is not there: never written, or deleted (by gc, retention or an
+    overwrite) while the checkpoint was being read."""
+
+
+class UnsafeObjectError(CheckpointFormatError):
+    """An object is not a regular file inside the checkpoint (a symlink, FIFO, device or directory):
+    it is never followed or read, so a planted link cannot make a reader read elsewhere or hang."""
+
+
 class CorruptChunkError(CheckpointError):
     """Bytes read back do not match the checksum recorded at save time."""
 

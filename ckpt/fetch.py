@@ -21,12 +21,20 @@ decompressed into a per-thread arena, out of which the rows are copied.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import torch
 
 from .codec import decode_frame
 from .describe import TensorEntry, local_view
-from .errors import CorruptChunkError
+from .errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CorruptChunkError,
+    MissingObjectError,
+    StorageOperationError,
+    TruncatedObjectError,
+)
 from .format import Chunk, Manifest
 from .framing import as_bytes, block_hasher, checksum
 from .readplan import Need, Read, Segment
@@ -42,6 +50,42 @@ def target_view(entry: TensorEntry, piece: int, box: Box) -> torch.Tensor:
     return local_view(entry.local.detach(), p)[box.relative_to(p.box).slices()]
 
 
+# zstd decodes at most 128 KiB (one RLE block) from a 4-byte block: no chunk decodes to more than this
+# many times its stored bytes.
+MAX_RATIO = 1 << 15
+
+
+def check_holds(storage: Storage, chunks: Iterable[Chunk], sizes: dict[str, int]) -> None:
+    """Refuse chunks whose bytes their objects do not really hold, before anything is allocated for
+    them: a manifest's claims (shapes, object sizes) never decide alone how much memory a reader
+    takes; a compressed chunk may claim at most what its stored bytes can decode to (``MAX_RATIO``).
+    ``storage`` reads the manifest's references; ``sizes`` caches real sizes across calls."""
+    for c in chunks:
+        if c.object not in sizes:
+            where = storage.describe(c.object)
+            try:
+                sizes[c.object] = storage.size(c.object)
+            except FileNotFoundError:
+                raise MissingObjectError(
+                    f"{where}: bytes [{c.offset}, {c.offset + c.stored}) of chunk {c.box} requested, "
+                    "but the object is gone (deleted while the checkpoint was read, or never written)"
+                ) from None
+            except CheckpointError:
+                raise
+            except OSError as e:
+                raise StorageOperationError(f"{where}: size failed: {e}", "size", where) from e
+        if c.codec is not None and c.length > c.stored * MAX_RATIO:
+            raise CheckpointFormatError(
+                f"{storage.describe(c.object)}: chunk {c.box} claims {c.length} bytes from {c.stored} compressed "
+                f"bytes, more than zstd can decode them to"
+            )
+        if c.offset + c.stored > sizes[c.object]:
+            raise TruncatedObjectError(
+                f"{storage.describe(c.object)}: bytes [{c.offset}, {c.offset + c.stored}) of chunk {c.box} "
+                f"requested, object ends at {sizes[c.object]}"
+            )
+
+
 class Fetcher:
     """Runs one :class:`~ckpt.readplan.Read` at a time; safe to call from several threads."""
 
@@ -51,6 +95,23 @@ class Fetcher:
         self._tls = threading.local()
 
     def __call__(self, read: Read) -> None:
+        """Run ``read``; every failure is a CheckpointError naming the object and the byte range."""
+        try:
+            self._run(read)
+        except CheckpointError:
+            raise
+        except FileNotFoundError:
+            raise MissingObjectError(
+                f"{self.storage.describe(read.object)}: bytes [{read.start}, {read.stop}) requested, "
+                "but the object is gone (deleted while the checkpoint was read, or never written)"
+            ) from None
+        except OSError as e:
+            where = self.storage.describe(read.object)
+            raise StorageOperationError(
+                f"{where}: reading bytes [{read.start}, {read.stop}) failed: {e}", "read", where
+            ) from e
+
+    def _run(self, read: Read) -> None:
         if not self.local:
             self._remote(read)
             return
@@ -191,7 +252,7 @@ class Fetcher:
     def _source(self, seg: Segment, buf: torch.Tensor, n: Need) -> torch.Tensor:
         """``n.span.box`` as a strided view of the segment's bytes, in the stored dtype."""
         raw = buf[n.byte_start - seg.start : n.byte_stop - seg.start]
-        if raw.data_ptr() % n.itemsize:
+        if raw.data_ptr() % n.itemsize or raw.storage_offset() % n.itemsize:
             raw = raw.clone()
         src = raw.view(self.manifest.tensors[n.key].dtype)
         sizes, strides, offset = span_view(n.chunk.box, n.span)

@@ -17,7 +17,7 @@ import torch
 from . import agree, refs, structure
 from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
-from .fetch import Fetcher, target_view
+from .fetch import Fetcher, check_holds, target_view
 from .format import Manifest
 from .locate import open_checkpoint
 from .options import LoadOptions
@@ -92,7 +92,7 @@ def _load(state_dict: dict, uri: str, options: LoadOptions) -> LoadResult:
             raise
         return info  # type: ignore[return-value]
     flat = flatten(state_dict, check_values=False)
-    filled = fill_empty(flat, manifest, options)
+    filled = fill_empty(flat, manifest, options, storage)
     missing, unexpected = _check_match(storage.uri, manifest, flat, filled, options)
     read_from: Storage | RamTierStorage = storage
     if options.daemon:
@@ -119,7 +119,7 @@ def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage
     return RamTierStorage(storage, directory, objects & set(manifest.objects))
 
 
-def fill_empty(flat: Flat, manifest: Manifest, options: LoadOptions) -> list[str]:
+def fill_empty(flat: Flat, manifest: Manifest, options: LoadOptions, storage: Storage | None = None) -> list[str]:
     """Build what the checkpoint holds under each empty dict or list of the target.
 
     New tensors are plain, on the device of the target's first tensor (CPU if none),
@@ -138,6 +138,7 @@ def fill_empty(flat: Flat, manifest: Manifest, options: LoadOptions) -> list[str
     first = next(iter(flat.tensors.values()), None)
     device = first.local.device if first is not None else torch.device("cpu")
     created: list[str] = []
+    sizes: dict[str, int] = {}
 
     def leaf(key: str) -> Any:
         created.append(key)
@@ -146,6 +147,8 @@ def fill_empty(flat: Flat, manifest: Manifest, options: LoadOptions) -> list[str
         rec = manifest.tensors[key]
         target = options.fill(key, rec.shape, rec.dtype) if options.fill else None
         if target is None:
+            if storage is not None:  # allocate only what the objects hold, never what a manifest claims
+                check_holds(refs.reading(storage, manifest), rec.chunks, sizes)
             target = torch.empty(rec.shape, dtype=rec.dtype, device=device)
         flat.tensors[key] = describe_tensor(key, target)
         return target

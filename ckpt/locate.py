@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import CheckpointNotFoundError
-from .format import LATEST, MANIFEST, Manifest
+from .errors import CheckpointError, CheckpointNotFoundError
+from .format import LATEST, MANIFEST, Manifest, is_contained
 from .storage import Storage, open_storage
 
 
@@ -23,20 +23,38 @@ def read_manifest(storage: Storage) -> Manifest:
     return Manifest.from_json_bytes(raw, where, storage)
 
 
+def read_latest(storage: Storage) -> dict[str, Any] | None:
+    """A run root's ``latest`` marker if it is one ckpt.Manager wrote: ``name`` a path inside the root
+    (no ``..``), ``step`` an integer or null. None when there is none, or another
+    library's (DeepSpeed's names a tag) or a damaged one: a marker never leads a reader elsewhere."""
+    try:
+        doc = json.loads(storage.read_bytes(LATEST))
+    except (OSError, ValueError, CheckpointError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    name, step = doc.get("name"), doc.get("step")
+    if not isinstance(name, str) or not is_contained(name):
+        return None
+    if step is not None and type(step) is not int:
+        return None
+    return doc
+
+
 def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, Manifest]:
     """The checkpoint at ``uri``; at a run root (``ckpt.Manager``), the one ``latest`` names.
 
     A root without a marker is refused with the list of the checkpoints it holds.
     """
-    storage = open_storage(uri, **(storage_options or {}))
+    storage = open_storage(uri, **(storage_options or {})).confine()
     if storage.exists(MANIFEST) or not storage.exists(""):
         return storage, read_manifest(storage)
     if storage.exists(LATEST):
-        try:
-            name = json.loads(storage.read_bytes(LATEST))["name"]
-        except (ValueError, KeyError, TypeError):  # another library's marker (DeepSpeed's names a tag)
-            raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's") from None
-        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {}))
+        marker = read_latest(storage)
+        if marker is None:  # another library's marker (DeepSpeed's names a tag), or a damaged one
+            raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's")
+        name = marker["name"]
+        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {})).confine()
         return child, read_manifest(child)
     held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))
     if held:

@@ -25,6 +25,7 @@ from .catalog import Entry, EntryStatus, collect, latest_name, plan_gc, scan
 from .errors import CheckpointError, CheckpointNotFoundError
 from .format import LATEST
 from .load import load
+from .locate import read_latest
 from .options import LoadOptions, RetentionPolicy, SaveOptions
 from .retention import order_key
 from .save import SaveHandle, async_save
@@ -220,10 +221,9 @@ class Manager:
     def latest_step(self) -> int | None:
         """Step of the newest committed checkpoint (the ``latest`` marker's, else the highest)."""
         self.storage.invalidate()
-        if self.storage.exists(LATEST):
-            step = json.loads(self.storage.read_bytes(LATEST)).get("step")
-            if step is not None:
-                return int(step)
+        marker = read_latest(self.storage)
+        if marker is not None and marker.get("step") is not None:
+            return marker["step"]
         steps = self.all_steps()
         return steps[-1] if steps else None
 
@@ -261,10 +261,9 @@ class Manager:
     def _mark_latest(self, pending: _Pending) -> None:
         """Point ``latest`` at a just-committed checkpoint, unless a newer one holds it."""
         self.storage.invalidate()
-        if self.storage.exists(LATEST):
-            current = json.loads(self.storage.read_bytes(LATEST))
-            if current.get("step") is not None and current["step"] > pending.step:
-                return
+        current = read_latest(self.storage)  # a damaged marker is replaced
+        if current is not None and current.get("step") is not None and current["step"] > pending.step:
+            return
         doc = {"name": pending.name, "step": pending.step, "save_id": pending.handle.save_id}
         self.storage.put_atomic(LATEST, json.dumps(doc).encode())
 

@@ -7,13 +7,15 @@ state dict, so memory stays bounded by the regions they ask for.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
+from . import refs
 from .describe import Piece, TensorEntry
-from .errors import CorruptChunkError
+from .errors import CheckpointFormatError, CorruptChunkError, StorageOperationError
+from .fetch import check_holds
 from .format import Chunk, Manifest, TensorRecord
 from .load import read_tensors
 from .locate import read_manifest
@@ -27,8 +29,13 @@ class CheckpointReader:
 
     def __init__(self, uri: str, options: LoadOptions | None = None) -> None:
         self.options = options or LoadOptions()
-        self.storage = open_storage(uri, **self.options.storage_options)
+        self.storage = open_storage(uri, **self.options.storage_options).confine()
         self.manifest: Manifest = read_manifest(self.storage)
+        self._sizes: dict[str, int] = {}  # objects' real sizes, once asked
+
+    def check_holds(self, chunks: Iterable[Chunk]) -> None:
+        """See :func:`ckpt.fetch.check_holds` (object sizes cached for this reader)."""
+        check_holds(refs.reading(self.storage, self.manifest), chunks, self._sizes)
 
     @property
     def uri(self) -> str:
@@ -57,6 +64,7 @@ class CheckpointReader:
         if not box.fits_in(rec.shape):
             raise ValueError(f"{self.uri}: {key}: region {box} lies outside shape {rec.shape}")
         if out is None:
+            self.check_holds(c for c in rec.chunks if c.box.intersect(box) is not None or box.is_empty())
             out = torch.empty(box.sizes, dtype=rec.dtype)
         elif tuple(out.shape) != box.sizes:
             raise ValueError(f"{key}: out has shape {tuple(out.shape)}, region is {box.sizes}")
@@ -79,6 +87,7 @@ class CheckpointReader:
         for key, rec in sorted(self.manifest.tensors.items()):
             for c in rec.chunks:
                 try:
+                    self.check_holds([c])  # before allocating what the manifest claims
                     entry = TensorEntry(
                         key,
                         torch.empty(c.box.sizes, dtype=rec.dtype),
@@ -89,8 +98,8 @@ class CheckpointReader:
                     read_tensors(self.storage, _only(self.manifest, key, c), {key: entry}, opts)
                 except CorruptChunkError as e:
                     failures.append(str(e))
-                except (OSError, EOFError) as e:
-                    failures.append(f"{self.storage.describe(c.object)}: {key} chunk {c.box}: {type(e).__name__}: {e}")
+                except (CheckpointFormatError, StorageOperationError) as e:
+                    failures.append(f"{key} chunk {c.box}: {type(e).__name__}: {e}")
                 if progress is not None:
                     progress(c.length)
         return failures

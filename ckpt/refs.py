@@ -59,7 +59,8 @@ class RefStorage(DelegatingStorage):
 
     def __init__(self, inner: Storage) -> None:
         super().__init__(inner)
-        self.root = open_storage(split_uri(inner.uri)[0], **inner.options)
+        # confined like a checkpoint being read: a sibling's objects are regular files too
+        self.root = open_storage(split_uri(inner.uri)[0], **inner.options).confine()
 
     def _at(self, rel: str) -> tuple[Storage, str]:
         ref = split_ref(rel)

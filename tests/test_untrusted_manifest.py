@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import helpers
@@ -10,6 +11,7 @@ import torch
 from helpers import edit_manifest
 
 import ckpt
+from ckpt.reader import CheckpointReader
 
 
 @pytest.mark.parametrize("name", ["../secret.safetensors", "/etc/passwd", "data/../../x", "s3://elsewhere/x", "a//b"])
@@ -188,3 +190,121 @@ def test_mistyped_manifest_fields_are_format_errors(tmp_path, edit, message):
     edit_manifest(uri, edit)
     with pytest.raises(ckpt.CheckpointFormatError, match=message):
         ckpt.load({"w": torch.zeros(128, 8)}, uri, strict=False)
+
+
+def _object_of(uri: str) -> str:
+    (obj,) = helpers.manifest_of(uri).objects
+    return obj
+
+
+def _plant(uri: str, obj: str, kind: str, outside: str) -> None:
+    """Replace data object ``obj`` with a ``kind``: the object gone, a directory, a FIFO, a symlink to
+    ``outside`` (a copy of the real object, so following it would even pass the checksums), or the data
+    directory itself as a symlink to a copy of it outside."""
+    path = os.path.join(uri, obj)
+    if kind == "data-dir-link":
+        os.rename(os.path.dirname(path), os.path.join(outside, "data"))
+        os.symlink(os.path.join(outside, "data"), os.path.dirname(path))
+        return
+    os.rename(path, os.path.join(outside, "copy"))
+    if kind == "directory":
+        os.mkdir(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        os.symlink(os.path.join(outside, "copy"), path)
+
+
+@pytest.mark.parametrize(
+    "kind, error, message",
+    [
+        ("deleted", ckpt.MissingObjectError, r"bytes \[\d+, \d+\) .*requested, but the object is gone"),
+        ("directory", ckpt.UnsafeObjectError, "a directory, not a regular file"),
+        ("fifo", ckpt.UnsafeObjectError, "a FIFO, not a regular file"),
+        ("symlink", ckpt.UnsafeObjectError, r"\.safetensors is a symbolic link, not followed"),
+        ("data-dir-link", ckpt.UnsafeObjectError, "data is a symbolic link, not followed"),
+    ],
+)
+def test_a_data_object_that_is_not_a_regular_file_inside_is_a_typed_error(tmp_path, kind, error, message):
+    """Nothing is read through a planted link (its target is a copy of the real object, so reading it
+    would load "fine"), a FIFO does not hang the reader, and every tool reports the object by name."""
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    obj = _object_of(uri)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(uri, obj, kind, str(outside))
+    target = {"w": torch.zeros(128, 8)}
+    with pytest.raises(error, match=message) as ei:
+        ckpt.load(target, uri)
+    assert obj in str(ei.value)
+    assert not target["w"].any(), "bytes were copied from outside the checkpoint"
+    with pytest.raises(error, match=message):
+        CheckpointReader(uri).read("w")
+    code, out, err = helpers.run_cli("verify", uri)
+    assert code == 1 and "FAILED" in out and obj in out and error.__name__ in out, (out, err)
+
+
+def test_verify_and_read_never_allocate_what_a_manifest_claims(tmp_path, monkeypatch):
+    """A sealed manifest claiming a 64 GiB tensor in a 64 GiB object that really holds 4 KiB: the tools
+    report the object short without asking for the memory."""
+    uri, _ = _two_chunk_checkpoint(tmp_path)
+    obj = _object_of(uri)
+    rows = 1 << 31
+
+    def inflate(doc):
+        doc["objects"][obj] = 8 * rows * 4 * 2 + 4096
+        rec = doc["tensors"]["w"]
+        rec["shape"] = [rows, 8]
+        doc["block_bytes"] = 1 << 40  # one checksum a chunk, so the manifest itself stays small
+        first, second = rec["chunks"]
+        second["sizes"] = [rows - 64, 8]
+        second["length"] = (rows - 64) * 8 * 4
+        for c in (first, second):
+            c["checksums"] = c["checksums"][:1]
+
+    edit_manifest(uri, inflate)
+    real_empty = torch.empty
+
+    def bounded_empty(*size, **kw):
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        assert math.prod(shape) <= 1 << 24, f"asked for {list(shape)} elements for a manifest's claim"
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", bounded_empty)
+    code, out, err = helpers.run_cli("verify", uri)
+    assert code == 1 and "TruncatedObjectError" in out and obj in out and "object ends at" in out, (out, err)
+    with pytest.raises(ckpt.TruncatedObjectError, match=r"object ends at \d+"):
+        CheckpointReader(uri).read("w")
+
+
+@pytest.mark.parametrize("damage", ["fifo-manifest", "directory-manifest", "garbage-manifest", "unreadable-dir"])
+def test_one_damaged_checkpoint_never_breaks_ls_gc_or_restore_of_the_others(tmp_path, damage):
+    root = tmp_path / "run"
+    for step in (1, 2, 3):
+        ckpt.save({"w": torch.full((4,), float(step))}, str(root / f"step-{step:08d}"), step=step)
+    bad = root / "step-00000003"
+    manifest = bad / "manifest.json"
+    if damage == "fifo-manifest":
+        manifest.unlink()
+        os.mkfifo(manifest)
+    elif damage == "directory-manifest":
+        manifest.unlink()
+        manifest.mkdir()
+    elif damage == "garbage-manifest":
+        manifest.write_bytes(b"\x00" * 10)
+    else:
+        os.symlink("/proc/self/nonexistent", bad / "data" / "x")
+        manifest.write_bytes(b"{")
+    (root / "latest").write_text('{"name": "../../../etc", "step": 99}')  # a hostile marker too
+    code, out, err = helpers.run_cli("ls", str(root))
+    assert code == 0 and "step-00000003" in out and "damaged" in out, (out, err)
+    code, out, err = helpers.run_cli("gc", str(root), "--keep-last", "1", "--yes")
+    assert code == 0, err
+    assert bad.exists() and (root / "step-00000002").exists()  # newest loadable kept; damaged never deleted
+    manager = ckpt.Manager(str(root), handle_sigterm=False)
+    try:
+        target = {"w": torch.zeros(4)}
+        assert manager.restore(target) == 3
+        assert torch.equal(target["w"], torch.full((4,), 2.0))
+    finally:
+        manager.close()

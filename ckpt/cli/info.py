@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from ..locate import read_manifest
         from ..storage import open_storage
 
-        storage = open_storage(args.ckpt)
+        storage = open_storage(args.ckpt).confine()
         if args.format == "ckpt" or storage.exists(MANIFEST):
             return _info_ckpt(args, read_manifest(storage))
     from ..interop import detect_format, open_source

@@ -60,6 +60,12 @@ class Storage(ABC):
         """Whether ``put_if_absent`` works here rather than raising ConditionalPutUnsupportedError."""
         return False
 
+    def confine(self) -> Storage:
+        """This location as a checkpoint is read: objects are regular files inside it, never a
+        symlink, FIFO or directory (local files; object stores have none). Foreign formats read
+        through the plain storage, so a Hugging Face cache's symlinked snapshots still load."""
+        return self
+
     def local_path(self, rel: str) -> str | None:
         """Where the object is on this machine's file system, for tools that need a real file
         (a kernel-side copy, DCP's file reader); None where objects are not local files."""

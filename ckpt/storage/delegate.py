@@ -7,6 +7,7 @@ instead of slipping past a wrapper unnoticed.
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
 from typing import BinaryIO
 
@@ -35,6 +36,11 @@ class DelegatingStorage(Storage):
     @property
     def supports_put_if_absent(self) -> bool:
         return self.inner.supports_put_if_absent
+
+    def confine(self) -> Storage:
+        confined = copy.copy(self)
+        confined.inner = self.inner.confine()
+        return confined
 
     def local_path(self, rel: str) -> str | None:
         return self.inner.local_path(rel)

@@ -4,14 +4,21 @@ Writes are fsynced before they count; an atomic put writes a temp file,
 fsyncs it, renames it into place and fsyncs the directory; a conditional put
 links the fsynced temp file to its name, which fails if the name exists.
 Reads go straight into the caller's buffers (``preadv``) or are mapped from
-the page cache (``map_range``). Local calls are not retried.
+the page cache (``map_range``). A checkpoint's reader ``confine()`` s the storage:
+then objects are read only from regular files reached without following a symlink
+inside the location (``UnsafeObjectError`` otherwise), since a manifest names them
+and a planted link, FIFO or directory must not make a reader read outside the
+checkpoint or block. Local calls are not retried.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import errno
 import mmap
 import os
+import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +27,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import TruncatedObjectError
+from ..errors import TruncatedObjectError, UnsafeObjectError
 from .generic import FsspecStorage
 
 T = TypeVar("T")
@@ -51,6 +58,12 @@ class LocalStorage(FsspecStorage):
         super().__init__(uri, **storage_options)
         if not isinstance(self.fs, LocalFileSystem):
             raise ValueError(f"{uri}: not a local path (open it with ckpt.storage.open_storage)")
+        self.confined = False  # see confine()
+
+    def confine(self) -> LocalStorage:
+        confined = copy.copy(self)
+        confined.confined = True
+        return confined
 
     def _call(self, operation: str, rel: str, fn: Callable[[], T]) -> T:
         return fn()  # a local error is not transient
@@ -127,11 +140,75 @@ class LocalStorage(FsspecStorage):
         finally:
             os.close(fd)
 
+    def open_regular(self, rel: str) -> int:
+        """A read-only descriptor of the regular file ``rel``: each component below the location
+        is opened without following a symlink (O_NOFOLLOW), the file without blocking on a FIFO
+        (O_NONBLOCK), and anything but a regular file is refused (fstat). A missing one raises
+        FileNotFoundError; a link, FIFO, device or directory UnsafeObjectError."""
+        *dirs, name = rel.split("/")
+        fd = os.open(self.root or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the location may be a link
+        try:
+            for part in dirs:
+                step = self._open_at(fd, part, rel, os.O_DIRECTORY)
+                os.close(fd)
+                fd = step
+            found = self._open_at(fd, name, rel, os.O_NONBLOCK)
+        finally:
+            os.close(fd)
+        mode = os.fstat(found).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(found)
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise UnsafeObjectError(f"{self.describe(rel)}: a {kind}, not a regular file; not read")
+        return found
+
+    def _open_at(self, fd: int, part: str, rel: str, flags: int) -> int:
+        try:
+            return os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags, dir_fd=fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                try:
+                    link = stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode)
+                except OSError:
+                    link = False
+                if link:
+                    raise UnsafeObjectError(f"{self.describe(rel)}: {part} is a symbolic link, not followed") from None
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, f"{self.describe(rel)}: no such object") from None
+            raise
+
+    def _open(self, rel: str) -> int:
+        return self.open_regular(rel) if self.confined else os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
+
+    def size(self, rel: str) -> int:
+        if not self.confined:
+            return super().size(rel)
+        fd = self.open_regular(rel)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, rel: str) -> bytes:
+        if not self.confined:
+            return super().read_bytes(rel)
+        with os.fdopen(self.open_regular(rel), "rb") as f:
+            return f.read()
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        if not self.confined:
+            return super().read_range(rel, start, stop)
+        fd = self.open_regular(rel)
+        try:
+            return os.pread(fd, max(0, stop - start), start)
+        finally:
+            os.close(fd)
+
     def read_into_many(self, rel: str, start: int, bufs: list[memoryview]) -> None:
         """Read straight into the buffers (no intermediate copy)."""
         n = sum(len(b) for b in bufs)
         got = 0
-        fd = os.open(self.path(rel), os.O_RDONLY)
+        fd = self._open(rel)
         try:
             pending = [b for b in bufs if len(b)]
             while pending:
@@ -152,7 +229,7 @@ class LocalStorage(FsspecStorage):
         """A private (copy-on-write) mapping of the page cache: readers may view it as a
         writable tensor without touching the file. Objects are immutable once written; a
         short file raises TruncatedObjectError here, never SIGBUS later."""
-        fd = os.open(self.path(rel), os.O_RDONLY)
+        fd = self._open(rel)
         try:
             size = os.fstat(fd).st_size
             if stop > size:
