@@ -211,7 +211,7 @@ def collect(root: str, doomed: list[Entry], storage_options: dict[str, Any] | No
             storage = open_storage(e.uri, **opts)
             storage.put_atomic(RETIRED_MARKER, json.dumps({"retired": time.time()}).encode())
             storage.delete(MANIFEST)
-    root_storage = open_storage(root, **opts)
+    root_storage = open_storage(root, **opts).confine()  # a FIFO as a manifest must not hang gc
     live = live_objects(root_storage)
     doomed_names = {e.name for e in doomed}
     retired = [e for e in scan(root, opts) if e.status is EntryStatus.RETIRED and e.name not in doomed_names]

@@ -175,24 +175,34 @@ def live_objects(root: Storage, excluding: frozenset[str] = frozenset()) -> set[
                         doc = json.loads(root.read_bytes(f"{n}/{STAGING_DIR}/{save}/{f}"))
                     except FileNotFoundError:
                         continue  # committed meanwhile: its manifest is read below
-                    except ValueError:
+                    except (ValueError, OSError, CheckpointError):
                         return None
-                    live.update(f"{s}/{r}" for s, rels in doc["refs"].items() for r in rels)
+                    if not _add_refs(live, doc.get("refs") if isinstance(doc, dict) else None):
+                        return None
     for n in names:
         if n in excluding:
             continue
         try:
             doc = json.loads(root.read_bytes(f"{n}/{MANIFEST}"))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            continue
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, CheckpointError):
+            continue  # none, or not a regular file (confined storage): nothing loads it
         except ValueError:
             continue  # not JSON at all: nothing can load it, so it references nothing
         if not isinstance(doc, dict):
             continue
-        if not isinstance(doc.get("refs") or {}, dict):
+        if not _add_refs(live, doc.get("refs") or {}):
             return None
-        live.update(f"{s}/{r}" for s, objs in (doc.get("refs") or {}).items() for r in objs)
     return live
+
+
+def _add_refs(live: set[str], refs: Any) -> bool:
+    """Add ``refs`` (sibling -> its objects) to ``live``; False if it is not that shape."""
+    if not isinstance(refs, dict) or not all(isinstance(objs, (dict, list)) for objs in refs.values()):
+        return False
+    if not all(isinstance(r, str) for objs in refs.values() for r in objs):
+        return False
+    live.update(f"{s}/{r}" for s, objs in refs.items() for r in objs)
+    return True
 
 
 def _listdir(storage: Storage, rel: str) -> list[str]:
