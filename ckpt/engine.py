@@ -284,7 +284,7 @@ def write_rank(
     digests: list[str | None] = [None] * len(chunks)
     if enc.digests and chunks:
         with timings.phase("serialize"):
-            digests = list(digest_chunks(chunks))
+            digests = [*digest_chunks(chunks)]
     reused: dict[int, Chunk] = {}
     if enc.base and chunks:
         reused, held = refs.reuse(storage, save_id, rank, enc.base, [c.spec for c in chunks], digests)
