@@ -22,7 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .catalog import Entry, EntryStatus, collect, latest_name, plan_gc, scan
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptChunkError,
+    StateDictMismatchError,
+)
 from .format import LATEST
 from .load import load
 from .locate import read_latest
@@ -43,6 +48,11 @@ def _stop_all_at_exit() -> None:
 
 
 threading._register_atexit(_stop_all_at_exit)
+
+
+# What restore() skips: a checkpoint that is damaged, corrupt or gone. A mismatch with the target,
+# a storage failure or anything else is raised on every rank.
+SKIPPED = (CheckpointFormatError, CorruptChunkError, CheckpointNotFoundError)
 
 
 @dataclass
@@ -95,6 +105,9 @@ class Manager:
         self._preempt = threading.Event()
         self._errors: list[BaseException] = []
         self._in_flight: dict[str, _Pending] = {}
+        # Checkpoints newer than the one restore() loaded (name -> step): retention keeps them, and
+        # they do not count against this job's own saves, until the job commits a newer step.
+        self._guarded: dict[str, int | None] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         # Not a daemon thread, stopped before interpreter shutdown (threading's own exit hook, which
@@ -180,36 +193,54 @@ class Manager:
         """Load the newest checkpoint that loads completely (or the one saved at ``step``);
         return its step + 1, or None when there is nothing to resume from.
 
-        Incomplete, damaged and corrupt checkpoints are skipped with a warning
-        that says why; all ranks agree on the one they load. A ``step`` that has no
-        committed checkpoint, or does not load, raises instead.
+        Only damaged, corrupt and incomplete checkpoints are skipped, each with a warning that
+        says why; all ranks agree on the one they load. A target that does not match a complete
+        checkpoint (a renamed key, a fresh optimizer's missing state) raises
+        ``StateDictMismatchError``: it is never taken for a reason to start over. A ``step`` that
+        has no committed checkpoint, or does not load, raises too. Checkpoints newer than the
+        one loaded are kept by retention until this job commits a newer step.
         """
+        entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
         if step is not None:
-            found = [e for e in self.checkpoints() if e.step == step and e.status is EntryStatus.COMPLETE]
+            found = [e for e in entries if e.step == step and e.status is EntryStatus.COMPLETE]
             if not found:
                 raise CheckpointNotFoundError(
                     f"{self.root}: no committed checkpoint at step {step} (steps: {self.all_steps()})"
                 )
             manifest = load(state_dict, found[0].uri, options=self.load_options, process_group=self.process_group)
+            self._guard_newer_than(found[0], entries)
             return (manifest.step if manifest.step is not None else step) + 1
-        entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
         complete = [e for e in entries if e.status is EntryStatus.COMPLETE]
         newest = order_key(complete[0].info()) if complete else None
         for e in entries:
             if e.status is EntryStatus.DAMAGED:
                 log.warning("skipping %s: damaged manifest: %s", e.uri, e.error)
-            elif e.status is EntryStatus.INCOMPLETE and (newest is None or order_key(e.info()) > newest):
+            elif e.status is not EntryStatus.COMPLETE and (newest is None or order_key(e.info()) > newest):
                 log.warning("skipping %s: incomplete (no manifest; the save never committed)", e.uri)
         for e in complete:
-            error = None
-            try:
+            try:  # every rank raises together (ckpt.load agrees), so every rank skips or raises alike
                 manifest = load(state_dict, e.uri, options=self.load_options, process_group=self.process_group)
-            except (CheckpointError, OSError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            if not self._agree(error is not None):
-                return (manifest.step if manifest.step is not None else e.step or 0) + 1
-            log.warning("skipping %s: %s", e.uri, error or "another rank could not load it")
+            except StateDictMismatchError:
+                raise  # the target does not match a good checkpoint: never a reason to start over
+            except SKIPPED as exc:
+                log.warning("skipping %s: %s: %s", e.uri, type(exc).__name__, exc)
+                continue
+            self._guard_newer_than(e, entries)
+            return (manifest.step if manifest.step is not None else e.step or 0) + 1
+        self._guard_newer_than(None, entries)
         return None
+
+    def _guard_newer_than(self, restored: Entry | None, entries: list[Entry]) -> None:
+        """Keep every checkpoint newer than ``restored`` (all of them after a fresh start) from
+        retention until this job has committed a newer step: skipped ones may be repairable, and a
+        run that restarted behind them must not have its own saves pushed out by them."""
+        floor = order_key(restored.info()) if restored is not None else None
+        with self._lock:
+            self._guarded = {
+                e.name: e.step
+                for e in entries
+                if e.status is not EntryStatus.INCOMPLETE and (floor is None or order_key(e.info()) > floor)
+            }
 
     # -- listing ----------------------------------------------------------------------------------
     @property
@@ -249,7 +280,7 @@ class Manager:
                 pending.handle.wait()
                 if self.rank == 0:
                     self._mark_latest(pending)
-                    self._apply_retention()
+                    self._apply_retention(pending.step)
             except BaseException as e:
                 log.error("save %s/%s failed: %s", self.root, pending.name, e)
                 self._errors.append(e)
@@ -267,10 +298,14 @@ class Manager:
         doc = {"name": pending.name, "step": pending.step, "save_id": pending.handle.save_id}
         self.storage.put_atomic(LATEST, json.dumps(doc).encode())
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, committed_step: int) -> None:
         with self._lock:
             in_flight = frozenset(self._in_flight)
-        doomed = plan_gc(self.checkpoints(), self.retention, time.time(), in_flight)
+            # released once this job has committed a step newer than theirs
+            self._guarded = {n: s for n, s in self._guarded.items() if s is None or s >= committed_step}
+            guarded = set(self._guarded)
+        entries = [e for e in self.checkpoints() if e.name not in guarded]
+        doomed = plan_gc(entries, self.retention, time.time(), in_flight)
         if doomed:
             kept = {e.name for e in collect(self.root, doomed, self.storage.options)}
             for entry in doomed:

@@ -362,3 +362,78 @@ def test_stale_ram_copy_is_not_used(tmp_path, daemon):
     target = {"w": torch.zeros(32)}
     ckpt.load(target, uri, options=LoadOptions(daemon=daemon))
     assert torch.equal(target["w"], torch.full((32,), 2.0))
+
+
+def test_restore_raises_a_mismatch_instead_of_starting_over(tmp_path):
+    """Issue 11: a target that does not match (a renamed key, a fresh optimizer's missing state) made
+    restore skip every good checkpoint and return None; the job then started from scratch over its run."""
+    root = str(tmp_path)
+    for step in (1, 2):
+        ckpt.save(_state(step), f"{root}/step-{step:08d}", step=step)
+    mgr = ckpt.Manager(root, handle_sigterm=False)
+    try:
+        target = {"w": torch.zeros(64, 64), "step": 0, "optim": {"lr": 0.1}}
+        with pytest.raises(ckpt.StateDictMismatchError, match=r"optim\.lr: missing from the checkpoint"):
+            mgr.restore(target)
+        assert torch.equal(target["w"], torch.zeros(64, 64))
+        with pytest.raises(ckpt.StateDictMismatchError, match="shape"):
+            mgr.restore({"w": torch.zeros(32, 64), "step": 0})
+        assert sorted(os.listdir(root)) == ["step-00000001", "step-00000002"]
+    finally:
+        mgr.close()
+
+
+def test_retention_keeps_checkpoints_newer_than_the_restored_one_until_the_job_passes_them(tmp_path, caplog):
+    """The newest checkpoint does not load (corrupt), so the job restores step 2 and saves 3, 4, ...
+    with keep_last=2. The skipped step 10 is kept, and does not push the job's own saves out, until
+    the job commits a step past it; then retention treats it like any other."""
+    root = str(tmp_path)
+    for step in (1, 2, 10):
+        ckpt.save(_state(step), f"{root}/step-{step:08d}", step=step)
+    data = glob.glob(f"{root}/step-00000010/data/*")[0]
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) - 8)
+        f.write(b"\xff" * 4)
+    mgr = ckpt.Manager(root, every_steps=1, retention=RetentionPolicy(keep_last=2), handle_sigterm=False)
+    try:
+        target = _state(-1)
+        with caplog.at_level(logging.WARNING, logger="ckpt.manager"):
+            assert mgr.restore(target) == 3
+        assert "step-00000010: CorruptChunkError" in caplog.text
+        for step in range(3, 10):
+            mgr.maybe_save(step, _state(step))
+            mgr.wait()
+            names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+            assert "step-00000010" in names, (step, names)
+            assert f"step-{step:08d}" in names and f"step-{step - 1:08d}" in names, (step, names)
+        for step in (11, 12):
+            mgr.maybe_save(step, _state(step))
+        mgr.wait()
+    finally:
+        mgr.close()
+    assert sorted(n for n in os.listdir(root) if n.startswith("step-")) == ["step-00000011", "step-00000012"]
+
+
+def test_a_fresh_start_over_unloadable_checkpoints_keeps_them_and_its_own_saves(tmp_path):
+    """Every checkpoint of the run is corrupt: the job starts fresh (None), and retention neither deletes
+    the old run's checkpoints nor lets their higher steps crowd out the new run's saves (keep_last=1
+    used to keep step 200 and delete each new save)."""
+    root = str(tmp_path)
+    for step in (100, 200):
+        ckpt.save(_state(step), f"{root}/step-{step:08d}", step=step)
+        data = glob.glob(f"{root}/step-{step:08d}/data/*")[0]
+        with open(data, "r+b") as f:
+            f.seek(os.path.getsize(data) - 8)
+            f.write(b"\xff" * 4)
+    mgr = ckpt.Manager(root, every_steps=1, retention=RetentionPolicy(keep_last=1), handle_sigterm=False)
+    try:
+        assert mgr.restore(_state(-1)) is None
+        for step in (1, 2, 3):
+            mgr.maybe_save(step, _state(step))
+            mgr.wait()
+    finally:
+        mgr.close()
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+    assert names == ["step-00000003", "step-00000100", "step-00000200"], names
+    target = _state(-1)
+    assert ckpt.Manager(root, handle_sigterm=False).restore(target) == 4 and target["step"] == 3
