@@ -92,6 +92,8 @@ class Sharded:
 
 @dataclass
 class TensorEntry:
+    """One tensor of a state dict: its local tensor and the pieces of the global tensor it holds."""
+
     key: str
     local: torch.Tensor
     global_shape: Shape
@@ -101,6 +103,7 @@ class TensorEntry:
     # (``placement_json``): enough for any rank to compute every rank's pieces (ckpt/rules.py).
     mesh: tuple[Shape, tuple[int, ...]] | None = None
     placements: tuple[str, ...] = ()
+    device_mesh: Any = None  # a DTensor's DeviceMesh: the process groups of its replicas (ckpt/share.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,7 +137,7 @@ def _describe_dtensor(key: str, dt: DTensor) -> TensorEntry:
         local = dt.to_local()
     if tuple(local.shape) != local_shape:
         raise UnsupportedValueError(f"{key}: local shape {tuple(local.shape)} does not match its placements")
-    return TensorEntry(key, local, shape, pieces, layout, *rule)
+    return TensorEntry(key, local, shape, pieces, layout, *rule, dt.device_mesh)
 
 
 _layouts: dict[tuple, tuple[Shape, tuple[Piece, ...], str, tuple]] = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import agree, refs, structure
+from . import agree, refs, share, structure
 from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, check_holds, target_view
@@ -73,7 +73,7 @@ def load(
     options = dataclasses.replace(options or LoadOptions(), **{k: v for k, v in changes.items() if v is not None})
     result, error = None, None
     try:
-        result = _load(state_dict, uri, options)
+        result = _load(state_dict, uri, options, process_group)
     except Exception as e:  # every rank raises together, or the others hang at their next collective
         error = e
     agree.raise_together(error, f"load of {uri}", process_group)
@@ -81,7 +81,45 @@ def load(
     return result
 
 
-def _load(state_dict: dict, uri: str, options: LoadOptions) -> LoadResult:
+@dataclass
+class _Matched:
+    """A checkpoint matched to the caller's state dict, ready to read."""
+
+    storage: Storage  # where tensors are read from: the RAM tier's copy where it holds this very save
+    manifest: Manifest
+    flat: Flat
+    targets: dict[str, TensorEntry]
+    result: LoadResult
+    ram_tier: bool
+
+
+def _load(state_dict: dict, uri: str, options: LoadOptions, group: Any) -> LoadResult:
+    matched, units, error = None, None, None
+    sharing = options.share_replicas is not False and agree.distributed(group)
+    try:
+        matched = _match(state_dict, uri, options)
+        if sharing and isinstance(matched, _Matched):
+            units = share.find_units(matched.targets, matched.manifest, group)
+    except Exception as e:  # raised after the agreement below, which every rank must join
+        error = e
+    shared: list[share.Unit] = []
+    if sharing:
+        m = matched if isinstance(matched, _Matched) else None
+        mode = share.rank_mode(options.share_replicas, m.storage.is_remote, m.ram_tier) if m else "never"
+        shared = share.agree(units if error is None else None, mode, options, group)
+    if error is not None:
+        raise error
+    if not isinstance(matched, _Matched):
+        return matched  # a foreign checkpoint, read in place
+    read_tensors(matched.storage, matched.manifest, matched.targets, options, shared)
+    for key in matched.flat.values:
+        if key in matched.manifest.values:
+            _assign(matched.flat.refs[key], matched.manifest.values[key])
+    return matched.result
+
+
+def _match(state_dict: dict, uri: str, options: LoadOptions) -> _Matched | LoadResult:
+    """Open the checkpoint and match the state dict to it (or read a foreign checkpoint in place)."""
     try:
         storage, manifest = open_checkpoint(uri, options.storage_options)
     except CheckpointNotFoundError:
@@ -94,15 +132,13 @@ def _load(state_dict: dict, uri: str, options: LoadOptions) -> LoadResult:
     flat = flatten(state_dict, check_values=False)
     filled = fill_empty(flat, manifest, options, storage)
     missing, unexpected = _check_match(storage.uri, manifest, flat, filled, options)
-    read_from: Storage | RamTierStorage = storage
+    read_from: Storage = storage
     if options.daemon:
         read_from = _with_ram_tier(storage, manifest, options.daemon)
-    read_tensors(read_from, manifest, {k: e for k, e in flat.tensors.items() if k in manifest.tensors}, options)
-    for key in flat.values:
-        if key in manifest.values:
-            _assign(flat.refs[key], manifest.values[key])
     fields = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(Manifest)}
-    return LoadResult(**fields, uri=storage.uri, missing_keys=missing, unexpected_keys=unexpected, filled_keys=filled)
+    result = LoadResult(**fields, uri=storage.uri, missing_keys=missing, unexpected_keys=unexpected, filled_keys=filled)
+    targets = {k: e for k, e in flat.tensors.items() if k in manifest.tensors}
+    return _Matched(read_from, manifest, flat, targets, result, read_from is not storage)
 
 
 def _with_ram_tier(storage: Storage, manifest: Manifest, daemon: str) -> Storage:
@@ -304,8 +340,23 @@ def _assign(ref: LeafRef, value: Any) -> None:
     ref.container[ref.key] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
 
 
-def read_tensors(storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], options: LoadOptions) -> None:
-    """Fill each target's pieces from the stored chunks that intersect them."""
+def read_tensors(
+    storage: Storage,
+    manifest: Manifest,
+    targets: dict[str, TensorEntry],
+    options: LoadOptions,
+    shared: list[share.Unit] | None = None,
+) -> None:
+    """Fill each target's pieces from the stored chunks that intersect them; the targets of ``shared``
+    replica groups (``share.agree``) are read once per group and broadcast (``share.run``)."""
+    if shared:
+        share.run(shared, targets, manifest, lambda part: _read_pieces(storage, manifest, part, options), options)
+        held = {k for u in shared for k in u.keys}
+        targets = {k: e for k, e in targets.items() if k not in held}
+    _read_pieces(storage, manifest, targets, options)
+
+
+def _read_pieces(storage: Storage, manifest: Manifest, targets: dict[str, TensorEntry], options: LoadOptions) -> None:
     needs: list[Need] = []
     for key, entry in targets.items():
         rec = manifest.tensors[key]

@@ -161,6 +161,16 @@ class LoadOptions:
     storage_options: passed to fsspec (credentials, endpoint_url, ...).
     daemon: a node-local ckpt-server (default $CKPT_DAEMON) whose RAM copy of this
         very save, if it has one, serves the objects it holds; the rest comes from storage.
+    share_replicas: bytes several ranks need (plain tensors every rank holds, DTensor shards
+        replicated over a mesh dim) are read from storage once, split across those ranks, and
+        broadcast over their process group (``ckpt.share``). ``"auto"`` (default) shares where
+        it saves storage traffic: object stores, or a file system seen from several hosts (one
+        host's page cache already reads a local file once), and not from the daemon's RAM tier
+        or for less than ``share_min_bytes``. ``True`` always shares, ``False`` never. Every
+        rank must pass the same setting.
+    share_bucket_bytes: bytes a replica group reads per round; the next round's reads overlap
+        the current round's broadcasts.
+    share_min_bytes: under ``"auto"``, a replica group with less than this to share reads it directly.
     """
 
     strict: bool = True
@@ -173,6 +183,15 @@ class LoadOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     daemon: str | None = field(default_factory=_daemon_from_env)
     fill: Callable[[str, tuple[int, ...], torch.dtype], Any] | None = None
+    share_replicas: bool | str = "auto"
+    share_bucket_bytes: int = 64 << 20
+    share_min_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.share_replicas not in (True, False, "auto"):
+            raise ValueError(f"share_replicas must be True, False or 'auto', not {self.share_replicas!r}")
+        if self.share_bucket_bytes <= 0:
+            raise ValueError("share_bucket_bytes must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
