@@ -10,7 +10,7 @@ the bytes for k replicas; instead the group
    group holds (a digest of keys, layouts and the save read) and whether sharing pays (:func:`decide`);
 2. cuts its targets into parts, a target piece times a stored chunk, large ones cut again into row slabs
    where their edges can fall on checksum block edges, so no block is read twice (:func:`cut_parts`);
-3. gives each member a balanced share, in rounds of about ``share_bucket_bytes`` (:func:`plan_rounds`);
+3. gives each member an equal run of storage, in rounds of about ``share_bucket_bytes`` (:func:`plan_rounds`);
 4. per round, each member reads and verifies its parts through the ordinary read path, then broadcasts
    them (large contiguous parts straight from and into the target tensors, the rest packed into one buffer
    per owner); the next round's reads run while the current round's broadcasts are in flight
@@ -28,7 +28,6 @@ so the group never hangs and the load's final agreement makes every rank raise.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 import socket
 from collections.abc import Callable
@@ -54,6 +53,7 @@ class Part:
     piece: int
     box: Box
     nbytes: int  # stored bytes: what its reader fetches
+    at: tuple[str, int] = ("", 0)  # (object, offset) of its first stored byte: members read runs of storage
 
 
 Round = list[list[Part]]  # per member (in group order): the parts it reads and broadcasts in that round
@@ -72,8 +72,10 @@ def cut_parts(
     for c in chunks:
         inter = c.box.intersect(box)
         if inter is not None and inter.numel:
-            slabs = _slabs(inter, c.box, itemsize, block_bytes, max_bytes)
-            out.extend(Part(key, piece, b, b.numel * itemsize) for b in slabs)
+            strides = row_major_strides(c.box.sizes)
+            for b in _slabs(inter, c.box, itemsize, block_bytes, max_bytes):
+                first = sum(o * s for o, s in zip(b.relative_to(c.box).offsets, strides)) * itemsize
+                out.append(Part(key, piece, b, b.numel * itemsize, (c.object, c.offset + first)))
     return out
 
 
@@ -101,25 +103,29 @@ def _slabs(inter: Box, chunk: Box, itemsize: int, block_bytes: int, max_bytes: i
 
 
 def plan_rounds(parts: list[Part], members: int, round_bytes: int) -> list[Round]:
-    """Who reads which part, and when: largest parts first to the least-loaded member (ties to the lowest),
-    then each member's parts, in their given order, cut into rounds of about ``round_bytes / members``."""
-    loads = [(0, m) for m in range(members)]
-    mine: list[list[int]] = [[] for _ in range(members)]
-    for i in sorted(range(len(parts)), key=lambda i: (-parts[i].nbytes, i)):
-        load, m = heapq.heappop(loads)
-        mine[m].append(i)
-        heapq.heappush(loads, (load + parts[i].nbytes, m))
+    """Who reads which part, and when. In storage order, the parts are cut into ``members`` runs of about
+    equal bytes (a part goes to the run its middle byte falls in), so each member reads a few long ranges,
+    never reading through another member's bytes; each run is then cut into rounds of about
+    ``round_bytes / members``."""
+    order = sorted(range(len(parts)), key=lambda i: (parts[i].at, i))
+    total = sum(p.nbytes for p in parts)
+    runs: list[list[Part]] = [[] for _ in range(members)]
+    before = 0
+    for i in order:
+        n = parts[i].nbytes
+        runs[min(members - 1, (2 * before + n) * members // max(1, 2 * total))].append(parts[i])
+        before += n
     per = max(1, round_bytes // members)
     batches: list[list[list[Part]]] = []
-    for m in range(members):
+    for run in runs:
         cut: list[list[Part]] = []
         size = 0
-        for i in sorted(mine[m]):
-            if not cut or (size and size + parts[i].nbytes > per):
+        for part in run:
+            if not cut or (size and size + part.nbytes > per):
                 cut.append([])
                 size = 0
-            cut[-1].append(parts[i])
-            size += parts[i].nbytes
+            cut[-1].append(part)
+            size += part.nbytes
         batches.append(cut)
     n = max((len(b) for b in batches), default=0)
     return [[b[r] if r < len(b) else [] for b in batches] for r in range(n)]
