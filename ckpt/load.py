@@ -64,7 +64,9 @@ def load(
     Keys: ``strict`` (default) wants the same keys on both sides; ``partial`` wants
     every target key in the checkpoint and skips the rest; ``strict=False`` takes what
     matches. Under torch.distributed every rank raises if any rank fails (one small
-    collective). Returns the manifest with ``missing_keys`` / ``unexpected_keys``.
+    collective), and bytes several ranks hold (replicas) are read once between them and
+    broadcast (``LoadOptions.share_replicas``; one more small gather to agree on it), so every
+    rank must call ``load``. Returns the manifest with ``missing_keys`` / ``unexpected_keys``.
     A checkpoint in another format (``ckpt.interop``: DCP, DeepSpeed, Megatron
     ``torch_dist``, ByteCheckpoint, safetensors, ``torch.save``) is read in place
     the same way, and its ``SourceInfo`` (step, metadata) is returned.
