@@ -5,6 +5,8 @@ corrupt chunk and a mismatch on one rank make every rank raise instead of hangin
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import slowfs
 import torch
@@ -15,6 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import ckpt
 from ckpt.format import MANIFEST, Manifest
+from ckpt.options import Compression
 
 pytestmark = pytest.mark.dist
 
@@ -98,18 +101,25 @@ def _load_twice(rank: int, world: int, path: str, kind: str, counter: str) -> di
             "bitwise": sorted(k for k in want if _bitwise(got[k], want[k])),
             "step": target.get("step"),
         }
-    # local files take the other read paths (direct preadv, page-cache mappings of partial chunks)
-    target = _state(kind, 2, rank)
-    ckpt.load(target, path, options=ckpt.LoadOptions(share_replicas=True, share_bucket_bytes=24 << 10))
-    got = _locals(target)
-    results["local"] = sorted(k for k in want if _bitwise(got[k], want[k]))
+    # local files take the other read paths (direct preadv, page-cache mappings of partial chunks),
+    # and compressed chunks are read by frames (the checksum blocks parts are cut on)
+    zipped = dataclasses.replace(SAVE, compression=Compression())
+    ckpt.save(_state(kind, 0, rank), f"{path}-z", options=zipped)
+    for where in (path, f"{path}-z"):
+        target = _state(kind, 2, rank)
+        ckpt.load(target, where, options=ckpt.LoadOptions(share_replicas=True, share_bucket_bytes=24 << 10))
+        got = _locals(target)
+        results[where] = sorted(k for k in want if _bitwise(got[k], want[k]))
     return results
 
 
-def _state_bytes(path: str) -> dict[str, int]:
+def _manifest(path: str) -> Manifest:
     with open(f"{path}/{MANIFEST}", "rb") as f:
-        manifest = Manifest.from_json_bytes(f.read(), path)
-    return {k: t.dtype.itemsize * int(torch.Size(t.shape).numel()) for k, t in manifest.tensors.items()}
+        return Manifest.from_json_bytes(f.read(), path)
+
+
+def _state_bytes(path: str) -> dict[str, int]:
+    return {k: t.dtype.itemsize * int(torch.Size(t.shape).numel()) for k, t in _manifest(path).tensors.items()}
 
 
 @pytest.mark.parametrize("kind", ["plain", "hsdp"])
@@ -119,12 +129,13 @@ def test_replicas_read_once_and_load_bitwise(tmp_path, kind):
         _load_twice, WORLD, path, kind, str(tmp_path / "counter"), start_method="forkserver", timeout=400
     )
     sizes = _state_bytes(path)
+    assert any(c.codec is not None for t in _manifest(f"{path}-z").tensors.values() for c in t.chunks)
     total = sum(sizes.values())
     tensors = sorted(sizes)
     for r in results:
         for mode in (True, False, "auto"):
             assert r[mode]["bitwise"] == tensors, (mode, r[mode])
-        assert r["local"] == tensors
+        assert r[path] == r[f"{path}-z"] == tensors
     if kind == "plain":
         assert [r[True]["step"] for r in results] == [7] * WORLD
         shared, direct = total, WORLD * total
@@ -158,8 +169,7 @@ def test_every_rank_raises_when_one_fails(tmp_path, what):
     path = str(tmp_path / "c")
     run_ranks(_save_plain, 1, path, start_method="forkserver")
     if what == "corrupt":
-        with open(f"{path}/{MANIFEST}", "rb") as f:
-            chunk = Manifest.from_json_bytes(f.read(), path).tensors["w"].chunks[1]
+        chunk = _manifest(path).tensors["w"].chunks[1]
         flip_bits(f"{path}/{chunk.object}", chunk.offset + 100, 0x10)
     outcomes = run_ranks_outcomes(_corrupt_or_mismatch, WORLD, path, what, start_method="forkserver", timeout=300)
     assert [o.status for o in outcomes] == ["error"] * WORLD, [o.status for o in outcomes]
