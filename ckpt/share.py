@@ -288,7 +288,8 @@ def _run_unit(
     for key in unit.keys:
         rec, entry = manifest.tensors[key], targets[key]
         for i, p in enumerate(entry.pieces):
-            parts.extend(cut_parts(key, i, p.box, rec.dtype.itemsize, rec.chunks, manifest.block_bytes, max_part))
+            chunks = rec.chunks_in(p.box)
+            parts.extend(cut_parts(key, i, p.box, rec.dtype.itemsize, chunks, manifest.block_bytes, max_part))
     error: BaseException | None = None
     pending: _Transfers | None = None
     for rnd in plan_rounds(parts, k, options.share_bucket_bytes):

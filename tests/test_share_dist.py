@@ -16,7 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import ckpt
-from ckpt.format import MANIFEST, Manifest
+from ckpt.format import Manifest
+from ckpt.locate import open_checkpoint
 from ckpt.options import Compression
 
 pytestmark = pytest.mark.dist
@@ -114,8 +115,7 @@ def _load_twice(rank: int, world: int, path: str, kind: str, counter: str) -> di
 
 
 def _manifest(path: str) -> Manifest:
-    with open(f"{path}/{MANIFEST}", "rb") as f:
-        return Manifest.from_json_bytes(f.read(), path)
+    return open_checkpoint(path)[1]  # bound to its storage: DTensors' chunks are in object indexes
 
 
 def _state_bytes(path: str) -> dict[str, int]:
@@ -141,13 +141,15 @@ def test_replicas_read_once_and_load_bitwise(tmp_path, kind):
         shared, direct = total, WORLD * total
     else:
         # each rank's own "tp" rows are read by that rank alone; everything else once per job when shared,
-        # while without sharing each rank reads its half of "w"/"odd" and all of "norm"/"head"
+        # while without sharing each rank reads its half of "w"/"odd" and all of "norm"/"head" (at least:
+        # a direct read may read through small gaps between the chunks it needs)
         tp = sizes["tp"]
         shared = total
         direct = 2 * (sizes["w"] + sizes["odd"]) + WORLD * (sizes["norm"] + sizes["head"]) + tp
     assert sum(r[True]["bytes"] for r in results) == shared
     assert sum(r["auto"]["bytes"] for r in results) == shared  # slowfs is remote: auto shares
-    assert sum(r[False]["bytes"] for r in results) == direct
+    read_directly = sum(r[False]["bytes"] for r in results)
+    assert read_directly == direct if kind == "plain" else direct <= read_directly < direct + 1024
     assert all(r[True]["bytes"] > 0 for r in results)  # every member read its share
 
 
