@@ -25,7 +25,7 @@ import logging
 from typing import Any
 
 from .errors import CheckpointError
-from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, is_checkpoint_name, ref_object, split_ref
+from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, is_checkpoint_name, ref_object, split_ref
 from .framing import ChunkSpec
 from .storage import DelegatingStorage, Storage, open_storage
 
@@ -104,10 +104,10 @@ def reading(storage: Storage, manifest: Manifest) -> Storage:
     return RefStorage(storage) if manifest.refs else storage
 
 
-def _base_chunks(rec: Any, spec: ChunkSpec) -> list[Chunk]:
-    chunks_in = getattr(rec, "chunks_in", None)  # tensors stored by rule read only the indexes they need
-    found = chunks_in(spec.box) if chunks_in is not None else rec.chunks
-    return [c for c in found if c.box == spec.box]
+def _base_chunks(rec: TensorRecord, spec: ChunkSpec) -> list[Chunk]:
+    """The base's chunks at exactly ``spec``'s box (a tensor stored by rule reads only the object
+    indexes that hold them)."""
+    return [c for c in rec.chunks_in(spec.box) if c.box == spec.box]
 
 
 def reuse(
@@ -121,10 +121,31 @@ def reuse(
     base_storage = open_storage(base_uri, **storage.options)
     try:
         raw = base_storage.read_bytes(MANIFEST)
-        base = Manifest.from_json_bytes(raw, base_storage.describe(MANIFEST))
+        base = Manifest.from_json_bytes(raw, base_storage.describe(MANIFEST), base_storage)
+        found, held = _matches(base, base_name, own, specs, digests)  # may read the base's object indexes
     except (FileNotFoundError, CheckpointError) as e:
         log.warning("%s: incremental base not readable, writing every chunk (%s)", base_uri, e)
         return {}, {}
+    if not found:
+        return {}, {}
+    declaration = {"refs": {s: sorted(objs) for s, objs in held.items()}}
+    storage.put_atomic(f"{STAGING_DIR}/{save_id}/{DECLARATION.format(rank=rank)}", json.dumps(declaration).encode())
+    base_storage.invalidate()
+    try:
+        still = base_storage.read_bytes(MANIFEST) == raw
+    except FileNotFoundError:
+        still = False
+    if not still:
+        log.warning("%s: incremental base deleted during the save, writing every chunk", base_uri)
+        return {}, {}
+    return found, held
+
+
+def _matches(
+    base: Manifest, base_name: str, own: str, specs: list[ChunkSpec], digests: list[str | None]
+) -> tuple[dict[int, Chunk], dict[str, dict[str, int]]]:
+    """Base records equal to each spec's chunk (digest, size, dtype, same key and box), re-pointed
+    from a sibling of the base; and the objects they name (sibling -> {rel: size})."""
     found: dict[int, Chunk] = {}
     held: dict[str, dict[str, int]] = {}
     for i, (spec, digest) in enumerate(zip(specs, digests)):
@@ -142,18 +163,6 @@ def reuse(
             found[i] = dataclasses.replace(c, object=ref_object(sibling, rel))
             held.setdefault(sibling, {})[rel] = size
             break
-    if not found:
-        return {}, {}
-    declaration = {"refs": {s: sorted(objs) for s, objs in held.items()}}
-    storage.put_atomic(f"{STAGING_DIR}/{save_id}/{DECLARATION.format(rank=rank)}", json.dumps(declaration).encode())
-    base_storage.invalidate()
-    try:
-        still = base_storage.read_bytes(MANIFEST) == raw
-    except FileNotFoundError:
-        still = False
-    if not still:
-        log.warning("%s: incremental base deleted during the save, writing every chunk", base_uri)
-        return {}, {}
     return found, held
 
 
