@@ -7,7 +7,7 @@ mesh dim (the HSDP / DDP replicas of a shard). Reading those bytes on every memb
 the bytes for k replicas; instead the group
 
 1. agrees, in one small ``all_gather_object`` at the start of the load (:func:`agree`), on what each
-   group holds (a digest of keys, layouts and the save read) and whether sharing pays (:func:`decide`);
+   group holds (a digest of keys, layouts and the save being read) and whether sharing pays (:func:`decide`);
 2. cuts its targets into parts, a target piece times a stored chunk, large ones cut again into row slabs
    where their edges can fall on checksum block edges, so no block is read twice (:func:`cut_parts`);
 3. gives each member an equal run of storage, in rounds of about ``share_bucket_bytes`` (:func:`plan_rounds`);
@@ -21,8 +21,8 @@ global order (sorted by their ranks), so ranks in several groups never wait on e
 A rank whose read fails keeps taking part in every broadcast (sending what it has) and raises at the end,
 so the group never hangs and the load's final agreement makes every rank raise.
 
-1-3 are pure and tested without processes; only :func:`find_units`, :func:`agree` and :func:`run` touch
-``torch.distributed``.
+:func:`decide`, :func:`cut_parts` and :func:`plan_rounds` are pure and tested without processes; only
+:func:`find_units`, :func:`agree` and :func:`run` touch ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .describe import Piece, TensorEntry
+from .fetch import target_view
 from .format import Chunk, Manifest
 from .options import LoadOptions
 from .regions import Box, row_major_strides
@@ -52,7 +53,7 @@ class Part:
     key: str
     piece: int
     box: Box
-    nbytes: int  # stored bytes: what its reader fetches
+    nbytes: int  # bytes of its box as stored uncompressed: what the members are balanced by
     at: tuple[str, int] = ("", 0)  # (object, offset) of its first stored byte: members read runs of storage
 
 
@@ -271,7 +272,8 @@ def run(
     a dict of entries), broadcast them, receive the rest. Raises this rank's first read error at the end."""
     error: BaseException | None = None
     for unit in units:
-        error = _run_unit(unit, targets, manifest, read, options) or error
+        found = _run_unit(unit, targets, manifest, read, options)  # every unit runs: its members wait for us
+        error = error or found
     if error is not None:
         raise error
 
@@ -323,8 +325,6 @@ def _entries(parts: list[Part], targets: dict[str, TensorEntry]) -> dict[str, Te
 
 
 def _view(part: Part, targets: dict[str, TensorEntry]) -> torch.Tensor:
-    from .fetch import target_view
-
     return target_view(targets[part.key], part.piece, part.box)
 
 
