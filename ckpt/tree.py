@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from . import structure
+from . import refs, structure
 from .describe import describe_tensor
+from .fetch import check_holds
 from .format import Manifest
 from .load import read_tensors
 from .locate import open_checkpoint
@@ -57,9 +58,12 @@ class _Reader:
         self, storage: Storage, manifest: Manifest, options: LoadOptions, device: torch.device, dtype
     ) -> None:
         self.storage, self.manifest, self.options, self.device, self.dtype = storage, manifest, options, device, dtype
+        self._sizes: dict[str, int] = {}
 
     def read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read whole tensors in one planned pass (reads coalesced across keys)."""
+        for k in keys:  # memory only for what the objects really hold, never for a manifest's claim
+            check_holds(refs.reading(self.storage, self.manifest), self.manifest.tensors[k].chunks, self._sizes)
         out = {k: torch.empty(self.manifest.tensors[k].shape, dtype=self.manifest.tensors[k].dtype) for k in keys}
         read_tensors(self.storage, self.manifest, {k: describe_tensor(k, t) for k, t in out.items()}, self.options)
         return {k: self._place(t) for k, t in out.items()}
