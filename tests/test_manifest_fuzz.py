@@ -7,8 +7,8 @@ usually sealing the digest again as a writer that wrote those contents would (el
 check is all that is exercised). Then load, verify, ``ckpt.read``, ``ckpt info`` / ``verify`` /
 ``ls`` and gc planning run on it, and each must either raise a ``CheckpointError`` subclass or
 give back bitwise the saved tensors, within a watchdog (no hang), without allocating more than the
-objects hold, and without a successful read through a planted link. The fast test runs a few
-hundred manifests; the ``slow`` one 10,000.
+objects hold, and without a successful read through a planted link. The fast test runs a
+few dozen manifests (a few seconds); the ``slow`` one 10,000.
 """
 
 from __future__ import annotations
@@ -149,10 +149,12 @@ def mutated(draw):
         kind = draw(st.sampled_from(["replace", "replace", "replace", "delete", "redirect"]))
         if kind == "redirect":  # one name everywhere, so validation passes and the reader meets the file
             name = draw(st.sampled_from([*PLANTED, "data/copy.safetensors", "data/gone.safetensors"]))
-            if base.object in doc.get("objects", {}) and isinstance(doc["objects"], dict):
-                doc["objects"][name] = doc["objects"].pop(base.object)
-            for rec in (doc.get("tensors") or {}).values() if isinstance(doc.get("tensors"), dict) else ():
-                for c in rec.get("chunks", []) if isinstance(rec, dict) and isinstance(rec.get("chunks"), list) else ():
+            objects, tensors = doc.get("objects"), doc.get("tensors")
+            if isinstance(objects, dict) and base.object in objects:
+                objects[name] = objects.pop(base.object)
+            for rec in tensors.values() if isinstance(tensors, dict) else ():
+                chunks = rec.get("chunks") if isinstance(rec, dict) else None
+                for c in chunks if isinstance(chunks, list) else ():
                     if isinstance(c, dict) and c.get("object") == base.object:
                         c["object"] = name
             continue
@@ -263,7 +265,7 @@ def check(raw: bytes) -> None:
 FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
-@settings(max_examples=300, **FUZZ)
+@settings(max_examples=50, **FUZZ)
 @given(mutated())
 def test_mutated_manifests_fail_typed_or_give_the_saved_data(raw):
     check(raw)
