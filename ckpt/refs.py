@@ -22,12 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 from .format import MANIFEST, STAGING_DIR, Chunk, Manifest, TensorRecord, is_checkpoint_name, ref_object, split_ref
-from .framing import ChunkSpec
 from .storage import DelegatingStorage, Storage, open_storage
+
+if TYPE_CHECKING:  # framing imports torch: `ckpt ls` and `ckpt gc` reach this module without it
+    from .framing import ChunkSpec
 
 log = logging.getLogger("ckpt.refs")
 
