@@ -12,8 +12,8 @@ rank's payload to the largest, so a rank receives W x the largest).
 The object store is simulated in memory (``SimStore``, a ``Storage`` subclass): every request
 sleeps ``--latency`` seconds (default 20 ms, S3-like) and is logged with its time and key prefix
 (the key up to its last ``/``), so request counts and per-prefix request rates per second are
-counted, not estimated. Waiting ranks are simulated with the real ``commit.poll_delays`` schedule
-on a simulated clock (W-1 threads would measure the machine, not the protocol).
+counted, not estimated. Waiting ranks run the real ``commit.write_rank_index`` and ``commit.wait_committed``
+one after the other on a simulated clock (W-1 threads would measure the machine, not the protocol).
 
 DCP: its planner (``create_default_global_save_plan``, rank 0's job) runs on synthetic
 ``SavePlan`` s with one ``WriteItem`` per tensor shard for W up to ``--dcp-max-world``; the
@@ -49,7 +49,7 @@ from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
 
 from ckpt import commit as commit_mod  # noqa: E402
 from ckpt.describe import TensorEntry, dtensor_pieces, placement_json  # noqa: E402
-from ckpt.format import MANIFEST, Chunk, index_name, object_name, object_pattern, spread_prefix  # noqa: E402
+from ckpt.format import MANIFEST, Chunk, index_name, object_name, object_pattern  # noqa: E402
 from ckpt.indexes import digest, encode_index  # noqa: E402
 from ckpt.locate import read_manifest  # noqa: E402
 from ckpt.plan import fingerprint, make_save_plan, rank_descriptor  # noqa: E402
@@ -331,24 +331,62 @@ def rates(log: list[tuple[float, str, str]]) -> dict[str, float]:
     return {"max_reads_per_s": reads, "max_writes_per_s": writes, "requests": len(log)}
 
 
+class _Clock:
+    """Simulated time for ``commit``'s ``time.monotonic`` / ``time.sleep``."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class _PollStore:
+    """What a waiting rank sees: its index present until the commit, no ABORT; requests logged
+    at simulated times."""
+
+    is_remote = True
+    uri = "sim://bucket/ckpt"
+
+    def __init__(self, clock: _Clock, log: list, commit_end: float) -> None:
+        self.clock, self.log, self.commit_end = clock, log, commit_end
+
+    def _req(self, kind: str, rel: str) -> None:
+        self.log.append((self.clock.t, kind, rel.rsplit("/", 1)[0]))
+
+    def put_atomic(self, rel: str, data: bytes) -> None:
+        self._req("w", rel)
+
+    def exists(self, rel: str) -> bool:
+        self._req("r", rel)
+        return self.clock.t < self.commit_end
+
+    def read_bytes(self, rel: str) -> bytes:
+        self._req("r", rel)
+        raise FileNotFoundError(rel)
+
+    def invalidate(self) -> None:
+        pass
+
+
 def waiting_ranks(world: int, save_id: str, commit_end: float, window: float, seed: int = 0) -> list:
-    """The waiting ranks' requests on a simulated clock: each writes its staging index at a time
-    in [0, window), reads ABORT once, then polls its index on ``commit.poll_delays``' schedule
-    until the first poll after the commit, then reads ABORT once more."""
+    """The waiting ranks' requests: the REAL ``write_rank_index`` and ``wait_committed`` of each
+    rank, run on a simulated clock, the rank's index written at a random time in [0, window)."""
     rng = random.Random(seed)
-    remote = type("R", (), {"is_remote": True})()
-    log = []
-    for r in range(1, world):
-        prefix = f"_staging/{save_id}/{spread_prefix(r, world)}".rstrip("/")
-        t = rng.uniform(0, window)
-        log.append((t, "w", prefix))
-        log.append((t, "r", f"_staging/{save_id}"))
-        for delay in commit_mod.poll_delays(remote, world, rng):
-            t += delay
-            log.append((t, "r", prefix))
-            if t >= commit_end:
-                break
-        log.append((t, "r", f"_staging/{save_id}"))
+    log: list = []
+    real_time = commit_mod.time
+    try:
+        for r in range(1, world):
+            clock = _Clock(rng.uniform(0, window))
+            commit_mod.time = clock  # type: ignore[assignment]
+            store = _PollStore(clock, log, commit_end)
+            commit_mod.write_rank_index(store, save_id, r, {}, world)  # type: ignore[arg-type]
+            commit_mod.wait_committed(store, save_id, r, 600, world)  # type: ignore[arg-type]
+    finally:
+        commit_mod.time = real_time
     return log
 
 
