@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +54,8 @@ class Grid:
         for m in self.shard_dims:
             if not 0 <= ps[m][0] < len(shape):
                 raise ValueError(f"placement {placements[m]} names a dim of a {len(shape)}-d tensor")
+            if ps[m][1] > math.prod(mesh_shape):  # FSDP2 over TP splits by the mesh dims to its right
+                raise ValueError(f"placement {placements[m]} splits by more than the mesh's ranks")
         for d, n in enumerate(shape):
             steps = [m for m in self.shard_dims if ps[m][0] == d]
             segs = []
