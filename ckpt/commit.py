@@ -6,21 +6,27 @@ or split between them:
 1. every rank writes its data object (durable), then ``_staging/<save_id>/rank-NNNNN.json``
    listing its chunks (:func:`write_rank_index`); a rank that fails writes
    ``rank-NNNNN.error`` instead (:func:`report_failure`);
-2. the committer (rank 0) waits for every rank's index, writes ``manifest.json``
-   in one atomic step, then removes the staging files and any objects of the
-   checkpoint it replaced (:func:`commit`);
-3. the other ranks wait until their index is gone (committed) or ``ABORT`` appears
-   (:func:`wait_committed`).
+2. the committer (rank 0) waits for every rank's index, then writes ``manifest.json``
+   in one step: an exclusive create (only if no manifest is there), or with
+   ``overwrite`` a replacing put. That write is the commit point (:func:`commit`).
+   It then deletes the objects of the checkpoint it replaced and this save's staging
+   files, the rank indexes last but one: their disappearance wakes the other ranks;
+3. the other ranks poll their own index (one request per poll); once it is gone they
+   learn the outcome from the commit itself, the manifest naming their save, or from
+   ``ABORT`` (:func:`wait_committed`), never from the missing file alone.
 
 Until step 2 the location holds no manifest (or the previous one), so a crash at
-any point leaves nothing loadable that was not fully written. docs/FORMAT.md
-("Commit protocol") is the normative description.
+any point leaves nothing loadable that was not fully written. Nothing after the
+commit point fails a committed save: what clean-up cannot delete is logged and
+left for ``ckpt gc``. docs/FORMAT.md ("Commit protocol") is the normative description.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import structure
-from .errors import SaveAbortedError
+from .errors import CheckpointExistsError, ConcurrentSaveError, SaveAbortedError
 from .format import (
     MANIFEST,
     STAGING_DIR,
@@ -45,8 +51,17 @@ from .format import (
 )
 from .framing import ChunkSpec
 from .indexes import digest, encode_index
-from .storage import Storage, open_storage
+from .storage import ConditionalPutUnsupportedError, Storage, open_storage
 from .values import decode
+
+log = logging.getLogger("ckpt.commit")
+
+ABORT = "ABORT"  # the save will not commit: {"error": type name, "reason": ..., "rank": r or null}
+# Errors about the location itself: every rank of the save raises the same type.
+_LOCATION_ERRORS: dict[str, type[CheckpointExistsError]] = {
+    "CheckpointExistsError": CheckpointExistsError,
+    "ConcurrentSaveError": ConcurrentSaveError,
+}
 
 
 def staging_name(save_id: str, name: str) -> str:
@@ -88,11 +103,11 @@ def write_object_index(storage: Storage, save_id: str, rel: str, index: dict[str
 def report_failure(storage: Storage, save_id: str, rank: int, error: BaseException) -> None:
     """Tell the committer this rank will not finish (best effort). A failing rank 0
     is the committer: it aborts the save itself, or the others would wait out their timeout."""
-    reason = f"{type(error).__name__}: {error}"
+    doc = {"rank": rank, "error": type(error).__name__, "message": str(error)}
     try:
-        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), reason.encode())
+        storage.put_atomic(staging_name(save_id, f"rank-{rank:05d}.error"), json.dumps(doc).encode())
         if rank == 0:
-            storage.put_atomic(staging_name(save_id, "ABORT"), f"rank failure: rank-00000: {reason}".encode())
+            _write_abort(storage, save_id, [doc])
             _release_waiters(storage, save_id)
     except Exception:
         pass
@@ -128,7 +143,12 @@ def poll_delays(storage: Storage, world_size: int, rng: random.Random | None = N
 
 
 def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:
-    """Wait for every rank's index, then write the manifest (the commit point)."""
+    """Wait for every rank's index, then write the manifest (the commit point).
+
+    Rank 0's index says whether the save may replace a committed checkpoint
+    (``overwrite``); without it the manifest is created only if none exists, and
+    a save that loses that race raises ConcurrentSaveError on every rank.
+    """
     names = [f"{spread_prefix(r, world_size)}rank-{r:05d}.json" for r in range(world_size)]
     deadline = time.monotonic() + timeout_s
     delay = 0.001
@@ -137,33 +157,75 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
         present = _listing(storage, save_id)
         errors = sorted(n for n in present if n.endswith(".error"))
         if errors:
-            reasons = "; ".join(
-                f"{n[:-6]}: {storage.read_bytes(staging_name(save_id, n)).decode(errors='replace')}" for n in errors
-            )
-            _abort(storage, save_id, f"rank failure: {reasons}")
+            _abort(storage, save_id, *[_read_error(storage, save_id, n) for n in errors])
         missing = [n for n in names if n not in present]
         if not missing:
             break
         if time.monotonic() > deadline:
             waiting = ", ".join(m[:-5].rsplit("/", 1)[-1] for m in missing[:20])
             waiting += f", ... ({len(missing)})" if len(missing) > 20 else ""
-            _abort(storage, save_id, f"timed out after {timeout_s:.0f}s waiting for {waiting}")
+            why = f"timed out after {timeout_s:.0f}s waiting for {waiting}"
+            _abort(storage, save_id, {"rank": None, "error": "SaveAbortedError", "message": why})
         time.sleep(delay)
         delay = min(delay * 2, poll_cap(storage))
 
+    head = json.loads(storage.read_bytes(staging_name(save_id, names[0])))
     manifest = assemble(storage, save_id, names)
     manifest.validate(storage.describe(MANIFEST))
-    previous = _committed_objects(storage)
-    storage.put_atomic(MANIFEST, manifest.to_json_bytes())
-    replaced = previous - set(manifest.objects)
+    data = manifest.to_json_bytes()
+    previous = None
+    if head.get("overwrite", False):
+        previous = _committed_manifest(storage)
+        storage.put_atomic(MANIFEST, data)
+        if previous is not None:
+            log.info("%s: save %s committed, replacing save %s", storage.uri, save_id, previous[0])
+    elif not _create_manifest(storage, data):
+        other = _committed_manifest(storage)
+        reason = f"another save ({other[0] if other else 'unknown'}) committed at this location first"
+        _abort(storage, save_id, {"rank": None, "error": "ConcurrentSaveError", "message": reason})
+    # Committed. Nothing below may fail the save: what is left undone is litter for `ckpt gc`.
+    if previous is not None:
+        replaced = previous[1]
+        _best_effort(storage, "delete the replaced objects", lambda: _delete_replaced(storage, replaced, manifest))
+    _best_effort(storage, "clean up its staging files", lambda: _clean_staging(storage, save_id))
+    return manifest
+
+
+def _delete_replaced(storage: Storage, previous: list[str], manifest: Manifest) -> None:
+    """The replaced checkpoint's own objects that the new one does not name, except those
+    other checkpoints of the run root (or saves in flight there) still reference."""
+    replaced = {o for o in set(previous) - set(manifest.objects) if ".." not in o.split("/")}  # own objects only
     if replaced:
         replaced -= _referenced_by_siblings(storage, replaced)
     for rel in sorted(replaced):
-        storage.delete(rel)
-    storage.delete(f"{STAGING_DIR}/{save_id}", recursive=True)
-    if not storage.listdir(STAGING_DIR):
-        storage.delete(STAGING_DIR, recursive=True)
-    return manifest
+        _best_effort(storage, f"delete {rel} of the replaced save", lambda rel=rel: storage.delete(rel))
+
+
+def _clean_staging(storage: Storage, save_id: str) -> None:
+    """This save's staging files, each by name, the waiting ranks' indexes last (deleting one
+    tells its rank to look at the manifest); then the directories only if empty. Never
+    ``_staging`` recursively: the job's next save may be staging there already."""
+    staging = f"{STAGING_DIR}/{save_id}"
+    storage.invalidate()
+    present = sorted(_listing(storage, save_id))
+    waiting = [n for n in present if n.rsplit("/", 1)[-1].startswith("rank-") and n.endswith(".json")]
+    for name in [n for n in present if n not in waiting and not n.isdigit()] + waiting:
+        storage.delete(staging_name(save_id, name))
+    for spread in sorted({n.split("/", 1)[0] for n in present if "/" in n}):
+        storage.remove_empty_dir(f"{staging}/{spread}")
+    storage.remove_empty_dir(staging)
+    storage.remove_empty_dir(STAGING_DIR)
+
+
+def _read_error(storage: Storage, save_id: str, name: str) -> dict[str, Any]:
+    """A rank's failure report (JSON; plain text from older writers)."""
+    raw = storage.read_bytes(staging_name(save_id, name)).decode(errors="replace")
+    rank = int(name.rsplit("/", 1)[-1][len("rank-") : -len(".error")])
+    try:
+        doc = json.loads(raw)
+        return {"rank": rank, "error": str(doc["error"]), "message": str(doc["message"])}
+    except (ValueError, KeyError, TypeError):
+        return {"rank": rank, "error": "", "message": raw}
 
 
 def assemble(storage: Storage, save_id: str, names: list[str]) -> Manifest:
@@ -234,13 +296,51 @@ def _structure_of(merged: Any, keys: set[str]) -> Any:
     return pruned if set(structure.leaves(pruned)) == keys else None
 
 
-def _committed_objects(storage: Storage) -> set[str]:
-    if not storage.exists(MANIFEST):
-        return set()
+def _create_manifest(storage: Storage, data: bytes) -> bool:
+    """Create the manifest only if there is none; False if another save's is there.
+
+    A conditional create where the backend has one (local: link(2); S3: If-None-Match).
+    Elsewhere (fsspec backends such as memory://) the fallback checks, writes, and reads
+    back: it catches a racer that wrote first or right after, but two writes within one
+    round trip of each other may both pass; docs/FORMAT.md says so.
+    """
+    if storage.supports_put_if_absent:
+        try:
+            return storage.put_if_absent(MANIFEST, data)
+        except ConditionalPutUnsupportedError as e:  # an S3-compatible server without If-None-Match
+            log.warning("%s; falling back to check-then-write", e)
+    storage.invalidate()
+    if storage.exists(MANIFEST):
+        return False
+    storage.put_atomic(MANIFEST, data)
+    storage.invalidate()
+    return storage.read_bytes(MANIFEST) == data
+
+
+def _committed_manifest(storage: Storage) -> tuple[str, list[str]] | None:
+    """(save_id, objects) of the manifest at the location, if it has a readable one."""
     try:
-        return set(json.loads(storage.read_bytes(MANIFEST))["objects"])
-    except (ValueError, KeyError, TypeError):
-        return set()
+        doc = json.loads(storage.read_bytes(MANIFEST))
+        return str(doc["save_id"]), list(doc["objects"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+_SAVE_ID = re.compile(rb'"save_id":"([^"\\]*)"')
+
+
+def committed_save_id(storage: Storage) -> str | None:
+    """The save id the location's manifest names (None: no manifest): the commit itself, read
+    from the manifest's first bytes (``save_id`` is its third member), in full if need be."""
+    try:
+        head = storage.read_range(MANIFEST, 0, 512)
+    except FileNotFoundError:
+        return None
+    found = _SAVE_ID.search(head)
+    if found is not None:
+        return found.group(1).decode()
+    whole = _committed_manifest(storage)
+    return whole[0] if whole is not None else None
 
 
 def _referenced_by_siblings(storage: Storage, objects: set[str]) -> set[str]:
@@ -258,10 +358,33 @@ def _referenced_by_siblings(storage: Storage, objects: set[str]) -> set[str]:
     return {rel for rel in objects if f"{name}/{rel}" in live}
 
 
-def _abort(storage: Storage, save_id: str, reason: str) -> None:
-    storage.put_atomic(staging_name(save_id, "ABORT"), reason.encode())
+def _write_abort(storage: Storage, save_id: str, failures: list[dict[str, Any]]) -> None:
+    """ABORT names the first failing rank and why; a location error (the checkpoint
+    exists, a racing save won) is raised as that type on every rank."""
+    first = next((f for f in failures if f["error"] in _LOCATION_ERRORS), failures[0])
+    reason = "; ".join(
+        f"rank {f['rank']}: {f['error']}: {f['message']}" if f["rank"] is not None else f["message"] for f in failures
+    )
+    doc = {"rank": first["rank"], "error": first["error"], "reason": reason}
+    storage.put_atomic(staging_name(save_id, ABORT), json.dumps(doc).encode())
+
+
+def _abort(storage: Storage, save_id: str, *failures: dict[str, Any]) -> None:
+    _write_abort(storage, save_id, list(failures))
     _release_waiters(storage, save_id)
-    raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
+    _raise_abort(storage, save_id, storage.read_bytes(staging_name(save_id, ABORT)))
+
+
+def _raise_abort(storage: Storage, save_id: str, raw: bytes) -> None:
+    try:
+        doc = json.loads(raw)
+        rank, cause, reason = doc.get("rank"), doc.get("error") or None, str(doc["reason"])
+    except (ValueError, KeyError, TypeError, AttributeError):  # plain text from an older writer
+        rank, cause, reason = None, None, raw.decode(errors="replace")
+    message = f"{storage.uri}: save {save_id} not committed: {reason}"
+    if cause in _LOCATION_ERRORS:
+        raise _LOCATION_ERRORS[cause](message)
+    raise SaveAbortedError(message, rank=rank if isinstance(rank, int) else None, cause=cause)
 
 
 def _release_waiters(storage: Storage, save_id: str) -> None:
@@ -286,15 +409,18 @@ def _listing(storage: Storage, save_id: str) -> set[str]:
 
 
 def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, world_size: int = 1) -> None:
-    """On a non-committing rank: return once the committer has committed.
+    """On a non-committing rank: return once the save is committed, or raise why not.
 
-    Each poll is one request, for this rank's own index: the committer deletes it on commit
-    and, after writing ``ABORT``, on abort. ``ABORT`` is also read at the first poll (the save
-    may have been aborted before this rank's index appeared) and once the index is gone. The
-    first poll comes after a jittered pause too, so W ranks finishing together do not all
-    read ``ABORT`` in the same second."""
+    Each poll is one request, for this rank's own index: the committer deletes it after the
+    commit and, after writing ``ABORT``, on abort. Its absence only says "look": the outcome
+    comes from ``ABORT`` or from the manifest naming this save, never from a missing file
+    alone (a racing job's clean-up or a gc can remove it too). ``ABORT`` is also read at the
+    first poll (the save may have been aborted before this rank's index appeared). The first
+    poll comes after a jittered pause too, so W ranks finishing together do not all read
+    ``ABORT`` in the same second. At the timeout a manifest naming this save still counts
+    (a committer that died between the commit and its clean-up)."""
     mine = rank_index_name(save_id, rank, world_size)
-    abort = staging_name(save_id, "ABORT")
+    abort = staging_name(save_id, ABORT)
     deadline = time.monotonic() + timeout_s
     delays = poll_delays(storage, world_size)
     first = True
@@ -304,16 +430,34 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, 
         if first:
             _raise_if_aborted(storage, save_id, abort)
             first = False
-        if not storage.exists(mine):
+        gone = not storage.exists(mine)
+        if gone or time.monotonic() > deadline:
             _raise_if_aborted(storage, save_id, abort)
-            return
-        if time.monotonic() > deadline:
+            found = committed_save_id(storage)
+            if found == save_id:
+                return
+            if gone:
+                named = f"the manifest names save {found}" if found else "there is no manifest"
+                raise SaveAbortedError(
+                    f"{storage.uri}: save {save_id} not committed: its staging index was removed, "
+                    f"no ABORT, and {named} (another writer or a gc removed its files)"
+                )
             raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
 
 
 def _raise_if_aborted(storage: Storage, save_id: str, abort: str) -> None:
     try:
-        reason = storage.read_bytes(abort).decode(errors="replace")
+        raw = storage.read_bytes(abort)
     except FileNotFoundError:
         return
-    raise SaveAbortedError(f"{storage.uri}: save {save_id} not committed: {reason}")
+    _raise_abort(storage, save_id, raw)
+
+
+def _best_effort(storage: Storage, what: str, fn) -> None:
+    """Clean-up after the commit point: a failure is logged, never raised."""
+    try:
+        fn()
+    except Exception as e:
+        log.warning(
+            "%s: committed, but could not %s (left for `ckpt gc`): %s: %s", storage.uri, what, type(e).__name__, e
+        )

@@ -98,7 +98,11 @@ class ObjectWriter:
     def __enter__(self) -> ObjectWriter:
         self._ctx = self.storage.open_write(self.rel)
         self._f = self._ctx.__enter__()
-        write_all(self._f, memoryview(self.header))
+        try:
+            write_all(self._f, memoryview(self.header))
+        except BaseException as e:  # the storage's block must see it (clean-up, error naming)
+            if not self._ctx.__exit__(type(e), e, e.__traceback__):
+                raise
         self._unflushed = 0  # offset from which bytes may still be only in the page cache
         return self
 

@@ -15,6 +15,19 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already exists where a save was asked to write."""
 
 
+class ConcurrentSaveError(CheckpointExistsError):
+    """Another save committed at the same location while this one was in flight (racing
+    writers): this save is not stored; the location holds the other one."""
+
+
+class RootInUseError(CheckpointError):
+    """Another job's ``ckpt.Manager`` holds the run root (its owner record is live)."""
+
+
+class StorageFullError(CheckpointError, OSError):
+    """The storage has no space left for an object (ENOSPC / EDQUOT); names the object."""
+
+
 class CheckpointFormatError(CheckpointError):
     """The manifest or a data object is not what the format says it must be."""
 
@@ -67,7 +80,18 @@ class UnsupportedValueError(CheckpointError, TypeError):
 
 
 class SaveAbortedError(CheckpointError):
-    """A save did not commit because a rank failed or did not finish in time."""
+    """A save did not commit because a rank failed or did not finish in time.
+
+    ``rank`` is the rank that failed first (None when none is known, e.g. a timeout) and
+    ``cause`` the type name of its error, so every rank can tell why the save failed.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.rank, self.cause = rank, cause
+
+    def __reduce__(self):  # keep rank and cause through pickling (multiprocessing, gRPC-free reports)
+        return type(self), (str(self), self.rank, self.cause)
 
 
 class SaveBusyError(CheckpointError):

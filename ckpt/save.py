@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ._version import __version__
 from .commit import report_failure
-from .describe import TensorEntry, check_json_value, flatten, local_view
+from .describe import Flat, TensorEntry, check_json_value, flatten, local_view
 from .engine import PersistJob, StagedChunk, Timings
 from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name, object_pattern
@@ -39,13 +39,21 @@ class _Planner:
     def plan(
         self, tensors: dict[str, TensorEntry] | None, error: BaseException | None, options: SaveOptions, group
     ) -> tuple[SavePlan, str]:
+        """The plan and save id. A rank with an ``error`` whose tensors are described still
+        reuses a cached plan as the others do (no collective): the caller then reports the
+        error under that save id, so the others fail at once instead of hanging in a gather."""
         rank, world = _rank_world(group)
-        desc, own = ({}, {})
-        if tensors is not None and error is None:
-            desc, own = rank_descriptor(tensors, _group_rank(group))
+        desc, own, described = {}, {}, False
+        if tensors is not None:
+            try:
+                desc, own = rank_descriptor(tensors, _group_rank(group))
+                described = True
+            except (UnsupportedValueError, ValueError, TypeError):
+                if error is None:
+                    raise
         fp = fingerprint(desc, own, world, options.chunk_bytes)
         cache_key = (fp, id(group))
-        plan = self._plans.get(cache_key) if error is None else None
+        plan = self._plans.get(cache_key) if described else None
         if plan is not None and options.agree_on_plan and world > 1:
             # One tiny collective: re-plan everywhere unless every rank reuses the same plan.
             tokens: list[str | None] = [None] * world
@@ -56,6 +64,8 @@ class _Planner:
             dist.all_gather_object([None] * world, None, group=group)  # the other ranks' check above
         if plan is None:
             exchange = _DistExchange(rank, world, group)
+            if error is not None:
+                desc, own = {}, {}
             plan = make_save_plan(desc, own, error, tensors or {}, exchange, options.chunk_bytes, secrets.token_hex(4))
             self._plans[cache_key] = plan
         n = self._counts.get(plan.token, 0)
@@ -250,20 +260,25 @@ def _start(
     flat, error = None, None
     with timings.phase("plan"):
         try:
+            flat = flatten(state_dict)
+            for key, entry in flat.tensors.items():
+                dtype_name(entry.dtype, key)  # an unstorable dtype is this rank's error, reported to all
+            for name, v in (("metrics", metrics), ("metadata", metadata)):
+                check_json_value(name, v or {})
             if storage.exists(MANIFEST) and not options.overwrite:
                 raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
             if options.incremental_from is not None:
                 check_base(uri, options.incremental_from)
-            for name, v in (("metrics", metrics), ("metadata", metadata)):
-                check_json_value(name, v or {})
-            flat = flatten(state_dict)
-            for key, entry in flat.tensors.items():
-                dtype_name(entry.dtype, key)  # an unstorable dtype is this rank's error, reported to all
         except (UnsupportedValueError, CheckpointExistsError, ValueError, TypeError) as e:
             if world == 1:
                 raise
             error = e
+            if flat is None:  # a bad value: the tensors alone still say which plan the others reuse
+                flat = _tensors_only(state_dict)
         plan, save_id = _planner.plan(flat.tensors if flat else None, error, options, group)
+        if error is not None:  # the others reuse a cached plan: they learn of this from storage, now
+            report_failure(storage, save_id, rank, error)
+            raise error
     assert flat is not None
     tensors = flat.tensors
     # Rank 0's head carries what the manifest needs; the first rank of each class of ranks adds
@@ -353,6 +368,14 @@ def _join_lazy_snapshots() -> None:
 threading._register_atexit(_join_lazy_snapshots)
 
 
+def _tensors_only(state_dict: dict) -> Flat | None:
+    """The state dict's tensors described, its values unchecked; None if a tensor is the problem."""
+    try:
+        return flatten(state_dict, check_values=False)
+    except (UnsupportedValueError, ValueError, TypeError):
+        return None
+
+
 def _head(
     plan: SavePlan, values, step, metrics, metadata, options: SaveOptions, world: int, rules: bool = True
 ) -> dict[str, Any]:
@@ -376,4 +399,5 @@ def _head(
             "dtensor_layouts": meshes,
         },
         "library_version": __version__,
+        "overwrite": options.overwrite,  # the committer may replace a committed checkpoint
     }

@@ -152,6 +152,7 @@ class CheckpointWriter:
             topology=dict(topology or {"world_size": 1, "writer": "offline"}),
             library_version=__version__,
         )
+        self._index["overwrite"] = self.options.overwrite
         write_rank_index(self.storage, self.save_id, 0, self._index)
         return commit(self.storage, self.save_id, 1, self.options.commit_timeout_s)
 

@@ -232,6 +232,7 @@ def raise_job(rank: int, world: int, root: str, culprit: int, where: str) -> dic
         ckpt.save(v2, f"{root}/X", step=2, options=options)
     except Exception as e:
         result = {"error": type(e).__name__, "message": str(e)}
+        result["failed_rank"], result["cause"] = getattr(e, "rank", None), getattr(e, "cause", None)
     result["elapsed"] = time.monotonic() - t0
     LocalStorage.open_write = original
     # The same processes save again (reusing the cached plan): a failed save poisons nothing.
@@ -242,8 +243,8 @@ def raise_job(rank: int, world: int, root: str, culprit: int, where: str) -> dic
 @pytest.mark.parametrize(
     "culprit,where,error,why",
     [
-        (1, "write", "OSError", "injected"),
-        (0, "write", "OSError", "injected"),
+        (1, "write", "StorageFullError", "injected"),
+        (0, "write", "StorageFullError", "injected"),
         (2, "stage", "NotImplementedError", "meta"),
     ],
     ids=["worker-raises-writing", "committer-raises-writing", "worker-raises-staging"],
@@ -255,8 +256,10 @@ def test_rank_raising_mid_save_fails_every_rank(tmp_path: Path, culprit: int, wh
         if rank == culprit:
             assert r["error"] == error and why in r["message"], r
         else:
+            # Every rank is told which rank failed and why, as fields and in the message.
             assert r["error"] == "SaveAbortedError", f"rank {rank}: {r}"
-            assert why in r["message"] and f"rank-{culprit:05d}" in r["message"], f"rank {rank}: {r['message']}"
+            assert r["failed_rank"] == culprit and r["cause"] == error, f"rank {rank}: {r}"
+            assert why in r["message"] and f"rank {culprit}: {error}" in r["message"], f"rank {rank}: {r['message']}"
     with pytest.raises(ckpt.CheckpointNotFoundError):
         ckpt.load({"w": torch.zeros(SHAPES["w"][0])}, str(tmp_path / "X"), strict=False)
     assert_holds(str(tmp_path / "A"), 1)

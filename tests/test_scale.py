@@ -258,7 +258,7 @@ def test_a_waiting_rank_of_a_large_job_waits_for_its_spread_index(tmp_path) -> N
     with pytest.raises(SaveAbortedError, match="no commit within"):
         wait_committed(storage, "s-0", 70, 0.3, world_size=100)
     with pytest.raises(SaveAbortedError, match="rank failure: rank 3 died"):
-        _abort(storage, "s-0", "rank failure: rank 3 died")
+        _abort(storage, "s-0", {"rank": None, "error": "SaveAbortedError", "message": "rank failure: rank 3 died"})
     assert not storage.exists(rank_index_name("s-0", 70, 100))
     with pytest.raises(SaveAbortedError, match="rank 3 died"):
         wait_committed(storage, "s-0", 70, 5, world_size=100)

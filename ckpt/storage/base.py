@@ -130,6 +130,12 @@ class Storage(ABC):
     def delete(self, rel: str, recursive: bool = False) -> None:
         """Remove the object (or the tree under ``rel``); gone already is fine."""
 
+    @abstractmethod
+    def remove_empty_dir(self, rel: str) -> None:
+        """Remove the directory ``rel`` only if it is empty, never anything in it: a writer
+        that cleans up after itself must not delete what another writer put there since.
+        Not empty or gone already is fine; a no-op where directories do not exist (S3)."""
+
     def invalidate(self) -> None:
         """Forget cached listings so polling sees objects other writers added. No-op by default."""
         return None

@@ -81,6 +81,9 @@ class DelegatingStorage(Storage):
     def delete(self, rel: str, recursive: bool = False) -> None:
         self.inner.delete(rel, recursive)
 
+    def remove_empty_dir(self, rel: str) -> None:
+        self.inner.remove_empty_dir(rel)
+
     def invalidate(self) -> None:
         self.inner.invalidate()
 

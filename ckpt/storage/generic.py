@@ -110,5 +110,13 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             pass
 
+    def remove_empty_dir(self, rel: str) -> None:
+        path = self.path(rel)
+        try:
+            if not self.fs.ls(path, detail=False):
+                self.fs.rmdir(path)
+        except OSError:  # gone, or not empty after all: someone else's files stay
+            pass
+
     def invalidate(self) -> None:
         self.fs.invalidate_cache()

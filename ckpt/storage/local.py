@@ -13,6 +13,7 @@ checkpoint or block. Local calls are not retried.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import errno
@@ -27,7 +28,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import TruncatedObjectError, UnsafeObjectError
+from ..errors import StorageFullError, TruncatedObjectError, UnsafeObjectError
 from .generic import FsspecStorage
 
 T = TypeVar("T")
@@ -49,6 +50,18 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def full_disk_named(where: str) -> Iterator[None]:
+    """Turn a full disk or quota (a bare OSError) into StorageFullError naming ``where``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL and not isinstance(e, StorageFullError):
+            raise StorageFullError(e.errno, f"{where}: no space left on the device ({e.strerror or e})") from e
+        raise
 
 
 class LocalStorage(FsspecStorage):
@@ -85,11 +98,19 @@ class LocalStorage(FsspecStorage):
 
     @contextmanager
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
+        """A failed write removes its partial file (a full disk gets its space back); a full
+        disk or quota raises StorageFullError naming the object."""
         path = self.path(rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb", buffering=0) as f:
-            yield f
-            os.fsync(f.fileno())
+        with full_disk_named(self.describe(rel)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                with open(path, "wb", buffering=0) as f:
+                    yield f
+                    os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
 
     def start_writeback(self, f: BinaryIO, start: int, stop: int) -> None:
         """Start writing bytes [start, stop) to disk now.
@@ -123,17 +144,18 @@ class LocalStorage(FsspecStorage):
         """Write ``data`` aside durably, ``place(tmp, path)`` it, fsync the directory."""
         path = self.path(rel)
         directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            place(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with full_disk_named(self.describe(rel)):
+            os.makedirs(directory, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                place(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -203,6 +225,13 @@ class LocalStorage(FsspecStorage):
             return os.pread(fd, max(0, stop - start), start)
         finally:
             os.close(fd)
+
+    def remove_empty_dir(self, rel: str) -> None:
+        """rmdir(2): the kernel refuses a directory that is not empty."""
+        try:
+            os.rmdir(self.path(rel))
+        except OSError:  # gone, or not empty: someone else's files stay
+            pass
 
     def read_into_many(self, rel: str, start: int, bufs: list[memoryview]) -> None:
         """Read straight into the buffers (no intermediate copy)."""

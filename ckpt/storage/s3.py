@@ -156,6 +156,10 @@ class S3Storage(FsspecStorage):
     def _ls(self, path: str) -> list[str]:
         return self.fs.ls(path, detail=False, refresh=True)
 
+    def remove_empty_dir(self, rel: str) -> None:
+        """No-op: a prefix has no existence of its own; it vanishes with its last object."""
+        return None
+
     def invalidate(self) -> None:
         self.fs.invalidate_cache(self.root)  # only this prefix: the s3fs instance is shared
 
