@@ -271,11 +271,11 @@ def _contents(storage: FsspecStorage) -> tuple[int, float | None, int]:
     except (FileNotFoundError, OSError):
         return 0, None, 0
     files = [i for i in found.values() if i.get("type", "file") == "file"]
-    times = [t for t in (_mtime(i) for i in files) if t is not None]
+    times = [t for t in (file_mtime(i) for i in files) if t is not None]
     return sum(int(i.get("size") or 0) for i in files), (max(times) if times else None), len(files)
 
 
-def _mtime(info: dict[str, Any]) -> float | None:
+def file_mtime(info: dict[str, Any]) -> float | None:
     for k in ("mtime", "LastModified", "last_modified", "created"):
         v = info.get(k)
         if isinstance(v, (int, float)):

@@ -1,4 +1,5 @@
-"""``ckpt gc``: delete incomplete checkpoints and those no retention rule keeps; abort stale uploads."""
+"""``ckpt gc``: delete incomplete checkpoints and those no retention rule keeps, remove leftovers inside the
+others, abort stale uploads."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         run,
         "Remove, under ROOT, incomplete checkpoints older than the newest complete one, and complete ones "
         "no retention rule keeps. Without a rule every complete checkpoint is kept. The newest complete "
-        "checkpoint, the one the `latest` marker names, and damaged ones are never deleted. On S3 it also "
+        "checkpoint, the one the `latest` marker names, and damaged ones are never deleted. Inside the checkpoints "
+        "it keeps, it removes leftovers no manifest names (data of failed, killed or replaced saves, also partial "
+        "ones; staging files): those of aborted saves, and any not modified for --min-age. On S3 it also "
         "aborts unfinished multipart uploads (a killed writer's parts, stored and billed but in no object): "
         "those inside a deleted checkpoint and any older than --abort-uploads-after. Objects that a remaining "
         "checkpoint or a save in flight references (incremental saves) are kept: their checkpoint is retired "
@@ -37,12 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOURS",
         help="abort multipart uploads started longer ago than this (default 24)",
     )
+    sp.add_argument(
+        "--min-age",
+        type=float,
+        default=1.0,
+        metavar="HOURS",
+        help="remove leftovers inside a checkpoint not modified for this long (default 1; a save in flight is younger)",
+    )
     sp.add_argument("--yes", action="store_true", help="really delete")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..catalog import EntryStatus, abort_upload, collect, open_uploads, plan_gc, scan, stale_uploads, would_retire
+    from ..litter import find_litter, remove_litter
     from ..options import RetentionPolicy
 
     if (args.keep_best is None) != (args.metric is None):
@@ -57,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
     entries = scan(args.root)
     doomed = plan_gc(entries, policy)
     doomed_names = {e.name for e in doomed}
-    uploads = stale_uploads(open_uploads(args.root), doomed, time.time(), args.abort_uploads_after * 3600)
+    now = time.time()
+    uploads = stale_uploads(open_uploads(args.root), doomed, now, args.abort_uploads_after * 3600)
+    litter = [item for e in entries if e.name not in doomed_names for item in find_litter(e, now, args.min_age * 3600)]
     done = list(doomed)
     retired = {e.name for e in collect(args.root, doomed)} if args.yes else would_retire(args.root, doomed)
+    if args.yes:
+        remove_litter(args.root, litter)
     for u in uploads if args.yes else ():
         abort_upload(args.root, u)
     if args.json:
@@ -70,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 "retired" if args.yes else "would_retire": sorted(retired),
                 "kept": [e.to_json() for e in entries if e.name not in doomed_names],
                 "aborted_uploads" if args.yes else "would_abort_uploads": [u.to_json() for u in uploads],
+                "removed_litter" if args.yes else "would_remove_litter": [item.to_json() for item in litter],
             }
         )
         return EXIT_OK
@@ -81,9 +97,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{verb}  {e.name}  (step {step}, {format_size(e.size)}, {why}{kept})")
     for u in uploads:
         print(f"{'aborted' if args.yes else 'would abort'}  upload of {u.key}  (started {timestamp(u.started)})")
-    freed = sum(e.size for e in done)
+    for item in litter:
+        print(f"{'removed' if args.yes else 'would remove'}  {item.path}  ({format_size(item.size)}, {item.why})")
+    freed = sum(e.size for e in done) + sum(item.size for item in litter)
     kept = len(entries) - len(done)
     print(f"{verb} {len(done)} checkpoint(s), {format_size(freed)}; kept {kept}")
-    if (done or uploads) and not args.yes:
+    if litter:
+        print(f"{'removed' if args.yes else 'would remove'} {len(litter)} leftover file(s) inside kept checkpoints")
+    if (done or uploads or litter) and not args.yes:
         print("dry run: nothing was deleted; pass --yes to delete")
     return EXIT_OK
