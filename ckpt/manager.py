@@ -21,14 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import agree
 from .catalog import Entry, EntryStatus, collect, latest_name, plan_gc, scan
 from .errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     CorruptChunkError,
+    RootInUseError,
     StateDictMismatchError,
 )
 from .format import LATEST
+from .lease import LEASE_S, RootLease
 from .load import load
 from .locate import read_latest
 from .options import LoadOptions, RetentionPolicy, SaveOptions
@@ -73,6 +76,11 @@ class Manager:
     checkpoint (the ``latest`` marker's) instead of writing them again (content digests,
     ``SaveOptions.incremental_from``); every checkpoint still loads on its own, and retention
     keeps what remaining checkpoints reference.
+
+    One job per root: rank 0 holds the root's owner record (``ckpt.lease``), renewed every
+    ``lease_s / 4`` seconds; a Manager of another job on the same root raises RootInUseError
+    on every rank (within about a renew period), and a job whose record was taken over
+    raises it at its next ``maybe_save``. ``lease_s=None`` writes no record.
     """
 
     root: str
@@ -86,6 +94,7 @@ class Manager:
     preemption_deadline_s: float = 120.0
     name_format: str = "step-{step:08d}"
     incremental: bool = False
+    lease_s: float | None = LEASE_S
 
     def __post_init__(self) -> None:
         # One set of storage options (credentials, endpoint) for listing, saving and loading;
@@ -101,6 +110,15 @@ class Manager:
         )
         self.rank = dist.get_rank(self.process_group) if dist.is_initialized() else 0
         self.world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        self._lease = None
+        error = None
+        if self.rank == 0 and self.lease_s is not None:
+            self._lease = RootLease(self.storage, self.lease_s)
+            try:
+                self._lease.acquire()
+            except RootInUseError as e:
+                self._lease, error = None, e
+        agree.raise_together(error, f"ckpt.Manager({self.root})", self.process_group)
         self.should_stop = False  # set after an emergency save: leave the training loop
         self._preempt = threading.Event()
         self._errors: list[BaseException] = []
@@ -131,6 +149,11 @@ class Manager:
         longer than the snapshot, except for an emergency save, which completes
         (within ``preemption_deadline_s``) before returning and sets ``should_stop``."""
         self._raise_background_errors()
+        lost = self._lease.lost if self._lease is not None else None
+        if self.world > 1:  # every rank stops saving when rank 0's lease was taken over
+            agree.raise_together(lost, f"ckpt.Manager({self.root})", self.process_group)
+        elif lost is not None:
+            raise lost
         emergency = self._agree(self._preempt.is_set())
         if emergency:
             handle = self.save(step, state_dict, metrics, metadata)
@@ -182,10 +205,17 @@ class Manager:
                 signal.signal(signal.SIGTERM, self._previous_handler)
 
     def _stop_worker(self) -> None:
-        """Let the worker finish what is queued (marker, retention), then end it. Idempotent."""
+        """Let the worker finish what is queued (marker, retention), then end it and give up
+        the root. Idempotent."""
         if self._worker.is_alive():
             self._queue.put(None)
             self._worker.join()
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                lease.release()
+            except Exception as e:  # the record expires by itself
+                log.warning("%s: could not release the run root: %s: %s", self.root, type(e).__name__, e)
         _live_managers.pop(id(self), None)
 
     # -- restoring ------------------------------------------------------------------------------
