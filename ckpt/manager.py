@@ -150,11 +150,10 @@ class Manager:
         (within ``preemption_deadline_s``) before returning and sets ``should_stop``."""
         self._raise_background_errors()
         lost = self._lease.lost if self._lease is not None else None
-        if self.world > 1:  # every rank stops saving when rank 0's lease was taken over
-            agree.raise_together(lost, f"ckpt.Manager({self.root})", self.process_group)
-        elif lost is not None:
-            raise lost
-        emergency = self._agree(self._preempt.is_set())
+        # One all-reduce per step for both: a preemption anywhere, a lost run root (rank 0's lease).
+        emergency, root_lost = self._agree(self._preempt.is_set(), lost is not None)
+        if root_lost:  # every rank stops saving there
+            raise lost or RootInUseError(f"{self.root}: rank 0 lost the run root to another job")
         if emergency:
             handle = self.save(step, state_dict, metrics, metadata)
             handle.wait(timeout=self.preemption_deadline_s)
@@ -342,14 +341,17 @@ class Manager:
                 log.info("retention %s %s", "retired" if entry.name in kept else "removed", entry.uri)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (one small all-reduce)."""
+    def _agree(self, *flags: bool) -> Any:
+        """Each flag true on every rank if it is true on any (one small all-reduce); a single
+        flag comes back as a bool, several as a tuple."""
         if self.world == 1:
-            return flag
-        device = "cuda" if "nccl" in str(dist.get_backend(self.process_group)) else "cpu"
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(t.item())
+            agreed = tuple(flags)
+        else:
+            device = "cuda" if "nccl" in str(dist.get_backend(self.process_group)) else "cpu"
+            t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+            agreed = tuple(bool(x) for x in t.tolist())
+        return agreed[0] if len(agreed) == 1 else agreed
 
     def _raise_background_errors(self) -> None:
         if self._errors:
