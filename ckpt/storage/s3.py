@@ -157,8 +157,12 @@ class S3Storage(FsspecStorage):
         return self.fs.ls(path, detail=False, refresh=True)
 
     def remove_empty_dir(self, rel: str) -> None:
-        """No-op: a prefix has no existence of its own; it vanishes with its last object."""
-        return None
+        """DeleteObject of ``rel/``: on AWS a prefix vanishes with its last object and this removes
+        at most a zero-byte directory marker; servers with real directories (SeaweedFS) drop the
+        directory entry if it is empty, and leave the objects under it if it is not."""
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        self._call("DeleteObject", rel, lambda: self.fs.call_s3("delete_object", Bucket=bucket, Key=f"{key}/"))
+        self.fs.invalidate_cache(self.path(rel))
 
     def invalidate(self) -> None:
         self.fs.invalidate_cache(self.root)  # only this prefix: the s3fs instance is shared
