@@ -210,7 +210,8 @@ def _clean_staging(storage: Storage, save_id: str) -> None:
     present = sorted(_listing(storage, save_id))
     waiting = [n for n in present if n.rsplit("/", 1)[-1].startswith("rank-") and n.endswith(".json")]
     for name in [n for n in present if n not in waiting and not n.isdigit()] + waiting:
-        storage.delete(staging_name(save_id, name))
+        # One by one: a file that will not go must not keep a waiting rank from its answer.
+        _best_effort(storage, f"delete {staging}/{name}", lambda name=name: storage.delete(staging_name(save_id, name)))
     for spread in sorted({n.split("/", 1)[0] for n in present if "/" in n}):
         storage.remove_empty_dir(f"{staging}/{spread}")
     storage.remove_empty_dir(staging)

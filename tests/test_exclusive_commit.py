@@ -24,6 +24,7 @@ from ckpt import commit as commit_mod
 from ckpt.commit import commit, wait_committed, write_rank_index
 from ckpt.format import MANIFEST, STAGING_DIR
 from ckpt.storage import open_storage
+from ckpt.writer import CheckpointWriter
 
 
 def _state(seed: int) -> dict:
@@ -95,7 +96,7 @@ def test_overwrites_in_flight_together_commit_in_turn_and_report_what_they_repla
 
 
 def test_racing_offline_writers_one_commits(any_uri):
-    w1, w2 = ckpt.writer.CheckpointWriter(any_uri), ckpt.writer.CheckpointWriter(any_uri)
+    w1, w2 = CheckpointWriter(any_uri), CheckpointWriter(any_uri)
     w1.write_tensor("w", _state(1)["w"])
     w2.write_tensor("w", _state(2)["w"])
     w1.commit(step=1)
