@@ -378,7 +378,7 @@ def test_restore_raises_a_mismatch_instead_of_starting_over(tmp_path):
         assert torch.equal(target["w"], torch.zeros(64, 64))
         with pytest.raises(ckpt.StateDictMismatchError, match="shape"):
             mgr.restore({"w": torch.zeros(32, 64), "step": 0})
-        assert sorted(os.listdir(root)) == ["step-00000001", "step-00000002"]
+        assert sorted(os.listdir(root)) == ["_owner.json", "step-00000001", "step-00000002"]  # + the job's lease
     finally:
         mgr.close()
 
