@@ -175,6 +175,21 @@ class SimStore(Storage):
             for i in range(len(parts)):
                 self._children["/".join(parts[:i])].add(parts[i])
 
+    @property
+    def supports_put_if_absent(self) -> bool:
+        return True
+
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """S3's If-None-Match: one PUT, refused if the key exists (the manifest's exclusive create)."""
+        if rel in self.objects:
+            self._req("w", rel)
+            return False
+        self.put_atomic(rel, data)
+        return True
+
+    def remove_empty_dir(self, rel: str) -> None:
+        self._req("w", rel)  # one DeleteObject of "rel/", as on S3
+
     def read_bytes(self, rel: str) -> bytes:
         self._req("r", rel)
         if rel not in self.objects:
@@ -345,14 +360,14 @@ class _Clock:
 
 
 class _PollStore:
-    """What a waiting rank sees: its index present until the commit, no ABORT; requests logged
-    at simulated times."""
+    """What a waiting rank sees: its index present until the commit, no ABORT, then a manifest
+    naming its save (read as its first bytes); requests logged at simulated times."""
 
     is_remote = True
     uri = "sim://bucket/ckpt"
 
-    def __init__(self, clock: _Clock, log: list, commit_end: float) -> None:
-        self.clock, self.log, self.commit_end = clock, log, commit_end
+    def __init__(self, clock: _Clock, log: list, commit_end: float, save_id: str) -> None:
+        self.clock, self.log, self.commit_end, self.save_id = clock, log, commit_end, save_id
 
     def _req(self, kind: str, rel: str) -> None:
         self.log.append((self.clock.t, kind, rel.rsplit("/", 1)[0]))
@@ -368,6 +383,10 @@ class _PollStore:
         self._req("r", rel)
         raise FileNotFoundError(rel)
 
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        self._req("r", rel)
+        return json.dumps({"format": "ckpt", "version": 2, "save_id": self.save_id}).encode()[start:stop]
+
     def invalidate(self) -> None:
         pass
 
@@ -382,7 +401,7 @@ def waiting_ranks(world: int, save_id: str, commit_end: float, window: float, se
         for r in range(1, world):
             clock = _Clock(rng.uniform(0, window))
             commit_mod.time = clock  # type: ignore[assignment]
-            store = _PollStore(clock, log, commit_end)
+            store = _PollStore(clock, log, commit_end, save_id)
             commit_mod.write_rank_index(store, save_id, r, {}, world)  # type: ignore[arg-type]
             commit_mod.wait_committed(store, save_id, r, 600, world)  # type: ignore[arg-type]
     finally:

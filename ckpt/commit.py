@@ -327,7 +327,7 @@ def _committed_manifest(storage: Storage) -> tuple[str, list[str]] | None:
         return None
 
 
-_SAVE_ID = re.compile(rb'"save_id":"([^"\\]*)"')
+_SAVE_ID = re.compile(rb'"save_id"\s*:\s*"([^"\\]*)"')
 
 
 def committed_save_id(storage: Storage) -> str | None:
