@@ -47,6 +47,10 @@ def load_foreign(state_dict: dict, uri: str, options: LoadOptions) -> SourceInfo
     """Load from ``uri`` if it holds a checkpoint in another format; None if it holds none at all."""
     from . import UncommittedCheckpointError, UnknownFormatError, detect_format, open_source
 
+    if options.storage_options:
+        # foreign readers open storage with fsspec's defaults: they cannot reach a location that
+        # needs these options (an S3 endpoint, credentials), so there is nothing to detect there
+        return None
     try:
         fmt = detect_format(uri)
     except (CheckpointNotFoundError, UnknownFormatError, UncommittedCheckpointError):
