@@ -175,6 +175,7 @@ def live_objects(root: Storage, excluding: frozenset[str] = frozenset()) -> set[
     nowhere and references nothing. Declarations are read before manifests: a save that commits
     meanwhile is seen in one or the other. ``excluding``: checkpoints whose manifests do not
     count (a dry run's view of what deleting them would leave)."""
+    root = root.confine()  # manifests and declarations are read as a loader would: never a FIFO or a link
     root.invalidate()
     names = [n for n in root.listdir("") if is_checkpoint_name(n)]
     live: set[str] = set()
