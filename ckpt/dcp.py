@@ -171,6 +171,7 @@ class Writer(StorageWriter):
             metadata={},
             topology={"world_size": slot.world, "writer": "torch.distributed.checkpoint"},
             library_version=__version__,
+            overwrite=self.options.overwrite,  # the committer may replace a committed checkpoint
         )
         write_rank_index(storage, slot.save_id, 0, index)
         commit(storage, slot.save_id, slot.world, self.options.commit_timeout_s)
