@@ -234,7 +234,7 @@ class Fetcher:
         """(start, stop, chunk, index) of each checksum block to verify, in object order."""
         B = self.manifest.block_bytes
         out = []
-        for (_, b), chunk in seg.blocks.items():
+        for (_, b, _), chunk in seg.blocks.items():
             lo = chunk.offset + b * B
             out.append((lo, min(lo + B, chunk.offset + chunk.length), chunk, b))
         out.sort(key=lambda x: x[0])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .errors import CheckpointFormatError
 from .format import Chunk
 from .regions import Box, Span, read_spans
 
@@ -48,9 +49,10 @@ class Segment:
     stop: int
     direct: Need | None = None
     needs: list[Need] = field(default_factory=list)
-    # blocks to verify, keyed by (chunk offset in the object, block index); of an encoded
+    # blocks to verify, keyed by (chunk offset in the object, block index, chunk identity: two
+    # records naming one offset are each checked against their own checksums); of an encoded
     # segment: the frames to verify and decode, always (they are decoded even unverified)
-    blocks: dict[tuple[int, int], Chunk] = field(default_factory=dict)
+    blocks: dict[tuple[int, int, int], Chunk] = field(default_factory=dict)
     encoded: bool = False  # stored bytes of consecutive frames of one compressed chunk
 
 
@@ -112,7 +114,7 @@ def plan_reads(needs: list[Need], settings: ReadSettings, direct_ok: Callable[[N
             seg = Segment(start, stop, direct=n, encoded=True) if whole and direct_ok(n) else Segment(
                 start, stop, needs=[n], encoded=True
             )
-            seg.blocks = {(n.chunk.offset, f): n.chunk for f in range(first, last)}
+            seg.blocks = {(n.chunk.offset, f, id(n.chunk)): n.chunk for f in range(first, last)}
             by_object.setdefault(n.chunk.object, []).append(seg)
             continue
         if whole and direct_ok(n):
@@ -127,23 +129,35 @@ def plan_reads(needs: list[Need], settings: ReadSettings, direct_ok: Callable[[N
         if settings.verify:
             first = (seg.start - n.chunk.offset) // B
             last = -(-(seg.stop - n.chunk.offset) // B)
-            seg.blocks = {(n.chunk.offset, b): n.chunk for b in range(first, last)}
+            seg.blocks = {(n.chunk.offset, b, id(n.chunk)): n.chunk for b in range(first, last)}
         by_object.setdefault(n.chunk.object, []).append(seg)
 
     reads = []
     for obj, segs in sorted(by_object.items()):
-        merged = _merge_overlaps(segs)
+        merged = _merge_overlaps(obj, segs)
         reads.extend(_coalesce(obj, merged, settings))
     return reads
 
 
-def _merge_overlaps(segs: list[Segment]) -> list[Segment]:
-    """Union overlapping segments; a direct one that overlaps another becomes scratch."""
+def _merge_overlaps(obj: str, segs: list[Segment]) -> list[Segment]:
+    """Union overlapping segments; a direct one that overlaps another becomes scratch.
+
+    Compressed bytes are decoded frame by frame as one chunk's, so a compressed chunk whose
+    bytes overlap another chunk's is refused: no writer stores that, and decoding one chunk's
+    frames as another's would hand verified bytes to the wrong tensor."""
     segs.sort(key=lambda s: (s.start, s.stop))
     out: list[Segment] = []
     for s in segs:
         if out and s.start < out[-1].stop:
             prev = out[-1]
+            if prev.encoded or s.encoded:
+                spans = {(c.offset, c.length) for c in (*prev.blocks.values(), *s.blocks.values())}
+                if len(spans) > 1:
+                    a, b = sorted(spans)[:2]
+                    raise CheckpointFormatError(
+                        f"{obj}: compressed chunk bytes [{a[0]}, {a[0] + a[1]}) and [{b[0]}, {b[0] + b[1]}) "
+                        "overlap: the manifest is damaged"
+                    )
             for seg in (prev, s):
                 if seg.direct is not None:
                     seg.needs.append(seg.direct)

@@ -290,3 +290,18 @@ def test_the_unmutated_manifest_loads_everywhere():
     ckpt.load(target, base.uri)
     assert target["lr"] == [0.1, 0.2] and CheckpointReader(base.uri).verify() == []
     assert time.perf_counter() - start < WATCHDOG_S
+
+
+@pytest.mark.parametrize("moved", ["s", "b"])
+def test_a_chunk_moved_onto_another_chunks_offset_is_still_checked(moved):
+    """Found by the 10,000-manifest run: a sealed edit gave ``s`` the byte offset of ``a``'s first
+    chunk; blocks to verify were keyed by offset, so only ``a``'s checksum was checked and ``s``
+    loaded another tensor's bytes without an error."""
+    base = Base.get()
+    doc = copy.deepcopy(base.doc)
+    doc.pop("digest")
+    doc["tensors"][moved]["chunks"][0]["offset"] = doc["tensors"]["a"]["chunks"][0]["offset"]
+    check(seal(json.dumps(doc, separators=(",", ":")).encode()), note=lambda _: None)
+    target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in base.want.items()}
+    with pytest.raises(ckpt.CorruptChunkError, match=rf"\b{moved}\b"):
+        ckpt.load(target, base.uri)
