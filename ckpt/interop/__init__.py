@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..errors import CheckpointNotFoundError
 from ..format import DATA_DIR, MANIFEST, STAGING_DIR
 from ..framing import MAX_HEADER_BYTES
-from ..storage import open_storage
+from ..storage import Storage, open_storage
 from .dcp import METADATA, DcpSource, export_dcp
 from .dcp_foreign import ByteCheckpointSource, MegatronSource, foreign_dcp_format
 from .deepspeed import DeepSpeedSource, looks_like_deepspeed
@@ -54,7 +54,15 @@ def detect_format(uri: str) -> str:
     Raises CheckpointNotFoundError when nothing is there, UncommittedCheckpointError
     for an interrupted save, UnknownFormatError otherwise.
     """
-    storage = open_storage(uri)
+    try:
+        return _detect(open_storage(uri), uri)
+    except CheckpointNotFoundError:
+        raise
+    except FileNotFoundError:  # deleted between two looks (gc racing a load)
+        raise CheckpointNotFoundError(f"{uri}: no such file or directory (deleted while it was read)") from None
+
+
+def _detect(storage: Storage, uri: str) -> str:
     fs, root = storage.fs, storage.root
     if not fs.exists(root):
         raise CheckpointNotFoundError(f"{uri}: no such file or directory")

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import threading
+import traceback
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_gc_deleting_checkpoints_under_a_loader(tmp_path):
         for t in threads:
             t.join(timeout=120)
         assert gc.returncode == 0, gc.stderr
-        assert not errors, f"trial {trial}: {errors[0]!r}"
+        assert not errors, f"trial {trial}: " + "".join(traceback.format_exception(errors[0]))
         assert sorted(os.listdir(root)) == ["step-00000003"], os.listdir(root)
         target = _zeros()
         ckpt.load(target, str(root / "step-00000003"))
