@@ -193,7 +193,7 @@ class SimStore(Storage):
     def read_bytes(self, rel: str) -> bytes:
         self._req("r", rel)
         if rel not in self.objects:
-            raise FileNotFoundError(self.describe(rel))
+            raise FileNotFoundError(self.uri_of(rel))
         self.bytes_read += len(self.objects[rel])
         return self.objects[rel]
 

@@ -171,7 +171,7 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
 
     head = json.loads(storage.read_bytes(staging_name(save_id, names[0])))
     manifest = assemble(storage, save_id, names)
-    manifest.validate(storage.describe(MANIFEST))
+    manifest.validate(storage.uri_of(MANIFEST))
     data = manifest.to_json_bytes()
     previous = None
     if head.get("overwrite", False):

@@ -62,7 +62,7 @@ def check_holds(storage: Storage, chunks: Iterable[Chunk], sizes: dict[str, int]
     ``storage`` reads the manifest's references; ``sizes`` caches real sizes across calls."""
     for c in chunks:
         if c.object not in sizes:
-            where = storage.describe(c.object)
+            where = storage.uri_of(c.object)
             try:
                 sizes[c.object] = storage.size(c.object)
             except FileNotFoundError:
@@ -76,12 +76,12 @@ def check_holds(storage: Storage, chunks: Iterable[Chunk], sizes: dict[str, int]
                 raise StorageOperationError(f"{where}: size failed: {e}", "size", where) from e
         if c.codec is not None and c.length > c.stored * MAX_RATIO:
             raise CheckpointFormatError(
-                f"{storage.describe(c.object)}: chunk {c.box} claims {c.length} bytes from {c.stored} compressed "
+                f"{storage.uri_of(c.object)}: chunk {c.box} claims {c.length} bytes from {c.stored} compressed "
                 f"bytes, more than zstd can decode them to"
             )
         if c.offset + c.stored > sizes[c.object]:
             raise TruncatedObjectError(
-                f"{storage.describe(c.object)}: bytes [{c.offset}, {c.offset + c.stored}) of chunk {c.box} "
+                f"{storage.uri_of(c.object)}: bytes [{c.offset}, {c.offset + c.stored}) of chunk {c.box} "
                 f"requested, object ends at {sizes[c.object]}"
             )
 
@@ -102,11 +102,11 @@ class Fetcher:
             raise
         except FileNotFoundError:
             raise MissingObjectError(
-                f"{self.storage.describe(read.object)}: bytes [{read.start}, {read.stop}) requested, "
+                f"{self.storage.uri_of(read.object)}: bytes [{read.start}, {read.stop}) requested, "
                 "but the object is gone (deleted while the checkpoint was read, or never written)"
             ) from None
         except OSError as e:
-            where = self.storage.describe(read.object)
+            where = self.storage.uri_of(read.object)
             raise StorageOperationError(
                 f"{where}: reading bytes [{read.start}, {read.stop}) failed: {e}", "read", where
             ) from e
@@ -219,7 +219,7 @@ class Fetcher:
             piece = stored[s0:s1]
             if self.verify:
                 self._check(obj, chunk, f, at, at + codec.frames[f], checksum(piece))
-            where = f"{self.storage.describe(obj)}: bytes [{at}, {at + codec.frames[f]}) of chunk {chunk.box}"
+            where = f"{self.storage.uri_of(obj)}: bytes [{at}, {at + codec.frames[f]}) of chunk {chunk.box}"
             decode_frame(piece, codec, f, size, out[f * B - lo : min((f + 1) * B, chunk.length) - lo], where)
             at += codec.frames[f]
         if raw is None:
@@ -245,7 +245,7 @@ class Fetcher:
             tensors = self.manifest.tensors
             key = next((k for k in self.targets if k in tensors and chunk in tensors[k].chunks_in(chunk.box)), "?")
             raise CorruptChunkError(
-                f"{self.storage.describe(obj)}: bytes [{lo}, {hi}) of {key} chunk {chunk.box} "
+                f"{self.storage.uri_of(obj)}: bytes [{lo}, {hi}) of {key} chunk {chunk.box} "
                 f"do not match their checksum (block {b})"
             )
 

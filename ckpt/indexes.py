@@ -64,7 +64,7 @@ class IndexSource:
             found = self._indexes[obj].get(key, {}).get(chunk.offsets)
             if found is None or found.box != chunk:
                 raise CheckpointFormatError(
-                    f"{self.storage.describe(self.manifest.indexes[obj]['index'])}: no record of {key} chunk {chunk}"
+                    f"{self.storage.uri_of(self.manifest.indexes[obj]['index'])}: no record of {key} chunk {chunk}"
                 )
             out.append(found)
         return out
@@ -89,10 +89,10 @@ class IndexSource:
         entry = m.indexes.get(obj)
         if entry is None:
             raise CheckpointFormatError(
-                f"{self.storage.describe(obj)}: a rule names this object, but the manifest lists no index for it"
+                f"{self.storage.uri_of(obj)}: a rule names this object, but the manifest lists no index for it"
             )
         name = entry["index"]
-        where = self.storage.describe(name)
+        where = self.storage.uri_of(name)
         raw = self.storage.read_bytes(name)
         if len(raw) != m.objects[name] or digest(raw) != entry["digest"]:
             raise CheckpointFormatError(f"{where}: the index does not match the size and digest the manifest records")

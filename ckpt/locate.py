@@ -14,7 +14,7 @@ from .storage import Storage, open_storage
 
 
 def read_manifest(storage: Storage) -> Manifest:
-    where = storage.describe(MANIFEST)
+    where = storage.uri_of(MANIFEST)
     try:
         raw = storage.read_bytes(MANIFEST)
     except FileNotFoundError:

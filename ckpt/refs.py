@@ -68,9 +68,9 @@ class RefStorage(DelegatingStorage):
         ref = split_ref(rel)
         return (self.inner, rel) if ref is None else (self.root, f"{ref[0]}/{ref[1]}")
 
-    def describe(self, rel: str) -> str:
+    def uri_of(self, rel: str) -> str:
         s, r = self._at(rel)
-        return s.describe(r)
+        return s.uri_of(r)
 
     def local_path(self, rel: str) -> str | None:
         s, r = self._at(rel)
@@ -123,7 +123,7 @@ def reuse(
     base_storage = open_storage(base_uri, **storage.options)
     try:
         raw = base_storage.read_bytes(MANIFEST)
-        base = Manifest.from_json_bytes(raw, base_storage.describe(MANIFEST), base_storage)
+        base = Manifest.from_json_bytes(raw, base_storage.uri_of(MANIFEST), base_storage)
         found, held = _matches(base, base_name, own, specs, digests)  # may read the base's object indexes
     except (FileNotFoundError, CheckpointError) as e:
         log.warning("%s: incremental base not readable, writing every chunk (%s)", base_uri, e)

@@ -73,7 +73,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_metadata(uri: str) -> Metadata:
     """DCP's ``.metadata`` of the checkpoint at ``uri``, unpickled without running code."""
     storage = open_storage(uri)
-    where = storage.describe(METADATA)
+    where = storage.uri_of(METADATA)
     try:
         raw = storage.read_bytes(METADATA)
     except FileNotFoundError:

@@ -69,7 +69,7 @@ class DcpRecords:
 
     def __init__(self, storage: Storage, prefix: str = "") -> None:
         self.storage, self.prefix = storage, prefix
-        where = storage.describe(prefix + METADATA)
+        where = storage.uri_of(prefix + METADATA)
         try:
             raw = storage.read_bytes(prefix + METADATA)
         except FileNotFoundError:
@@ -112,16 +112,16 @@ class DcpRecords:
             self.tensors[fqn] = (TensorInfo(shape, dtype), out)
 
     def _locate(self, info: Record) -> tuple[str, int, int]:
-        where = self.storage.describe(self.prefix + METADATA)
+        where = self.storage.uri_of(self.prefix + METADATA)
         rel, offset, length = _fields(info, where, "relative_path", "offset", "length")
         rel = str(rel)
         if "/" in rel or rel in ("", ".", "..") or not isinstance(offset, int) or not isinstance(length, int):
-            raise ForeignFormatError(f"{self.storage.describe(self.prefix + METADATA)}: bad storage entry {rel!r}")
+            raise ForeignFormatError(f"{self.storage.uri_of(self.prefix + METADATA)}: bad storage entry {rel!r}")
         return self.prefix + rel, offset, length
 
     def _open_chunk(self, fqn: str, dtype: torch.dtype, info: Record, header: bytes | None) -> LazyTensor:
         rel, offset, length = self._locate(info)
-        where = f"{self.storage.describe(rel)} bytes [{offset}, {offset + length}) ({fqn})"
+        where = f"{self.storage.uri_of(rel)} bytes [{offset}, {offset + length}) ({fqn})"
         if header is None:  # DCP / Megatron: a torch.save zip
             t = TorchArchive(self.storage, rel, offset, length).obj
         else:  # ByteCheckpoint: raw storage bytes; the tensor's pickled header elsewhere
@@ -166,7 +166,7 @@ class DcpRecords:
         if head == b"PK\x03\x04":
             return TorchArchive(self.storage, rel, offset, length).obj
         raw = self.storage.read_range(rel, offset, offset + length)
-        return load_pickle(raw, f"{self.storage.describe(rel)}: {fqn}")
+        return load_pickle(raw, f"{self.storage.uri_of(rel)}: {fqn}")
 
 
 class _RecordSource(Source):
@@ -259,7 +259,7 @@ class MegatronSource(_RecordSource):
                 raise ForeignFormatError(f"{uri}: no {METADATA} and no {MEGATRON_TRACKER}")
             it = storage.read_bytes(MEGATRON_TRACKER).decode().strip()
             if not it.isdigit():
-                raise ForeignFormatError(f"{storage.describe(MEGATRON_TRACKER)}: {it!r} is not an iteration")
+                raise ForeignFormatError(f"{storage.uri_of(MEGATRON_TRACKER)}: {it!r} is not an iteration")
             prefix = f"iter_{int(it):07d}/"
         self.prefix = prefix
         self._add_part(DcpRecords(storage, prefix), "")
@@ -269,11 +269,11 @@ class MegatronSource(_RecordSource):
         except FileNotFoundError:
             pass
         except ValueError as e:
-            raise ForeignFormatError(f"{storage.describe(prefix + 'metadata.json')}: {e}") from None
+            raise ForeignFormatError(f"{storage.uri_of(prefix + 'metadata.json')}: {e}") from None
         if storage.exists(prefix + "common.pt"):
             common = TorchArchive(storage, prefix + "common.pt").obj
             if not isinstance(common, dict):
-                raise ForeignFormatError(f"{storage.describe(prefix + 'common.pt')}: not a dict")
+                raise ForeignFormatError(f"{storage.uri_of(prefix + 'common.pt')}: not a dict")
             for k, v in common.items():
                 self._add_object(f"common.{k}", v)
 

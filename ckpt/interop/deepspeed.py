@@ -170,14 +170,14 @@ class DeepSpeedSource(Source):
                 )
             self.tag = self.storage.read_bytes(marker).decode().strip()
             if not self.tag or "/" in self.tag or self.tag in (".", ".."):
-                raise ForeignFormatError(f"{self.storage.describe(marker)}: names no tag ({self.tag!r})")
+                raise ForeignFormatError(f"{self.storage.uri_of(marker)}: names no tag ({self.tag!r})")
             prefix = self.tag + "/"
             try:
                 names = set(self.storage.listdir(self.tag))
             except FileNotFoundError:
                 names = set()
             if not names:
-                raise ForeignFormatError(f"{self.storage.describe(marker)}: tag {self.tag!r} is not in {uri}")
+                raise ForeignFormatError(f"{self.storage.uri_of(marker)}: tag {self.tag!r} is not in {uri}")
         self.prefix = prefix
         self._entries: dict[str, _Flat | _Whole] = {}
         self._values: dict[str, Any] = {}
@@ -189,7 +189,7 @@ class DeepSpeedSource(Source):
                 "only data-parallel (ZeRO) checkpoints are read: convert it with ds_to_universal first"
             )
         if not model_files:
-            raise ForeignFormatError(f"{self.storage.describe(prefix)}: no *_model_states.pt file")
+            raise ForeignFormatError(f"{self.storage.uri_of(prefix)}: no *_model_states.pt file")
         self.models = [self._open(n) for n in model_files]
         top = self.models[0]
         if not isinstance(top, dict) or not isinstance(top.get("module"), dict):
@@ -208,7 +208,7 @@ class DeepSpeedSource(Source):
     # ---- files ------------------------------------------------------------------------------------------------
 
     def _where(self, name: str) -> str:
-        return self.storage.describe(self.prefix + name)
+        return self.storage.uri_of(self.prefix + name)
 
     def _open(self, name: str) -> Any:
         arc = TorchArchive(self.storage, self.prefix + name)
@@ -231,7 +231,7 @@ class DeepSpeedSource(Source):
 
     def _read_zero(self, optim_names: list[str]) -> None:
         if not optim_names:
-            raise ForeignFormatError(f"{self.storage.describe(self.prefix)}: no *_optim_states.pt files")
+            raise ForeignFormatError(f"{self.storage.uri_of(self.prefix)}: no *_optim_states.pt files")
         osds = []
         for n in optim_names:
             sd = self._open(n)
@@ -246,7 +246,7 @@ class DeepSpeedSource(Source):
         world = max(_int_list(first.get("partition_count", len(osds))))
         if world != len(osds):
             raise ForeignFormatError(
-                f"{self.storage.describe(self.prefix)}: partition_count is {world} but {len(osds)} optimizer "
+                f"{self.storage.uri_of(self.prefix)}: partition_count is {world} but {len(osds)} optimizer "
                 "files are present (a save that did not finish, or files of another save mixed in)"
             )
         self.world = world
@@ -391,7 +391,7 @@ class DeepSpeedSource(Source):
                 obj = TorchArchive(self.storage, f"{zero}/{name}/{f}").obj
                 t = obj.get("param") if isinstance(obj, dict) else obj
                 if not isinstance(t, LazyTensor):
-                    raise ForeignFormatError(f"{self.storage.describe(f'{zero}/{name}/{f}')}: holds no tensor")
+                    raise ForeignFormatError(f"{self.storage.uri_of(f'{zero}/{name}/{f}')}: holds no tensor")
                 self._entries[f"{f[:-3]}.{name}"] = _Whole(t)
 
     # ---- model states -----------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class _File:
 
     def __init__(self, storage: FsspecStorage, rel: str) -> None:
         self.storage, self.rel = storage, rel
-        where = storage.describe(rel)
+        where = storage.uri_of(rel)
         try:
             size = storage.size(rel)
         except FileNotFoundError:
@@ -101,7 +101,7 @@ class SafetensorsSource(Source):
             f = _File(open_storage(parent), name)
             self._files[name] = f
             self._where = {k: f for k in f.entries}
-            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(""))
+            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.uri_of(""))
             return
         names = storage.listdir("")
         indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
@@ -116,7 +116,7 @@ class SafetensorsSource(Source):
             f = _File(storage, files[0])
             self._files[files[0]] = f
             self._where = {k: f for k in f.entries}
-            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.describe(files[0]))
+            self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.uri_of(files[0]))
         local = storage.local_path("")
         if CONFIG in names and local is not None:
             for target, src in tied_for_reading(local).items():
@@ -124,7 +124,7 @@ class SafetensorsSource(Source):
                     self._where[target], self._stored[target] = self._where[src], src
 
     def _open_index(self, storage: FsspecStorage, index_name: str) -> None:
-        where = storage.describe(index_name)
+        where = storage.uri_of(index_name)
         try:
             index = json.loads(storage.read_bytes(index_name))
             weight_map: dict[str, str] = index["weight_map"]

@@ -62,7 +62,7 @@ class TorchArchive:
 
     def __init__(self, storage: Storage, rel: str, base: int = 0, size: int | None = None) -> None:
         self.storage, self.rel, self.base = storage, rel, base
-        self.where = storage.describe(rel) + (f" bytes [{base}, {base + size})" if size is not None else "")
+        self.where = storage.uri_of(rel) + (f" bytes [{base}, {base + size})" if size is not None else "")
         try:
             size = storage.size(rel) - base if size is None else size
         except FileNotFoundError:

@@ -19,7 +19,7 @@ pieces and ``map_range`` views of the page cache. ``read_range``, ``size``
 and ``listdir`` serve tools (catalog, gc, interop); ``open_uploads`` /
 ``abort_upload`` let gc clean up after killed writers.
 
-Errors name the object (``describe(rel)``); a missing object raises
+Errors name the object (``uri_of(rel)``); a missing object raises
 ``FileNotFoundError``; a short object raises ``TruncatedObjectError``.
 """
 
@@ -38,7 +38,7 @@ class Storage(ABC):
     uri: str
     options: dict[str, Any]  # JSON-able: ``open_storage(uri, **options)`` reopens it (the daemon does)
 
-    def describe(self, rel: str) -> str:
+    def uri_of(self, rel: str) -> str:
         """The object's URI, as errors name it."""
         return f"{self.uri.rstrip('/')}/{rel}"
 
@@ -90,7 +90,7 @@ class Storage(ABC):
         """Like ``put_atomic`` if nothing is at ``rel``: True if this call created the object,
         False if one was already there (left unchanged). Of concurrent callers at most one wins."""
         raise ConditionalPutUnsupportedError(
-            f"{self.describe(rel)}: {type(self).__name__} has no conditional create (create-if-absent)"
+            f"{self.uri_of(rel)}: {type(self).__name__} has no conditional create (create-if-absent)"
         )
 
     # -- reading -------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ class DelegatingStorage(Storage):
         self.uri = inner.uri
         self.options = inner.options
 
-    def describe(self, rel: str) -> str:
-        return self.inner.describe(rel)
+    def uri_of(self, rel: str) -> str:
+        return self.inner.uri_of(rel)
 
     @property
     def is_remote(self) -> bool:

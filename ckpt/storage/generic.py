@@ -43,7 +43,7 @@ class FsspecStorage(Storage):
 
     def _call(self, operation: str, rel: str, fn: Callable[[], T]) -> T:
         """``fn()`` under the retry policy; errors name ``rel``."""
-        return self.retry.call(operation, self.describe(rel), fn)
+        return self.retry.call(operation, self.uri_of(rel), fn)
 
     def path(self, rel: str) -> str:
         """The object's path in ``fs``."""
@@ -83,7 +83,7 @@ class FsspecStorage(Storage):
     def _check_length(self, rel: str, start: int, n: int, got: int) -> None:
         if got < n:
             raise TruncatedObjectError(
-                f"{self.describe(rel)}: bytes [{start}, {start + n}) requested, object ends at {start + got}"
+                f"{self.uri_of(rel)}: bytes [{start}, {start + n}) requested, object ends at {start + got}"
             )
 
     def exists(self, rel: str) -> bool:

@@ -101,7 +101,7 @@ class LocalStorage(FsspecStorage):
         """A failed write removes its partial file (a full disk gets its space back); a full
         disk or quota raises StorageFullError naming the object."""
         path = self.path(rel)
-        with full_disk_named(self.describe(rel)):
+        with full_disk_named(self.uri_of(rel)):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 with open(path, "wb", buffering=0) as f:
@@ -145,7 +145,7 @@ class LocalStorage(FsspecStorage):
         path = self.path(rel)
         directory = os.path.dirname(path)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with full_disk_named(self.describe(rel)):
+        with full_disk_named(self.uri_of(rel)):
             os.makedirs(directory, exist_ok=True)
             try:
                 with open(tmp, "wb") as f:
@@ -181,7 +181,7 @@ class LocalStorage(FsspecStorage):
         if not stat.S_ISREG(mode):
             os.close(found)
             kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
-            raise UnsafeObjectError(f"{self.describe(rel)}: a {kind}, not a regular file; not read")
+            raise UnsafeObjectError(f"{self.uri_of(rel)}: a {kind}, not a regular file; not read")
         return found
 
     def _open_at(self, fd: int, part: str, rel: str, flags: int) -> int:
@@ -194,9 +194,9 @@ class LocalStorage(FsspecStorage):
                 except OSError:
                     link = False
                 if link:
-                    raise UnsafeObjectError(f"{self.describe(rel)}: {part} is a symbolic link, not followed") from None
+                    raise UnsafeObjectError(f"{self.uri_of(rel)}: {part} is a symbolic link, not followed") from None
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise FileNotFoundError(errno.ENOENT, f"{self.describe(rel)}: no such object") from None
+                raise FileNotFoundError(errno.ENOENT, f"{self.uri_of(rel)}: no such object") from None
             raise
 
     def _open(self, rel: str) -> int:
@@ -263,7 +263,7 @@ class LocalStorage(FsspecStorage):
             size = os.fstat(fd).st_size
             if stop > size:
                 raise TruncatedObjectError(
-                    f"{self.describe(rel)}: bytes [{start}, {stop}) requested, object ends at {size}"
+                    f"{self.uri_of(rel)}: bytes [{start}, {stop}) requested, object ends at {size}"
                 )
             if stop <= start:
                 return memoryview(bytearray(0))

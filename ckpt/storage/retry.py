@@ -182,13 +182,13 @@ class RetryPolicy:
                     "or pass storage_options={'key': ..., 'secret': ...})"
                 )
             raise StorageOperationError(
-                f"{target}: {operation} failed (not retryable): {describe_error(e)}{hint}", operation, target, attempt
+                f"{target}: {operation} failed (not retryable): {error_text(e)}{hint}", operation, target, attempt
             ) from e
         wait = self.delay(attempt - 1)
         if attempt >= self.max_attempts or elapsed + wait >= self.deadline_s:
             raise StorageOperationError(
                 f"{target}: {operation} failed after {attempt} attempt(s) over {elapsed:.1f}s "
-                f"(retry budget: {self.max_attempts} attempts, {self.deadline_s:.0f}s): {describe_error(e)}",
+                f"(retry budget: {self.max_attempts} attempts, {self.deadline_s:.0f}s): {error_text(e)}",
                 operation,
                 target,
                 attempt,
@@ -248,7 +248,7 @@ def is_retryable(e: BaseException) -> bool:
     return False
 
 
-def describe_error(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     """``Type: message`` of the most specific error in the chain (the server's code if any)."""
     for x in _chain(e):
         code = _code(x)

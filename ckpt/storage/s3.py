@@ -79,7 +79,7 @@ class S3Storage(FsspecStorage):
     def open_write(self, rel: str) -> Iterator[BinaryIO]:
         """A single PUT when small, else a parallel multipart upload, aborted if the block fails."""
         w = MultipartWriter(
-            self.fs, self.path(rel), self.describe(rel), self.fs.default_block_size, self.fs.max_concurrency, self.retry
+            self.fs, self.path(rel), self.uri_of(rel), self.fs.default_block_size, self.fs.max_concurrency, self.retry
         )
         try:
             yield w  # type: ignore[misc]
@@ -121,7 +121,7 @@ class S3Storage(FsspecStorage):
                     return False
                 if code in ("NotImplemented", "501"):
                     raise ConditionalPutUnsupportedError(
-                        f"{self.describe(rel)}: the server does not support conditional PUT (If-None-Match): {code}"
+                        f"{self.uri_of(rel)}: the server does not support conditional PUT (If-None-Match): {code}"
                     ) from e
                 raise
             return True
