@@ -96,7 +96,7 @@ def report(res: DemoResult) -> str:
             lines.append(f"          ({size(kill.orphan_buffer_bytes)} of staging buffers left in /dev/shm removed)")
     ram = r.get("ram_tier") or {}
     if ram.get("served"):
-        tier = f"{size(ram['bytes'])} of {size(ram['total'])} from the daemon's RAM tier"
+        tier = f"{size(ram['bytes'])} of {size(ram['total'])} of tensor data from the daemon's RAM tier"
     else:
         tier = f"from storage ({ram.get('why', 'no daemon')})"
     want = res.latest_committed_step

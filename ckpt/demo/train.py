@@ -109,25 +109,27 @@ def ram_tier_report(daemon: str, uri: str) -> dict[str, Any]:
     """Whether ``ckpt.load(..., LoadOptions(daemon=...))`` read ``uri`` from the daemon's RAM.
 
     The same test ``load`` applies: the daemon's copy is used when it is of the
-    very save the manifest names, and then serves every object it holds.
+    very save the manifest names, and then serves every data object it holds (the
+    tier holds tensor bytes; the small per-object chunk indexes come from storage).
     """
     from ckpt.client import ram_tier_lookup
 
     manifest = CheckpointReader(uri).manifest
     found = ram_tier_lookup(daemon, uri)
-    total = sum(manifest.objects.values())
+    data = {o: n for o, n in manifest.objects.items() if o.endswith(".safetensors")}
+    total = sum(data.values())
     if found is None:
         return {"served": False, "why": "the daemon holds no copy of it", "bytes": 0, "total": total}
     save_id, directory, objects = found
     if save_id != manifest.save_id:
         return {"served": False, "why": f"the daemon's copy is of another save ({save_id})", "bytes": 0, "total": total}
-    mine = objects & set(manifest.objects)
+    mine = objects & set(data)
     return {
         "served": True,
-        "bytes": sum(manifest.objects[o] for o in mine),
+        "bytes": sum(data[o] for o in mine),
         "total": total,
         "objects": len(mine),
-        "of": len(manifest.objects),
+        "of": len(data),
         "directory": directory,
     }
 
