@@ -54,6 +54,8 @@ def kill_job(rank: int, world: int, root: str) -> dict:
     ckpt.save(_state(1, rank), f"{root}/B", step=1, options=options)  # the plan is cached: as fast as v2's
     Path(root, f"pid-{rank}").write_text(str(os.getpid()))
     if rank == 0:  # how long one save takes here: the killer draws its delay from that
+        while not all(Path(root, f"pid-{r}").exists() for r in range(world)):  # the killer reads the victim's
+            time.sleep(0.001)
         Path(root, "go.tmp").write_text(str(time.monotonic() - t0))
         os.replace(Path(root, "go.tmp"), Path(root, "go"))
     else:
