@@ -52,7 +52,8 @@ def kill_job(rank: int, world: int, root: str) -> dict:
     ckpt.save(_state(1, rank), f"{root}/A", step=1, options=options)
     t0 = time.monotonic()
     ckpt.save(_state(1, rank), f"{root}/B", step=1, options=options)  # the plan is cached: as fast as v2's
-    Path(root, f"pid-{rank}").write_text(str(os.getpid()))
+    Path(root, f"pid-{rank}.tmp").write_text(str(os.getpid()))
+    os.replace(Path(root, f"pid-{rank}.tmp"), Path(root, f"pid-{rank}"))  # whole, never half-written
     if rank == 0:  # how long one save takes here: the killer draws its delay from that
         while not all(Path(root, f"pid-{r}").exists() for r in range(world)):  # the killer reads the victim's
             time.sleep(0.001)
