@@ -151,12 +151,12 @@ def _merge_overlaps(obj: str, segs: list[Segment]) -> list[Segment]:
         if out and s.start < out[-1].stop:
             prev = out[-1]
             if prev.encoded or s.encoded:
-                spans = {(c.offset, c.length) for c in (*prev.blocks.values(), *s.blocks.values())}
+                spans = {(c.offset, c.offset + c.stored) for c in (*prev.blocks.values(), *s.blocks.values())}
                 if len(spans) > 1:
-                    a, b = sorted(spans)[:2]
+                    (a0, a1), (b0, b1) = sorted(spans)[:2]
                     raise CheckpointFormatError(
-                        f"{obj}: compressed chunk bytes [{a[0]}, {a[0] + a[1]}) and [{b[0]}, {b[0] + b[1]}) "
-                        "overlap: the manifest is damaged"
+                        f"{obj}: chunks stored at bytes [{a0}, {a1}) and [{b0}, {b1}) overlap and one is "
+                        "compressed: the manifest is damaged"
                     )
             for seg in (prev, s):
                 if seg.direct is not None:
