@@ -310,6 +310,7 @@ def staged_save(state: State, store: SimStore, save_id: str, readers: set[int]) 
 
 class _Opts:
     block_bytes = BLOCK_BYTES
+    overwrite = False
 
 
 def load_targets(state: State, rank: int) -> dict[str, TensorEntry]:

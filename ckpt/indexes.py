@@ -4,8 +4,10 @@ A rank's save writes, after its data object, ``<object stem>.index.json`` holdin
 records (the manifest's chunk-record JSON) of its chunks of rule tensors; the manifest's
 ``indexes`` table names it with its xxh3 digest and ``objects`` with its size. A loading rank
 computes from a rule which objects hold the cells it needs (ckpt/rules.py) and fetches only
-their indexes, in parallel, each verified (size, digest, every record against the rule) before
-use. So what a rank reads at load grows with what it loads, not with the world size.
+their indexes, in parallel, each verified (size, digest) before use. An index holds the records
+of every tensor its rank wrote, but a loading rank needs a few of them: records become ``Chunk``
+objects, checked against the manifest and the rule, only when a region asks for them. So what a
+rank reads and parses at load grows with what it loads, not with the world size.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import xxhash
 
 from .errors import CheckpointFormatError
-from .format import Chunk, Manifest, rank_object
+from .format import Chunk, Manifest, _reason, _typed, rank_object
 from .regions import Box
 from .rules import rule_chunks
 
@@ -34,12 +36,54 @@ def digest(data: bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+class ObjectIndex:
+    """One verified index: its records kept as parsed JSON, each turned into a checked ``Chunk``
+    on first lookup, since a loading rank uses a few of the records an index holds."""
+
+    def __init__(self, where: str, obj: str, manifest: Manifest, records: dict[str, Any]) -> None:
+        self.where, self.obj, self.manifest = where, obj, manifest
+        self._records = records  # key -> list of chunk-record JSON, as stored
+        self._by_offsets: dict[str, dict[tuple[int, ...], Any]] = {}  # key -> offsets -> JSON, then Chunk
+
+    def find(self, key: str, box: Box) -> Chunk:
+        """The record of ``key``'s chunk ``box`` (computed from the rule), checked (FORMAT.md, rule 9)."""
+        by_offsets = self._by_offsets.get(key)
+        if by_offsets is None:
+            by_offsets = self._by_offsets[key] = self._locate(key)
+        found = by_offsets.get(box.offsets)
+        if found is None:
+            raise CheckpointFormatError(f"{self.where}: no record of {key} chunk {box}")
+        if not isinstance(found, Chunk):
+            found = by_offsets[box.offsets] = self._chunk(key, found)
+        if found.box != box:
+            raise CheckpointFormatError(f"{self.where}: no record of {key} chunk {box} (found {found.box})")
+        return found
+
+    def _locate(self, key: str) -> dict[tuple[int, ...], Any]:
+        recs = self._records.get(key, [])
+        try:
+            return {tuple(_typed(r, dict, "a chunk record")["offsets"]): r for r in _typed(recs, list, key)}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{self.where}: malformed index ({_reason(e)})") from None
+
+    def _chunk(self, key: str, record: Any) -> Chunk:
+        try:
+            c = Chunk.from_json(record)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{self.where}: malformed index ({key}: {_reason(e)})") from None
+        problem = f"names object {c.object}" if c.object != self.obj else None
+        problem = problem or self.manifest.chunk_problem(self.manifest.tensors[key], c)
+        if problem:
+            raise CheckpointFormatError(f"{self.where}: malformed index ({key} chunk {c.box} {problem})")
+        return c
+
+
 class IndexSource:
-    """Chunk records of a bound manifest's rule tensors, fetched per object once and verified."""
+    """Chunk records of a bound manifest's rule tensors, each index fetched once and verified."""
 
     def __init__(self, storage: Any, manifest: Manifest, threads: int = 16) -> None:
         self.storage, self.manifest, self.threads = storage, manifest, threads
-        self._indexes: dict[str, dict[str, dict[tuple[int, ...], Chunk]]] = {}
+        self._indexes: dict[str, ObjectIndex] = {}
         self._lock = threading.Lock()
         self.fetched = 0  # indexes read from storage (benchmarks and tests count them)
 
@@ -59,15 +103,8 @@ class IndexSource:
         objects = {obj for _, obj in wanted}
         if not objects.issubset(self._indexes):
             self.prefetch(objects)
-        out = []
-        for chunk, obj in wanted:
-            found = self._indexes[obj].get(key, {}).get(chunk.offsets)
-            if found is None or found.box != chunk:
-                raise CheckpointFormatError(
-                    f"{self.storage.uri_of(self.manifest.indexes[obj]['index'])}: no record of {key} chunk {chunk}"
-                )
-            out.append(found)
-        return out
+        with self._lock:  # records are checked on first lookup, from any loading thread
+            return [self._indexes[obj].find(key, chunk) for chunk, obj in wanted]
 
     def prefetch(self, objects: set[str]) -> None:
         """Read the indexes of ``objects`` not read yet, in parallel."""
@@ -84,7 +121,7 @@ class IndexSource:
             self._indexes.update(zip(missing, got))
             self.fetched += len(missing)
 
-    def _read(self, obj: str) -> dict[str, dict[tuple[int, ...], Chunk]]:
+    def _read(self, obj: str) -> ObjectIndex:
         m = self.manifest
         entry = m.indexes.get(obj)
         if entry is None:
@@ -100,18 +137,11 @@ class IndexSource:
             doc = json.loads(raw)
             if doc.get("format") != FORMAT or doc.get("object") != obj:
                 raise ValueError(f"not the index of {obj}")
-            out: dict[str, dict[tuple[int, ...], Chunk]] = {}
-            for key, recs in doc["chunks"].items():
+            records = _typed(doc["chunks"], dict, "chunks")
+            for key in records:
                 rec = m.tensors.get(key)
                 if rec is None or rec.rule is None:
                     raise ValueError(f"{key} is not a rule tensor of the manifest")
-                by_offsets = out.setdefault(key, {})
-                for r in recs:
-                    c = Chunk.from_json(r)
-                    problem = f"names object {c.object}" if c.object != obj else m.chunk_problem(rec, c)
-                    if problem:
-                        raise ValueError(f"{key} chunk {c.box} {problem}")
-                    by_offsets[c.box.offsets] = c
-            return out
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointFormatError(f"{where}: malformed index ({e})") from None
+            raise CheckpointFormatError(f"{where}: malformed index ({_reason(e)})") from None
+        return ObjectIndex(where, obj, m, records)

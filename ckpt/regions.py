@@ -206,6 +206,36 @@ def cut_runs(held: Runs, parts: int, index: int, split: int = 0) -> Runs:
     return concat_runs(cut)
 
 
+def cut_all_runs(held: Runs, parts: int, split: int = 0) -> list[Runs]:
+    """``cut_runs(held, parts, i, split)`` for every ``i`` in ``range(parts)``, in one pass over ``held``:
+    the parts' position ranges, taken in position order, only move forward through the runs (a grid
+    of thousands of ranks cuts each dim once, not once per rank)."""
+    n = runs_length(held)
+    if not split:
+        ranges = [(*chunk_bounds(n, parts, i), i) for i in range(parts)]
+    else:
+        ranges = []
+        for j in range(split):
+            lo, hi = chunk_bounds(n, split, j)
+            ranges += [(lo + a, lo + b, i) for i in range(parts) for a, b in (chunk_bounds(hi - lo, parts, i),)]
+    out: list[list[tuple[int, int]]] = [[] for _ in range(parts)]
+    k = at = 0  # the run holding position ``at`` onwards, and its first position
+    for lo, hi, i in ranges:
+        while lo < hi:
+            while at + held[k][1] <= lo:
+                at += held[k][1]
+                k += 1
+            start, count = held[k]
+            stop = min(hi, at + count)
+            g, part = start + lo - at, out[i]
+            if part and part[-1][0] + part[-1][1] == g:
+                part[-1] = (part[-1][0], part[-1][1] + stop - lo)
+            else:
+                part.append((g, stop - lo))
+            lo = stop
+    return [tuple(p) for p in out]
+
+
 def runs_length(runs: Runs) -> int:
     return sum(c for _, c in runs)
 

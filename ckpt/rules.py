@@ -19,11 +19,13 @@ import itertools
 import math
 import re
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 from .format import Mesh
-from .regions import Box, Shape, chunk_bounds, cut_runs, split_into_chunks
+from .regions import Box, Runs, Shape, chunk_bounds, cut_all_runs, split_into_chunks
+
+Segment = tuple[int, int, tuple[int, ...]]  # (first index, count, coordinates of the mesh dims cutting it)
 
 
 def parse_placement(name: str) -> tuple[int, int] | None:
@@ -58,19 +60,13 @@ class Grid:
                 raise ValueError(f"placement {placements[m]} splits by more than the mesh's ranks")
         for d, n in enumerate(shape):
             steps = [m for m in self.shard_dims if ps[m][0] == d]
-            segs = []
             if len(steps) == 1 and not ps[steps[0]][1]:  # the common case, in closed form
                 parts = mesh_shape[steps[0]]
                 bounds = [chunk_bounds(n, parts, i) for i in range(parts)]
                 segs = [(lo, hi - lo, (i,)) for i, (lo, hi) in enumerate(bounds) if hi > lo]
-                steps_product: Iterable = ()
             else:
-                steps_product = itertools.product(*(range(mesh_shape[m]) for m in steps))
-            for combo in steps_product:
-                runs = ((0, n),) if n else ()
-                for m, i in zip(steps, combo):
-                    runs = cut_runs(runs, mesh_shape[m], i, ps[m][1])
-                segs.extend((g, c, combo) for g, c in runs)
+                cuts = [(mesh_shape[m], ps[m][1]) for m in steps]
+                segs = list(_segments(((0, n),) if n else (), cuts, ()))
             segs.sort()
             at = 0
             for g, c, _ in segs:
@@ -104,6 +100,19 @@ class Grid:
     def holders(self, mesh: Mesh, shard_coord: tuple[int, ...]) -> tuple[int, ...]:
         """The ranks holding the cells at ``shard_coord``, in mesh order."""
         return _holders(self, mesh, shard_coord)
+
+
+def _segments(runs: Runs, cuts: Sequence[tuple[int, int]], combo: tuple[int, ...]) -> Iterator[Segment]:
+    """(start, count, coordinates) of every run the placement ``cuts`` (parts, split factor) leave of
+    ``runs``, over all coordinates: depth first, each prefix of coordinates cut once and all parts of a
+    cut in one pass (FSDP2 over TP at 4096 ranks: 513 passes, not 4096 strided and 4096 plain cuts)."""
+    if not cuts:
+        for g, c in runs:
+            yield g, c, combo
+        return
+    (parts, split), rest = cuts[0], cuts[1:]
+    for i, part in enumerate(cut_all_runs(runs, parts, split)):
+        yield from _segments(part, rest, (*combo, i))
 
 
 @lru_cache(maxsize=256)

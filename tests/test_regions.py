@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 
 from ckpt.format import Chunk
 from ckpt.readplan import Need, ReadSettings, intersect_chunks, plan_reads
-from ckpt.regions import Box, flat_range_to_boxes, read_spans, row_major_strides, span_view, split_into_chunks
+from ckpt.regions import (
+    Box,
+    cut_all_runs,
+    cut_runs,
+    flat_range_to_boxes,
+    read_spans,
+    row_major_strides,
+    span_view,
+    split_into_chunks,
+)
 
 # Local to this module (a loaded profile would change every other test file's settings);
 # derandomized so CI runs are reproducible.
@@ -337,3 +346,20 @@ def test_plan_reads_invariants(case):
             last = -(-(n.byte_stop - n.chunk.offset) // B)
             for b in range(first, last):
                 assert (n.chunk.offset, b) in g.blocks, "a byte copied out must be verified"
+
+
+@st.composite
+def held_runs(draw) -> tuple[tuple[int, int], ...]:
+    """Runs a local shard may hold along one dim: ascending, disjoint, some adjacent."""
+    runs, at = [], draw(st.integers(0, 5))
+    for _ in range(draw(st.integers(0, 6))):
+        count = draw(st.integers(1, 9))
+        runs.append((at, count))
+        at += count + draw(st.integers(0, 3))
+    return tuple(runs)
+
+
+@given(held_runs(), st.integers(1, 12), st.sampled_from([0, 1, 2, 3, 8]))
+def test_cutting_every_part_at_once_is_cutting_each_part(held, parts, split) -> None:
+    """The grid of a rule cuts every part in one pass; each must be exactly DTensor's cut of that part."""
+    assert cut_all_runs(held, parts, split) == [cut_runs(held, parts, i, split) for i in range(parts)]

@@ -262,3 +262,34 @@ def test_a_waiting_rank_of_a_large_job_waits_for_its_spread_index(tmp_path) -> N
     assert not storage.exists(rank_index_name("s-0", 70, 100))
     with pytest.raises(SaveAbortedError, match="rank 3 died"):
         wait_committed(storage, "s-0", 70, 5, world_size=100)
+
+
+def test_an_index_checks_the_records_a_load_uses_and_only_those() -> None:
+    """A rank reads an index holding every tensor its writer saved but uses a few records: those
+    are checked against the manifest (a bad one names the index, key and chunk); the others are
+    not parsed into chunks, so they cost nothing."""
+    from ckpt.format import Chunk, LazyChunks, Manifest, Mesh, Rule, TensorRecord
+    from ckpt.indexes import ObjectIndex
+
+    obj = "data/s-r00000.safetensors"
+    rule = Rule((0,), ("S0",), 1 << 20)
+    tensors = {k: TensorRecord((4, 2), "float32", LazyChunks(k), "DTensor", rule) for k in ("a", "b", "c")}
+    manifest = Manifest(
+        save_id="s", tensors=tensors, values={}, objects={obj: 4096}, block_bytes=64,
+        meshes=[Mesh((1,), (0,))], rank_objects="data/s-r{rank}.safetensors",
+    )
+    box = Box((0, 0), (4, 2))
+    good = Chunk(box, obj, 64, 32, ("0" * 16,)).to_json()
+    records = {
+        "a": [good],
+        "b": [{**good, "offset": 4090}],  # past the end of the object
+        "c": [{**good, "checksums": "not a list"}],
+    }
+    index = ObjectIndex("idx.json", obj, manifest, records)
+    assert index.find("a", box) == Chunk.from_json(good)
+    with pytest.raises(CheckpointFormatError, match=r"idx\.json.*b chunk .*outside object"):
+        index.find("b", box)
+    with pytest.raises(CheckpointFormatError, match=r"idx\.json.*c: checksums must be a JSON list"):
+        index.find("c", box)
+    with pytest.raises(CheckpointFormatError, match=r"idx\.json: no record of a chunk"):
+        index.find("a", Box((0, 0), (2, 2)))
