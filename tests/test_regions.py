@@ -327,7 +327,7 @@ def test_plan_reads_invariants(case):
             for n in g.needs:
                 assert n.chunk.object == r.object
                 home.setdefault(id(n), []).append(g)
-            for (off, b), c in g.blocks.items():
+            for (off, b, _), c in g.blocks.items():
                 assert off == c.offset and 0 <= b < len(c.checksums)
                 # every verified block lies inside the segment's buffer
                 lo, hi = c.offset + b * B, min(c.offset + (b + 1) * B, c.offset + c.length)
@@ -345,7 +345,7 @@ def test_plan_reads_invariants(case):
             first = (n.byte_start - n.chunk.offset) // B
             last = -(-(n.byte_stop - n.chunk.offset) // B)
             for b in range(first, last):
-                assert (n.chunk.offset, b) in g.blocks, "a byte copied out must be verified"
+                assert (n.chunk.offset, b, id(n.chunk)) in g.blocks, "a byte copied out must be verified"
 
 
 @st.composite
