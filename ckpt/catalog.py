@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
 from .format import DATA_DIR, MANIFEST, STAGING_DIR
@@ -27,7 +27,10 @@ from .locate import read_latest, read_manifest
 from .options import RetentionPolicy, StrEnum
 from .refs import live_objects
 from .retention import CheckpointInfo, select_deletions
-from .storage import FsspecStorage, Storage, open_storage
+from .storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from .storage import FsspecStorage, LocalStorage
 
 
 class EntryStatus(StrEnum):
@@ -124,7 +127,7 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry
     """Checkpoints directly under ``root`` (and ``root`` itself if it is one), oldest first."""
     storage = open_storage(root, **(storage_options or {})).confine()
     storage.invalidate()
-    if not storage.fs.isdir(storage.root):
+    if not storage.is_dir(""):
         raise FileNotFoundError(f"{root}: no such directory")
     entries = []
     own = entry_at(root, ".", storage_options)
@@ -132,7 +135,7 @@ def scan(root: str, storage_options: dict[str, Any] | None = None) -> list[Entry
         entries.append(own)
     latest = latest_name(storage)
     for name in storage.listdir(""):
-        if name.startswith((".", "_")) or name == DATA_DIR or not storage.fs.isdir(storage.path(name)):
+        if name.startswith((".", "_")) or name == DATA_DIR or not storage.is_dir(name):
             continue
         e = entry_at(child_uri(root, name), name, storage_options)
         if e is not None:
@@ -232,7 +235,7 @@ def would_retire(root: str, doomed: list[Entry], storage_options: dict[str, Any]
     return {n for n in names if any(ref.startswith(f"{n}/") for ref in live)}
 
 
-def _sweep(storage: FsspecStorage, name: str, live: set[str] | None) -> bool:
+def _sweep(storage: FsspecStorage | LocalStorage, name: str, live: set[str] | None) -> bool:
     """Delete the files of a checkpoint that has no manifest any more, keeping the objects
     named in ``live`` (all of them if ``live`` is None: unknown); True if some are kept."""
     storage.invalidate()
@@ -264,7 +267,7 @@ def latest_name(storage: Storage) -> str | None:
     return None if marker is None else marker["name"]
 
 
-def _contents(storage: FsspecStorage) -> tuple[int, float | None, int]:
+def _contents(storage: FsspecStorage | LocalStorage) -> tuple[int, float | None, int]:
     """(total bytes, newest modification time, number of files) under a checkpoint."""
     try:
         found = storage.fs.find(storage.root, detail=True)

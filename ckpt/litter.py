@@ -16,14 +16,17 @@ hour, far beyond the commit timeout once a rank's data is written).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .catalog import Entry, EntryStatus, file_mtime
 from .commit import ABORT
 from .format import DATA_DIR, STAGING_DIR
 from .locate import read_manifest
 from .refs import live_objects, split_uri
-from .storage import FsspecStorage, open_storage
+from .storage import open_storage
+
+if TYPE_CHECKING:
+    from .storage import FsspecStorage, LocalStorage
 
 LITTER_AGE_S = 3600.0
 
@@ -103,7 +106,7 @@ def _save_of(rel: str) -> str:
     return rel.rsplit("/", 1)[-1].split(".", 1)[0].rsplit("-", 1)[0]
 
 
-def _files(storage: FsspecStorage, under: str) -> list[tuple[str, int, float | None]]:
+def _files(storage: FsspecStorage | LocalStorage, under: str) -> list[tuple[str, int, float | None]]:
     """(path relative to the checkpoint, size, modification time) of every file under ``under``."""
     base = storage.fs._strip_protocol(storage.path(under)).rstrip("/")
     try:

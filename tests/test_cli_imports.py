@@ -1,5 +1,5 @@
-"""``ckpt --help``, ``ls`` and ``info`` never import torch (it alone takes seconds to import);
-their start-up time is measured by bench/bench_cli_startup.py."""
+"""``ckpt --help``, ``ls`` and ``info`` of local paths never import torch (it alone takes seconds to
+import) nor fsspec (a tenth of a second); their start-up time is measured by bench/bench_cli_startup.py."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import ckpt
 PROBE = (
     "import sys; from ckpt.cli import main\n"
     "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
-    "heavy = [m for m in ('torch', 'numpy') if m in sys.modules]\n"
+    "heavy = [m for m in ('torch', 'numpy', 'fsspec') if m in sys.modules]\n"
     "assert not heavy, heavy\nsys.exit(rc)"
 )
 
 
 @pytest.mark.dist  # starts fresh interpreters (the nearest process marker; none says "subprocess")
-def test_help_ls_and_info_import_no_torch(tmp_path):
+def test_help_ls_and_info_import_no_torch_nor_fsspec(tmp_path):
     root = tmp_path / "run"
     manager = ckpt.Manager(str(root), handle_sigterm=False)
     manager.save(1, {"w": torch.ones(3), "rng": (1, 2.5, float("nan"))}, metrics={"loss": float("inf")})

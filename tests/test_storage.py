@@ -49,6 +49,35 @@ def test_open_storage_picks_the_backend_by_uri(tmp_path):
         LocalStorage("memory://ckpt-tests/pick")
 
 
+def test_local_backend_answers_as_fsspecs_local_filesystem(tmp_path, monkeypatch):
+    """LocalStorage is built on os alone (the CLI never imports fsspec for a local path), yet tools
+    walk its ``fs`` at its ``root``: both must name the same paths and answer the same."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for uri in ("run", "./run", "run/", ".", "~/run", "file://run", f"file://{tmp_path}/run/", f"{tmp_path}//run"):
+        local = open_storage(uri)
+        assert type(local) is LocalStorage and local.root == FsspecStorage(uri).root, uri
+        assert local.fs._strip_protocol(local.path("x")) == local.path("x")
+    local, ref = open_storage(str(tmp_path / "run")), FsspecStorage(f"file://{tmp_path}/run")
+    local.put_atomic("step-1/manifest.json", b"0123456789")
+    local.put_atomic("step-1/data/o", b"")
+    os.mkdir(tmp_path / "run" / "empty")
+    for rel in ("", "step-1", "step-1/manifest.json", "step-1/data", "empty", "missing"):
+        assert local.listdir(rel) == ref.listdir(rel), rel
+        assert (local.exists(rel), local.is_dir(rel)) == (ref.exists(rel), ref.is_dir(rel)), rel
+    assert local.listdir("step-1/manifest.json/x") == [] and not local.exists("step-1/manifest.json/x")
+    for rel in ("step-1/manifest.json", "step-1/data/o"):
+        assert (local.size(rel), local.read_bytes(rel)) == (ref.size(rel), ref.read_bytes(rel))
+        assert local.read_range(rel, 3, 20) == ref.read_range(rel, 3, 20) and local.read_range(rel, 12, 14) == b""
+    with pytest.raises(FileNotFoundError):
+        local.read_bytes("missing")
+    with pytest.raises(ValueError, match="run/step-1: a directory"):
+        local.delete("step-1")
+    local.delete("step-1", recursive=True)
+    local.delete("step-1")  # gone already is fine
+    assert local.listdir("") == ["empty"] and not local.is_dir("step-1")
+
+
 def test_options_reopen_the_same_location_from_json(mem_uri):
     """The daemon reopens storage from ``uri`` + JSON-able options, the retry policy included."""
     s = open_storage(mem_uri, retry=RetryPolicy(max_attempts=3, deadline_s=7.0))

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import CheckpointFormatError
 from ..framing import as_bytes, frame_order, read_safetensors_header, safetensors_header, write_all
 from ..regions import Box, row_major_strides
-from ..storage import FsspecStorage, open_storage
+from ..storage import open_storage
 from ..values import decode, dumps, encode_checked
 from .hf_model import CONFIG, tied_for_reading
 from .source import ForeignFormatError, Source, SourceInfo, TensorInfo, slabs
+
+if TYPE_CHECKING:
+    from ..storage import FsspecStorage, LocalStorage
 
 INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_INDEX = "model" + INDEX_SUFFIX
@@ -48,7 +51,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 class _File:
     """One safetensors file: its parsed header and where its data starts."""
 
-    def __init__(self, storage: FsspecStorage, rel: str) -> None:
+    def __init__(self, storage: FsspecStorage | LocalStorage, rel: str) -> None:
         self.storage, self.rel = storage, rel
         where = storage.uri_of(rel)
         try:
@@ -123,7 +126,7 @@ class SafetensorsSource(Source):
                 if src in self._where and target not in self._where:
                     self._where[target], self._stored[target] = self._where[src], src
 
-    def _open_index(self, storage: FsspecStorage, index_name: str) -> None:
+    def _open_index(self, storage: FsspecStorage | LocalStorage, index_name: str) -> None:
         where = storage.uri_of(index_name)
         try:
             index = json.loads(storage.read_bytes(index_name))
@@ -235,7 +238,7 @@ def export_safetensors(
 
 def _write_file(
     source: Source,
-    storage: FsspecStorage,
+    storage: FsspecStorage | LocalStorage,
     rel: str,
     tensors: dict[str, TensorInfo],
     keys: list[str],

@@ -16,7 +16,7 @@ Call order on load (``ckpt.load`` / ``ckpt.fetch``): ``read_bytes`` the
 manifest, then per planned read either ``read_into_many`` (one request per
 coalesced range) or, where ``supports_mapping``, small ``read_into_many``
 pieces and ``map_range`` views of the page cache. ``read_range``, ``size``
-and ``listdir`` serve tools (catalog, gc, interop); ``open_uploads`` /
+and ``listdir`` (with ``is_dir``) serve tools (catalog, gc, interop); ``open_uploads`` /
 ``abort_upload`` let gc clean up after killed writers.
 
 Errors name the object (``uri_of(rel)``); a missing object raises
@@ -29,7 +29,18 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO
 
-from ..errors import ConditionalPutUnsupportedError
+from ..errors import ConditionalPutUnsupportedError, TruncatedObjectError
+
+
+def uri_scheme(uri: str) -> str | None:
+    """``s3`` for ``s3://bucket/key``, None for a plain path: the protocol as fsspec splits it,
+    told without importing fsspec (the local backend never loads it)."""
+    scheme, sep, _ = uri.partition("://")
+    return scheme if sep and len(scheme) > 1 else None  # one letter is a Windows drive
+
+
+def is_s3(uri: str) -> bool:
+    return uri_scheme(uri) in ("s3", "s3a")
 
 
 class Storage(ABC):
@@ -126,6 +137,11 @@ class Storage(ABC):
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under ``rel``, sorted; empty if it does not exist."""
 
+    def is_dir(self, rel: str) -> bool:
+        """Whether ``rel`` (``""``: the location) is a directory; where there are no directories
+        (object stores), a prefix with objects under it, which is what this default tells."""
+        return bool(self.listdir(rel))
+
     @abstractmethod
     def delete(self, rel: str, recursive: bool = False) -> None:
         """Remove the object (or the tree under ``rel``); gone already is fine."""
@@ -148,3 +164,10 @@ class Storage(ABC):
     def abort_upload(self, rel: str, upload_id: str) -> None:
         """Discard an unfinished upload found by ``open_uploads``. No-op where there are none."""
         return None
+
+    def _check_length(self, rel: str, start: int, n: int, got: int) -> None:
+        """TruncatedObjectError naming the byte range if a read of ``n`` bytes got only ``got``."""
+        if got < n:
+            raise TruncatedObjectError(
+                f"{self.uri_of(rel)}: bytes [{start}, {start + n}) requested, object ends at {start + got}"
+            )

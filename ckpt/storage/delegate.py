@@ -78,6 +78,9 @@ class DelegatingStorage(Storage):
     def listdir(self, rel: str) -> list[str]:
         return self.inner.listdir(rel)
 
+    def is_dir(self, rel: str) -> bool:
+        return self.inner.is_dir(rel)
+
     def delete(self, rel: str, recursive: bool = False) -> None:
         self.inner.delete(rel, recursive)
 

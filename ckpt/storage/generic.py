@@ -17,7 +17,6 @@ from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 
-from ..errors import TruncatedObjectError
 from .base import Storage
 from .retry import RetryPolicy
 
@@ -80,12 +79,6 @@ class FsspecStorage(Storage):
             at += len(b)
         self._check_length(rel, start, n, got)
 
-    def _check_length(self, rel: str, start: int, n: int, got: int) -> None:
-        if got < n:
-            raise TruncatedObjectError(
-                f"{self.uri_of(rel)}: bytes [{start}, {start + n}) requested, object ends at {start + got}"
-            )
-
     def exists(self, rel: str) -> bool:
         return self._call("exists", rel, lambda: self.fs.exists(self.path(rel)))
 
@@ -103,6 +96,9 @@ class FsspecStorage(Storage):
         me = self.fs._strip_protocol(self.path(rel)).rstrip("/")
         # an empty "directory" (a key ending in "/") lists as itself on object stores: not a child
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != me)
+
+    def is_dir(self, rel: str) -> bool:
+        return self._call("isdir", rel, lambda: self.fs.isdir(self.path(rel)))
 
     def delete(self, rel: str, recursive: bool = False) -> None:
         try:

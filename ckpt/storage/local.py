@@ -8,7 +8,9 @@ the page cache (``map_range``). A checkpoint's reader ``confine()`` s the storag
 then objects are read only from regular files reached without following a symlink
 inside the location (``UnsafeObjectError`` otherwise), since a manifest names them
 and a planted link, FIFO or directory must not make a reader read outside the
-checkpoint or block. Local calls are not retried.
+checkpoint or block. Local calls are not retried. Built on ``os`` alone: listing,
+``ckpt info`` and loads from disk never import fsspec (tools that walk a location
+through fsspec get its view of the same directory, ``fs``, on first use).
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
 import stat
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, TypeVar
-
-from fsspec.implementations.local import LocalFileSystem
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import StorageFullError, TruncatedObjectError, UnsafeObjectError
-from .generic import FsspecStorage
+from .base import Storage, uri_scheme
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from fsspec.implementations.local import LocalFileSystem
 
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -64,22 +67,56 @@ def full_disk_named(where: str) -> Iterator[None]:
         raise
 
 
-class LocalStorage(FsspecStorage):
-    """A directory on a local (or locally mounted) file system."""
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a path or ``file://`` URI (what fsspec opens as its local filesystem)."""
+    return "::" not in uri and uri_scheme(uri) in (None, "file", "local")
+
+
+def local_root(uri: str) -> str:
+    """The absolute path of a local ``uri``, spelt as fsspec spells it (``fs`` walks the same paths)."""
+    path = uri
+    for prefix in ("file://", "local://", "file:", "local:"):
+        if path.startswith(prefix):
+            path = path[len(prefix) :]
+            break
+    if path.startswith("~"):
+        path = os.path.expanduser(path)
+    elif not path.startswith("/"):
+        path = "" if path == "." else path.removeprefix("./")
+        path = f"{os.getcwd()}/{path}"
+    return path.rstrip("/") or "/"
+
+
+class LocalStorage(Storage):
+    """A directory on a local (or locally mounted) file system; ``root`` is its absolute path."""
 
     def __init__(self, uri: str, **storage_options: Any) -> None:
-        super().__init__(uri, **storage_options)
-        if not isinstance(self.fs, LocalFileSystem):
+        if not is_local(uri):
             raise ValueError(f"{uri}: not a local path (open it with ckpt.storage.open_storage)")
+        if "retry" in storage_options:  # never used here, kept JSON-able: the daemon reopens with the options
+            from .retry import RetryPolicy  # (on first need: it imports asyncio)
+
+            storage_options = {**storage_options, "retry": asdict(RetryPolicy.of(storage_options["retry"]))}
+        self.uri = uri
+        self.options = storage_options
+        self.root = local_root(uri)
         self.confined = False  # see confine()
+
+    @property
+    def fs(self) -> LocalFileSystem:
+        """fsspec's view of this directory, for tools that walk any backend's location (gc, interop)."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem()
+
+    def path(self, rel: str) -> str:
+        """The object's absolute path."""
+        return f"{self.root}/{rel}" if rel else self.root
 
     def confine(self) -> LocalStorage:
         confined = copy.copy(self)
         confined.confined = True
         return confined
-
-    def _call(self, operation: str, rel: str, fn: Callable[[], T]) -> T:
-        return fn()  # a local error is not transient
 
     @property
     def is_remote(self) -> bool:
@@ -202,9 +239,15 @@ class LocalStorage(FsspecStorage):
     def _open(self, rel: str) -> int:
         return self.open_regular(rel) if self.confined else os.open(self.path(rel), os.O_RDONLY | os.O_CLOEXEC)
 
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self.path(rel))
+
+    def is_dir(self, rel: str) -> bool:
+        return os.path.isdir(self.path(rel))
+
     def size(self, rel: str) -> int:
         if not self.confined:
-            return super().size(rel)
+            return os.stat(self.path(rel)).st_size  # a stat, not an open: a FIFO does not block it
         fd = self.open_regular(rel)
         try:
             return os.fstat(fd).st_size
@@ -212,19 +255,32 @@ class LocalStorage(FsspecStorage):
             os.close(fd)
 
     def read_bytes(self, rel: str) -> bytes:
-        if not self.confined:
-            return super().read_bytes(rel)
-        with os.fdopen(self.open_regular(rel), "rb") as f:
+        with os.fdopen(self._open(rel), "rb") as f:
             return f.read()
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
-        if not self.confined:
-            return super().read_range(rel, start, stop)
-        fd = self.open_regular(rel)
+        with os.fdopen(self._open(rel), "rb") as f:
+            f.seek(start)
+            return f.read(max(0, stop - start))
+
+    def listdir(self, rel: str) -> list[str]:
         try:
-            return os.pread(fd, max(0, stop - start), start)
-        finally:
-            os.close(fd)
+            return sorted(os.listdir(self.path(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        """A directory goes only with ``recursive``; a symbolic link is removed, never followed."""
+        path = self.path(rel)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                if not recursive:
+                    raise ValueError(f"{self.uri_of(rel)}: a directory (delete it with recursive=True)")
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            pass
 
     def remove_empty_dir(self, rel: str) -> None:
         """rmdir(2): the kernel refuses a directory that is not empty."""

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import fsspec.asyn
 
-from .base import ConditionalPutUnsupportedError
+from .base import ConditionalPutUnsupportedError, is_s3
 from .generic import FsspecStorage
 from .multipart import MultipartWriter
 from .retry import error_code
@@ -43,10 +43,6 @@ from .retry import error_code
 DEFAULT_PART_BYTES = 32 << 20
 DEFAULT_UPLOAD_CONCURRENCY = 4
 READ_PIECE_BYTES = 4 << 20  # a response is copied into the caller's buffers this much at a time
-
-
-def is_s3(uri: str) -> bool:
-    return fsspec.core.split_protocol(uri)[0] in ("s3", "s3a")
 
 
 def s3_options(options: dict[str, Any]) -> dict[str, Any]:
