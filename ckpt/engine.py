@@ -50,6 +50,7 @@ class StagedChunk:
     data: torch.Tensor  # uint8, contiguous, on CPU
 
 
+MIN_COMPRESSED_BYTES = 4096  # smaller chunks are stored raw
 _OVERLAP_BYTES = 1 << 20  # smaller chunks are hashed inline: a thread hop would cost more
 _WRITEBACK_BYTES = 16 << 20  # ask for writeback after this many new bytes
 _pool: ThreadPoolExecutor | None = None
@@ -78,6 +79,13 @@ class ObjectWriter:
 
     Push-style so a producer can stream chunks without holding them all;
     the object is durable when the ``with`` block exits cleanly.
+
+    ``header_last``: ``specs`` give each encoded chunk its raw size as ``stored`` (an upper
+    bound). Where the file can seek back, the header is reserved at that bound's length and
+    written last, with the real stored sizes (padded): encoded chunks then go out frame by
+    frame as they are compressed (:meth:`add_frames`), while the disk writes back the earlier
+    ones. Elsewhere (object stores stream) ``header_last`` turns False on entry and the caller
+    :meth:`declare` s the real specs before the first chunk.
     """
 
     def __init__(
@@ -88,8 +96,11 @@ class ObjectWriter:
         save_id: str,
         block_bytes: int,
         timings: Timings | None = None,
+        header_last: bool = False,
     ) -> None:
-        self.storage, self.rel, self.specs, self.block_bytes = storage, rel, specs, block_bytes
+        self.storage, self.rel, self.specs, self.block_bytes = storage, rel, list(specs), block_bytes
+        self.save_id, self.header_last = save_id, header_last
+        self._declared = not header_last  # the header is final (written on entry)
         self.timings = timings if timings is not None else Timings()
         self.header = object_header(specs, save_id)
         self.records: list[Chunk] = []
@@ -99,12 +110,24 @@ class ObjectWriter:
         self._ctx = self.storage.open_write(self.rel)
         self._f = self._ctx.__enter__()
         try:
-            write_all(self._f, memoryview(self.header))
+            requested, self.header_last = self.header_last, self.header_last and _seekable(self._f)
+            if self.header_last:
+                self._f.seek(len(self.header))  # reserved: written at the end
+            elif not requested:
+                write_all(self._f, memoryview(self.header))
         except BaseException as e:  # the storage's block must see it (clean-up, error naming)
             if not self._ctx.__exit__(type(e), e, e.__traceback__):
                 raise
         self._unflushed = 0  # offset from which bytes may still be only in the page cache
         return self
+
+    def declare(self, specs: list[ChunkSpec]) -> None:
+        """The real specs of a ``header_last`` writer that cannot seek: written now, before any chunk."""
+        if self.records or self.header_last or self._declared:
+            raise ValueError(f"{self.rel}: declare() comes before the first chunk of a streaming writer")
+        self.specs, self.header, self._declared = list(specs), object_header(specs, self.save_id), True
+        self._at = len(self.header)
+        write_all(self._f, memoryview(self.header))
 
     def add_encoded(self, enc: codec.Encoded, digest: str | None = None) -> None:
         """Append the next chunk, encoded (its spec says how many bytes it stores)."""
@@ -116,6 +139,33 @@ class ObjectWriter:
                 write_all(self._f, memoryview(frame))
         self.records.append(Chunk(spec.box, self.rel, self._at, spec.nbytes, enc.checksums, enc.codec, digest))
         self._at += enc.codec.stored
+        self._writeback()
+
+    def add_frames(self, frames: Iterable[tuple[bytes | memoryview, str]], transform: str | None,
+                   digest: str | None = None) -> None:
+        """Append the next chunk as its stored frames and their checksums, each written as it
+        arrives (``header_last`` writers only: the header records the stored size at the end)."""
+        if not self.header_last:
+            raise ValueError(f"{self.rel}: add_frames needs a writer whose header is written last")
+        n = len(self.records)
+        spec, start, sizes, sums = self.specs[n], self._at, [], []
+        for frame, crc in frames:
+            with self.timings.phase("upload"):
+                write_all(self._f, memoryview(frame))
+            sizes.append(len(frame))
+            sums.append(crc)
+            self._at += len(frame)
+            self._writeback()
+        c = codec.Codec(codec.ZSTD, transform, self.block_bytes, tuple(sizes))
+        if c.stored > spec.nbytes:
+            raise ValueError(f"{spec.key} chunk {spec.box}: {c.stored} encoded bytes for {spec.nbytes}")
+        self.specs[n] = ChunkSpec(spec.key, spec.box, spec.dtype, c.stored)
+        self.records.append(Chunk(spec.box, self.rel, start, spec.nbytes, tuple(sums), c, digest))
+
+    def _writeback(self) -> None:
+        if self._at - self._unflushed >= _WRITEBACK_BYTES:
+            self.storage.start_writeback(self._f, self._unflushed, self._at)
+            self._unflushed = self._at
 
     def add(self, data: torch.Tensor, digest: str | None = None) -> None:
         """Append the next chunk's bytes (a contiguous CPU tensor); ``data`` is
@@ -143,9 +193,7 @@ class ObjectWriter:
             sums = pending.result() if pending is not None else block_checksums(buf, self.block_bytes)
         self.records.append(Chunk(spec.box, self.rel, self._at, len(buf), sums, digest=digest))
         self._at += len(buf)
-        if self._at - self._unflushed >= _WRITEBACK_BYTES:
-            self.storage.start_writeback(self._f, self._unflushed, self._at)
-            self._unflushed = self._at
+        self._writeback()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and len(self.records) != len(self.specs):
@@ -153,7 +201,23 @@ class ObjectWriter:
             self._ctx.__exit__(ValueError, exc, None)
             raise exc
         with self.timings.phase("upload"):  # closing makes it durable: fsync, or the last part's PUT
+            if exc_type is None and self.header_last:
+                try:
+                    self._f.seek(0)
+                    write_all(self._f, memoryview(object_header(self.specs, self.save_id, len(self.header))))
+                except BaseException as e:
+                    if not self._ctx.__exit__(type(e), e, e.__traceback__):
+                        raise
+                    return
             self._ctx.__exit__(exc_type, exc, tb)
+
+
+def _seekable(f) -> bool:
+    """Whether ``f`` (from ``open_write``) can go back and overwrite its start (local files)."""
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def write_object(
@@ -202,7 +266,8 @@ class Encoding:
                    bool(d.get("digests")), d.get("base"))
 
     def compresses(self, spec: ChunkSpec) -> bool:
-        return self.level is not None and spec.nbytes > 0 and dtype_name(spec.dtype) in self.dtypes
+        """Chunks under 4 KiB stay raw: a zstd frame's header and tables cost what they could save."""
+        return self.level is not None and spec.nbytes >= MIN_COMPRESSED_BYTES and dtype_name(spec.dtype) in self.dtypes
 
 
 def digest_chunks(chunks: list[StagedChunk]) -> list[str]:
@@ -210,28 +275,31 @@ def digest_chunks(chunks: list[StagedChunk]) -> list[str]:
     return list(codec.pool().map(lambda c: codec.digest(as_bytes(c.data)), chunks))
 
 
-def encode_chunks(chunks: list[StagedChunk], block_bytes: int, enc: Encoding) -> dict[int, codec.Encoded]:
-    """Compress each chunk ``enc`` selects, frame by frame on the codec threads; a chunk that
-    does not shrink by 1/64 is left out (stored raw, read straight into place)."""
-    jobs: dict[int, list[futures.Future]] = {}
-    for i, c in enumerate(chunks):
-        if not enc.compresses(c.spec):
-            continue
-        buf, size = as_bytes(c.data), c.spec.dtype.itemsize
+def _encode_frame(raw: memoryview, itemsize: int, level: int, group: bool) -> tuple[bytes | memoryview, str]:
+    """One frame's stored bytes and their checksum (on a codec thread)."""
+    frame = codec.encode_frame(raw, itemsize, level, group)
+    return frame, checksum(memoryview(frame))
+
+
+def _submit_frames(chunks: list[StagedChunk], selected: list[int], block_bytes: int,
+                   enc: Encoding) -> dict[int, list[futures.Future]]:
+    """Compress the frames of each selected chunk on the codec threads, in the order given."""
+    jobs = {}
+    for i in selected:
+        buf, size = as_bytes(chunks[i].data), chunks[i].spec.dtype.itemsize
         group = codec.transform_for(size, enc.byte_group) is not None
         jobs[i] = [
-            codec.pool().submit(codec.encode_frame, buf[at : at + block_bytes], size, enc.level, group)
+            codec.pool().submit(_encode_frame, buf[at : at + block_bytes], size, enc.level, group)
             for at in range(0, len(buf), block_bytes)
         ]
-    out = {}
-    for i, fs in jobs.items():
-        frames = [f.result() for f in fs]
-        spec = chunks[i].spec
-        if sum(len(f) for f in frames) * 64 > spec.nbytes * 63:
-            continue
-        transform = codec.transform_for(spec.dtype.itemsize, enc.byte_group)
-        out[i] = codec.finish(frames, block_bytes, transform, checksum)
-    return out
+    return jobs
+
+
+def _results(fs: list[futures.Future], timings: Timings) -> Iterator[tuple[bytes | memoryview, str]]:
+    for f in fs:
+        with timings.phase("serialize"):  # the compression the writes did not hide
+            r = f.result()
+        yield r
 
 
 def write_chunks(
@@ -244,23 +312,54 @@ def write_chunks(
     enc: Encoding,
     timings: Timings,
 ) -> tuple[list[ChunkSpec], list[Chunk]]:
-    """One data object: raw chunks widest dtype first, then encoded ones (U8 entries). The
-    header names every stored size, so encoded chunks are compressed before it is written."""
-    with timings.phase("serialize"):
-        encoded = encode_chunks(chunks, block_bytes, enc) if enc.level is not None else {}
-    raw = frame_order([i for i in range(len(chunks)) if i not in encoded], lambda i: chunks[i].spec.dtype)
-    order = raw + sorted(encoded)
-    specs = [chunks[i].spec for i in raw] + [
-        ChunkSpec(chunks[i].spec.key, chunks[i].spec.box, chunks[i].spec.dtype, encoded[i].codec.stored)
-        for i in sorted(encoded)
+    """One data object: raw chunks widest dtype first, then encoded ones (U8 entries).
+
+    Frames are compressed on the codec threads while this one writes: where the object's header
+    can be written last (local files) each frame goes out as soon as it is compressed, so the
+    disk and the compressors work at once; elsewhere the header names every stored size, so all
+    are compressed first, and a chunk that shrinks by less than 1/64 is stored raw."""
+    selected = [i for i, c in enumerate(chunks) if enc.level is not None and enc.compresses(c.spec)]
+    raw = frame_order([i for i in range(len(chunks)) if i not in set(selected)], lambda i: chunks[i].spec.dtype)
+    bound = [chunks[i].spec for i in raw] + [
+        ChunkSpec(chunks[i].spec.key, chunks[i].spec.box, chunks[i].spec.dtype, chunks[i].spec.nbytes)
+        for i in selected
     ]
-    with ObjectWriter(storage, rel, specs, save_id, block_bytes, timings) as w:
-        for i in order:
-            if i in encoded:
-                w.add_encoded(encoded[i], digests[i])
-            else:
+    if not selected:
+        with ObjectWriter(storage, rel, bound, save_id, block_bytes, timings) as w:
+            for i in raw:
                 w.add(chunks[i].data, digests[i])
-    return specs, w.records
+        return w.specs, w.records
+    jobs = _submit_frames(chunks, selected, block_bytes, enc)
+    try:
+        with ObjectWriter(storage, rel, bound, save_id, block_bytes, timings, header_last=True) as w:
+            if w.header_last:
+                for i in raw:
+                    w.add(chunks[i].data, digests[i])
+                for i in selected:
+                    transform = codec.transform_for(chunks[i].spec.dtype.itemsize, enc.byte_group)
+                    w.add_frames(_results(jobs[i], timings), transform, digests[i])
+                return w.specs, w.records
+            encoded = {}
+            for i in selected:
+                frames = list(_results(jobs[i], timings))
+                if sum(len(f) for f, _ in frames) * 64 <= chunks[i].spec.nbytes * 63:
+                    transform = codec.transform_for(chunks[i].spec.dtype.itemsize, enc.byte_group)
+                    encoded[i] = codec.finish([f for f, _ in frames], block_bytes, transform, [c for _, c in frames])
+            raw = frame_order([i for i in range(len(chunks)) if i not in encoded], lambda i: chunks[i].spec.dtype)
+            w.declare([chunks[i].spec for i in raw] + [
+                ChunkSpec(chunks[i].spec.key, chunks[i].spec.box, chunks[i].spec.dtype, encoded[i].codec.stored)
+                for i in sorted(encoded)
+            ])
+            for i in raw:
+                w.add(chunks[i].data, digests[i])
+            for i in sorted(encoded):
+                w.add_encoded(encoded[i], digests[i])
+            return w.specs, w.records
+    finally:  # a failed write leaves no compressor reading the caller's buffers
+        pending = [f for fs in jobs.values() for f in fs]
+        for f in pending:
+            f.cancel()
+        futures.wait(pending)
 
 
 def write_rank(

@@ -95,9 +95,12 @@ def frame_order(items: Iterable[T], dtype: Callable[[T], torch.dtype]) -> list[T
     return sorted(items, key=lambda item: -dtype(item).itemsize)
 
 
-def safetensors_header(tensors: Iterable[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str]) -> bytes:
+def safetensors_header(
+    tensors: Iterable[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str], size: int | None = None
+) -> bytes:
     """The bytes before the data: N (8 bytes, little-endian), then N bytes of compact JSON
-    padded with spaces to a multiple of 8, listing ``(name, dtype, shape)`` back to back."""
+    padded with spaces to a multiple of 8 (or to ``size`` bytes in all, a multiple of 8 at
+    least as long), listing ``(name, dtype, shape)`` back to back."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     at = 0
     for name, dtype, shape in tensors:
@@ -105,17 +108,21 @@ def safetensors_header(tensors: Iterable[tuple[str, torch.dtype, Sequence[int]]]
         header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape), "data_offsets": [at, at + nbytes]}
         at += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
+    pad = -(len(raw) + 8) % 8 if size is None else size - 8 - len(raw)
+    if pad < 0 or (len(raw) + pad + 8) % 8:
+        raise ValueError(f"a header of {len(raw) + 8} bytes does not pad to {size}")
+    raw += b" " * pad
     return len(raw).to_bytes(8, "little") + raw
 
 
-def object_header(specs: Sequence[ChunkSpec], save_id: str) -> bytes:
+def object_header(specs: Sequence[ChunkSpec], save_id: str, size: int | None = None) -> bytes:
     """A data object's header: its chunks in the order given, under ckpt's metadata. An encoded
-    chunk is a U8 entry of its stored bytes (``ckpt/codec.py``; metadata ``"encoded": "zstd"``)."""
+    chunk is a U8 entry of its stored bytes (``ckpt/codec.py``; metadata ``"encoded": "zstd"``).
+    ``size``: pad to that many bytes (a header reserved before the stored sizes were known)."""
     metadata = {"format": "ckpt", "save_id": save_id}
     if any(s.stored is not None for s in specs):
         metadata["encoded"] = "zstd"
-    return safetensors_header((s.entry() for s in specs), metadata)
+    return safetensors_header((s.entry() for s in specs), metadata, size)
 
 
 # -- reading -----------------------------------------------------------------------------------

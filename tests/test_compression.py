@@ -74,10 +74,18 @@ def test_only_the_dtypes_named_are_compressed(tmp_path):
     assert all(r.chunks[0].codec is None for k, r in m.tensors.items() if k != "bf16")
 
 
-def test_incompressible_chunks_are_stored_raw(tmp_path):
+@pytest.mark.parametrize("header_last", [True, False])
+def test_incompressible_chunks_are_stored_raw(tmp_path, monkeypatch, header_last):
+    # where the header is written last (local files) frames stream out as they are compressed, so an
+    # incompressible chunk keeps its codec with every frame stored raw; elsewhere it loses its codec
+    monkeypatch.setattr("ckpt.engine._seekable", lambda f: header_last)
     noise = torch.randint(-(2**31), 2**31 - 1, (64, 256), dtype=torch.int32).view(torch.float32)
     m = _save({"noise": noise}, str(tmp_path / "c"))
-    assert m.tensors["noise"].chunks[0].codec is None
+    (c,) = m.tensors["noise"].chunks
+    if header_last:
+        assert c.codec is not None and c.codec.frames == (BLOCK,) * 16 and c.stored == c.length
+    else:
+        assert c.codec is None
     out = {"noise": torch.zeros_like(noise)}
     ckpt.load(out, str(tmp_path / "c"))
     assert torch.equal(out["noise"].view(torch.int32), noise.view(torch.int32))
@@ -169,3 +177,52 @@ def test_the_offline_writer_refuses_options_it_cannot_honour(tmp_path):
     for opts in (SaveOptions(compression=Compression()), SaveOptions(incremental=True)):
         with pytest.raises(ValueError, match="ckpt.save"):
             CheckpointWriter(str(tmp_path / "c"), opts)
+
+
+def test_a_header_written_last_leaves_a_safetensors_file_whose_entries_are_the_stored_frames(tmp_path):
+    from safetensors import safe_open
+
+    uri = str(tmp_path / "c")
+    state = {"w": _weights(torch.bfloat16, (256, 128)), "ints": torch.arange(5000, dtype=torch.int64)}
+    m = _save(state, uri)
+    w, ints = m.tensors["w"].chunks[0], m.tensors["ints"].chunks[0]
+    assert w.codec is not None and w.stored < w.length and ints.codec is None
+    path = os.path.join(uri, w.object)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert len(data) == w.offset + w.stored  # the reserved header is padded, not followed by a gap
+    with safe_open(path, "pt") as f:
+        assert torch.equal(f.get_tensor("ints@0"), state["ints"])
+        assert f.get_tensor("w@0,0").numpy().tobytes() == data[w.offset : w.offset + w.stored]
+
+
+def test_an_object_store_that_cannot_seek_gets_the_header_first_and_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setattr("ckpt.engine._seekable", lambda f: False)
+    state = _state()
+    m = _save(state, str(tmp_path / "c"))
+    assert all(m.tensors[k].chunks[0].codec is not None for k in ("bf16", "fp16", "fp32", "fp64"))
+    out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    ckpt.load(out, str(tmp_path / "c"))
+    for k, v in state.items():
+        assert torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v, k
+
+
+def test_a_compressor_failing_mid_save_leaves_no_object_and_no_checkpoint(tmp_path, monkeypatch):
+    from ckpt import codec
+
+    calls = []
+    original = codec.encode_frame
+
+    def failing(raw, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("compressor out of memory")
+        return original(raw, *args)
+
+    monkeypatch.setattr(codec, "encode_frame", failing)
+    uri = str(tmp_path / "c")
+    with pytest.raises(Exception, match="compressor out of memory"):
+        _save({"w": _weights(torch.bfloat16, (256, 128))}, uri)
+    assert not os.path.exists(os.path.join(uri, "manifest.json"))
+    data = os.path.join(uri, "data")
+    assert not os.path.isdir(data) or not [n for n in os.listdir(data) if n.endswith(".safetensors")]
