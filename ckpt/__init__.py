@@ -24,6 +24,7 @@ _EXPORTS = {  # public name -> the module of this package that defines it
     "ConditionalPutUnsupportedError": "errors",
     "CorruptChunkError": "errors",
     "MissingObjectError": "errors",
+    "RankLostError": "errors",
     "RootInUseError": "errors",
     "SaveAbortedError": "errors",
     "SaveBusyError": "errors",

@@ -28,13 +28,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 from . import structure
-from .errors import CheckpointExistsError, ConcurrentSaveError, SaveAbortedError
+from .errors import CheckpointExistsError, ConcurrentSaveError, RankLostError, SaveAbortedError
 from .format import (
     MANIFEST,
     STAGING_DIR,
@@ -51,6 +51,7 @@ from .format import (
 )
 from .framing import ChunkSpec
 from .indexes import digest, encode_index
+from .liveness import Watch
 from .storage import ConditionalPutUnsupportedError, Storage, open_storage
 from .values import decode
 
@@ -62,6 +63,7 @@ _LOCATION_ERRORS: dict[str, type[CheckpointExistsError]] = {
     "CheckpointExistsError": CheckpointExistsError,
     "ConcurrentSaveError": ConcurrentSaveError,
 }
+LOST = "RankLostError"  # the error type an ABORT names for a rank whose heartbeat went stale
 
 
 def staging_name(save_id: str, name: str) -> str:
@@ -142,25 +144,36 @@ def poll_delays(storage: Storage, world_size: int, rng: random.Random | None = N
         delay = min(delay * 2, cap)
 
 
-def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) -> Manifest:
+def commit(
+    storage: Storage, save_id: str, world_size: int, timeout_s: float, committed: Callable[[], None] | None = None
+) -> Manifest:
     """Wait for every rank's index, then write the manifest (the commit point).
 
     Rank 0's index says whether the save may replace a committed checkpoint
     (``overwrite``); without it the manifest is created only if none exists, and
-    a save that loses that race raises ConcurrentSaveError on every rank.
+    a save that loses that race raises ConcurrentSaveError on every rank. A rank whose
+    index is missing and whose heartbeat went stale (``ckpt.liveness``) aborts the save
+    with RankLostError. ``committed`` runs at the commit point, before clean-up (it stops
+    the committer's heartbeat, so that none is written after the staging files are gone).
     """
     names = [f"{spread_prefix(r, world_size)}rank-{r:05d}.json" for r in range(world_size)]
     deadline = time.monotonic() + timeout_s
+    watch = Watch(storage, save_id, world_size)
     delay = 0.001
     while True:
         storage.invalidate()
         present = _listing(storage, save_id)
+        if ABORT in present:  # a waiting rank found this committer's heartbeat stale: honour it
+            _raise_if_aborted(storage, save_id, staging_name(save_id, ABORT))
         errors = sorted(n for n in present if n.endswith(".error"))
         if errors:
             _abort(storage, save_id, *[_read_error(storage, save_id, n) for n in errors])
         missing = [n for n in names if n not in present]
         if not missing:
             break
+        lost = watch.lost(_rank_of(n) for n in missing)
+        if lost:
+            _abort(storage, save_id, *lost)
         if time.monotonic() > deadline:
             waiting = ", ".join(m[:-5].rsplit("/", 1)[-1] for m in missing[:20])
             waiting += f", ... ({len(missing)})" if len(missing) > 20 else ""
@@ -184,6 +197,8 @@ def commit(storage: Storage, save_id: str, world_size: int, timeout_s: float) ->
         reason = f"another save ({other[0] if other else 'unknown'}) committed at this location first"
         _abort(storage, save_id, {"rank": None, "error": "ConcurrentSaveError", "message": reason})
     # Committed. Nothing below may fail the save: what is left undone is litter for `ckpt gc`.
+    if committed is not None:
+        _best_effort(storage, "stop its heartbeat", committed)
     if previous is not None:
         replaced = previous[1]
         _best_effort(storage, "delete the replaced objects", lambda: _delete_replaced(storage, replaced, manifest))
@@ -216,6 +231,11 @@ def _clean_staging(storage: Storage, save_id: str) -> None:
         storage.remove_empty_dir(f"{staging}/{spread}")
     storage.remove_empty_dir(staging)
     storage.remove_empty_dir(STAGING_DIR)
+
+
+def _rank_of(name: str) -> int:
+    """``[NN/]rank-NNNNN.json`` -> NNNNN."""
+    return int(name.rsplit("rank-", 1)[1].split(".", 1)[0])
 
 
 def _read_error(storage: Storage, save_id: str, name: str) -> dict[str, Any]:
@@ -385,6 +405,8 @@ def _raise_abort(storage: Storage, save_id: str, raw: bytes) -> None:
     message = f"{storage.uri}: save {save_id} not committed: {reason}"
     if cause in _LOCATION_ERRORS:
         raise _LOCATION_ERRORS[cause](message)
+    if cause == LOST:
+        raise RankLostError(message, rank=rank if isinstance(rank, int) else None, cause=cause)
     raise SaveAbortedError(message, rank=rank if isinstance(rank, int) else None, cause=cause)
 
 
@@ -419,11 +441,17 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, 
     first poll (the save may have been aborted before this rank's index appeared). The first
     poll comes after a jittered pause too, so W ranks finishing together do not all read
     ``ABORT`` in the same second. At the timeout a manifest naming this save still counts
-    (a committer that died between the commit and its clean-up)."""
+    (a committer that died between the commit and its clean-up).
+
+    It also watches the committer's heartbeat (one more request per interval, spaced so that
+    all waiters together stay within ``POLL_BUDGET_PER_S`` on object stores): once it is stale
+    and the save neither aborted nor committed, this rank writes ``ABORT`` naming rank 0 and
+    raises RankLostError."""
     mine = rank_index_name(save_id, rank, world_size)
     abort = staging_name(save_id, ABORT)
     deadline = time.monotonic() + timeout_s
     delays = poll_delays(storage, world_size)
+    watch = Watch(storage, save_id, world_size, world_size / POLL_BUDGET_PER_S if storage.is_remote else 0.0)
     first = True
     while True:
         time.sleep(next(delays))
@@ -431,6 +459,10 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, 
         if first:
             _raise_if_aborted(storage, save_id, abort)
             first = False
+        lost = watch.lost([0]) if rank != 0 else []
+        if lost:
+            _committer_lost(storage, save_id, abort, lost)
+            return
         gone = not storage.exists(mine)
         if gone or time.monotonic() > deadline:
             _raise_if_aborted(storage, save_id, abort)
@@ -444,6 +476,28 @@ def wait_committed(storage: Storage, save_id: str, rank: int, timeout_s: float, 
                     f"no ABORT, and {named} (another writer or a gc removed its files)"
                 )
             raise SaveAbortedError(f"{storage.uri}: save {save_id}: no commit within {timeout_s:.0f}s")
+
+
+def _committer_lost(storage: Storage, save_id: str, abort: str, lost: list[dict[str, Any]]) -> None:
+    """The committer's heartbeat went stale: return if it committed before it died, else
+    abort the save for every rank (``ABORT`` stops a committer that was only stalled too)."""
+    storage.invalidate()
+    _raise_if_aborted(storage, save_id, abort)
+    if committed_save_id(storage) == save_id:
+        return
+    try:
+        _write_abort(storage, save_id, lost)
+    except Exception as e:
+        log.warning("%s: could not write ABORT for save %s: %s: %s", storage.uri, save_id, type(e).__name__, e)
+    if committed_save_id(storage) == save_id:  # it committed after all, just before the ABORT
+        return
+    _raise_if_aborted(storage, save_id, abort)
+    first = lost[0]
+    raise RankLostError(
+        f"{storage.uri}: save {save_id} not committed: rank {first['rank']}: {LOST}: {first['message']}",
+        rank=first["rank"],
+        cause=LOST,
+    )
 
 
 def _raise_if_aborted(storage: Storage, save_id: str, abort: str) -> None:

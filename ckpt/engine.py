@@ -27,6 +27,7 @@ from . import codec, refs
 from .commit import add_records, commit, report_failure, wait_committed, write_object_index, write_rank_index
 from .format import Chunk, dtype_name, object_name
 from .framing import ChunkSpec, as_bytes, block_checksums, checksum, frame_order, object_header, write_all
+from .liveness import Heartbeat, start_heartbeat
 from .storage import Storage
 
 
@@ -420,19 +421,34 @@ class PersistJob:
     world_size: int
     chunks: list[StagedChunk]
     block_bytes: int
-    head: dict[str, Any] | None  # rank 0 only: what the manifest needs beyond chunks
+    head: dict[str, Any] | None  # what the rank index carries (rank 0: also what the manifest needs)
     commit_timeout_s: float
+    heartbeat: Heartbeat | None = None  # the trainer's, when it persists in-process
 
 
 def persist_rank(job: PersistJob, timings: Timings) -> None:
-    """Write the rank's data and index; rank 0 then commits, the others wait for it."""
+    """Write the rank's data and index; rank 0 then commits, the others wait for it.
+
+    The rank beats (``ckpt.liveness``) until its index is written, rank 0 until the commit
+    point: with the trainer's heartbeat when it runs in the trainer, with its own in a daemon
+    (``head["heartbeat_s"]``), which keeps the save alive after the trainer is gone."""
+    head = dict(job.head or {})
+    interval = head.pop("heartbeat_s", None)
+    beat = job.heartbeat or start_heartbeat(job.storage, job.save_id, job.rank, job.world_size, interval)
+    stop = beat.stop if beat is not None else None
     try:
-        write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, job.head, timings, job.world_size)
-    except BaseException as e:
-        report_failure(job.storage, job.save_id, job.rank, e)
-        raise
-    with timings.phase("commit"):
-        if job.rank == 0:
-            commit(job.storage, job.save_id, job.world_size, job.commit_timeout_s)
-        else:
-            wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s, job.world_size)
+        try:
+            write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, head, timings, job.world_size)
+        except BaseException as e:
+            report_failure(job.storage, job.save_id, job.rank, e)
+            raise
+        with timings.phase("commit"):
+            if job.rank == 0:
+                commit(job.storage, job.save_id, job.world_size, job.commit_timeout_s, committed=stop)
+            else:
+                if stop is not None:  # durable: nothing waits on this rank any more
+                    stop()
+                wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s, job.world_size)
+    finally:
+        if stop is not None:
+            stop()

@@ -94,6 +94,11 @@ class SaveAbortedError(CheckpointError):
         return type(self), (str(self), self.rank, self.cause)
 
 
+class RankLostError(SaveAbortedError):
+    """A save did not commit because a rank stopped showing signs of life before its part was
+    durable (killed, its node lost, hung): its heartbeat went stale. ``rank`` names it."""
+
+
 class SaveBusyError(CheckpointError):
     """An async save was refused because the previous one still holds the staging buffer."""
 

@@ -20,6 +20,7 @@ from .engine import PersistJob, StagedChunk, Timings
 from .errors import CheckpointExistsError, SaveBusyError, UnsupportedValueError
 from .format import MANIFEST, dtype_name, object_pattern
 from .framing import ChunkSpec
+from .liveness import interval_for, start_heartbeat
 from .options import OnBusy, SaveOptions
 from .persist import persister_for
 from .plan import SavePlan, WriteItem, fingerprint, make_save_plan, rank_descriptor
@@ -295,11 +296,19 @@ def _start(
     if rank == 0:
         head.update(_head(plan, flat.values, step, metrics, metadata, options, world, rules))
         head["rank_objects"] = object_pattern(save_id, world)
+    head["heartbeat_s"] = interval_for(storage, options.heartbeat_s)  # for a daemon's own heartbeat
     persister = persister_for(options)
     handle = SaveHandle(uri, save_id, timings)
+    # This rank is alive to the others from here until the daemon holds its snapshot (then the
+    # daemon beats) or, persisting in-process, until persist_rank stops it (ckpt.liveness).
+    beat = start_heartbeat(storage, save_id, rank, world, head["heartbeat_s"])
+    if beat is not None:
+        handle._handoff.add_done_callback(lambda _: beat.stop())
 
     def job(chunks: list[StagedChunk]) -> PersistJob:
-        return PersistJob(storage, save_id, rank, world, chunks, options.block_bytes, head, options.commit_timeout_s)
+        return PersistJob(
+            storage, save_id, rank, world, chunks, options.block_bytes, head, options.commit_timeout_s, beat
+        )
 
     if not snapshot and not persister.needs_host_buffer:
         with timings.phase("stage"):
@@ -307,6 +316,8 @@ def _start(
                 chunks = _borrow(tensors, plan.items)
             except BaseException as e:  # tell the others now, or they wait out the commit timeout
                 report_failure(storage, save_id, rank, e)
+                if beat is not None:
+                    beat.stop()
                 raise
         handle._staged.set()
         handle._future = persister.submit(job(chunks), timings, release=None, handoff=handle._handoff)
@@ -320,6 +331,8 @@ def _start(
         error = SaveBusyError(f"{uri}: the previous save with this structure is still persisting (on_busy='refuse')")
         if world > 1:  # ranks that did not refuse: their committer aborts now, not at its timeout
             report_failure(storage, save_id, rank, error)
+        if beat is not None:
+            beat.stop()
         raise error
 
     # The stream the caller's kernels run on: the copy must follow them, even from the lazy thread.

@@ -97,6 +97,11 @@ class Storage(ABC):
     def put_atomic(self, rel: str, data: bytes) -> None:
         """Make ``data`` appear at ``rel`` all at once, durably, replacing what was there."""
 
+    def put_transient(self, rel: str, data: bytes) -> None:
+        """Like ``put_atomic`` but need not be durable (a heartbeat, rewritten every few seconds):
+        a local disk skips the fsyncs, which a busy disk can hold up for seconds."""
+        self.put_atomic(rel, data)
+
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         """Like ``put_atomic`` if nothing is at ``rel``: True if this call created the object,
         False if one was already there (left unchanged). Of concurrent callers at most one wins."""

@@ -54,6 +54,9 @@ class DelegatingStorage(Storage):
     def put_atomic(self, rel: str, data: bytes) -> None:
         self.inner.put_atomic(rel, data)
 
+    def put_transient(self, rel: str, data: bytes) -> None:
+        self.inner.put_transient(rel, data)
+
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         return self.inner.put_if_absent(rel, data)
 

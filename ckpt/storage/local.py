@@ -168,6 +168,20 @@ class LocalStorage(Storage):
     def put_atomic(self, rel: str, data: bytes) -> None:
         self._publish(rel, data, os.replace)
 
+    def put_transient(self, rel: str, data: bytes) -> None:
+        """A temp file renamed into place, no fsync: seen whole, not necessarily after a crash."""
+        path = self.path(rel)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with full_disk_named(self.describe(rel)):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         """The fsynced temp file is hard-linked to ``rel``: link(2) fails if the name exists,
         so the object appears whole and only the first of concurrent callers creates it."""
