@@ -202,6 +202,27 @@ def _save_then_get_killed(rank: int, world: int, address: str, root: str, seed: 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _committer_killed_after_handoff(rank: int, world: int, address: str, root: str, seed: int) -> float:
+    """Rank 0 hands its part to the daemon and is SIGKILLed; rank 1 saves at once and waits,
+    watching the committer's heartbeat; rank 2 saves 16 heartbeat intervals later. Only the
+    daemon's heartbeat can keep rank 1 from taking the committer for dead meanwhile."""
+    options = SaveOptions(daemon=address, heartbeat_s=0.5)
+    state = rank_state(rank, world, seed)
+    ckpt.async_save(state, f"{root}/first", options=options).wait()  # plans (the only collective)
+    refill(state, rank, world, seed + 1)
+    if rank == 2:
+        wait_for(lambda: glob.glob(f"{root}/pid-0-*"), SIGNAL_TIMEOUT_S, "rank 0's kill")
+        time.sleep(8)
+    h = ckpt.async_save(state, f"{root}/final", step=seed + 1, options=options)
+    if rank == 0:
+        h.wait_handed_off(60)
+        signal_file(root, f"pid-{rank}-{os.getpid()}")
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    h.wait()
+    return time.monotonic() - t0
+
+
 def _hold_second_save(rank: int, world: int, addresses: list[str], root: str, seed: int) -> int:
     """Save ``warm`` on both ranks, then ``held``: rank 0 hands its part over at
     once, rank 1 only after the test signals ``go``. Until then the committer waits."""
@@ -582,6 +603,24 @@ def test_daemon_commits_after_every_trainer_is_killed(tmp_path, daemons, cleanup
     assert manifest.step == 61
     # Nobody is left to remove the trainers' staging files but the daemon.
     wait_for(lambda: not [f for p in pids for f in shm_files_of(p)], 30, "the daemon to unlink dead shm")
+
+
+@pytest.mark.daemon
+@pytest.mark.dist
+@pytest.mark.faults
+def test_a_committer_killed_after_handoff_is_alive_through_its_daemon(tmp_path, daemons, cleanup_pids):
+    """Liveness follows the snapshot: once the daemon holds it, the daemon beats for the rank."""
+    root = str(tmp_path)
+    outcomes = run_ranks_outcomes(
+        _committer_killed_after_handoff, 3, daemons.a.address, root, 80, start_method="forkserver",
+        timeout=RANK_TIMEOUT_S,
+    )
+    cleanup_pids.extend(int(os.path.basename(p).split("-")[2]) for p in glob.glob(f"{root}/pid-*"))
+    assert (outcomes[0].status, outcomes[0].exitcode) == ("died", -signal.SIGKILL), outcomes
+    assert [o.status for o in outcomes[1:]] == ["ok", "ok"], outcomes
+    assert outcomes[1].value > 8 * 0.8, outcomes  # rank 1 really waited through the committer's silence
+    manifest = assert_loads(f"{root}/final", 3, 81)
+    assert manifest.step == 81
 
 
 @pytest.mark.daemon
