@@ -82,7 +82,7 @@ class Heartbeat:
             try:
                 self.storage.put_transient(self.name, json.dumps({**self._doc, "beat": beat}).encode())
             except Exception as e:
-                log.warning("%s: heartbeat not written: %s: %s", self.storage.describe(self.name), type(e).__name__, e)
+                log.warning("%s: heartbeat not written: %s: %s", self.storage.uri_of(self.name), type(e).__name__, e)
             beat += 1
             self._stop.wait(self.interval_s)
 
@@ -148,7 +148,7 @@ class Watch:
         except FileNotFoundError:
             return None
         except Exception as e:  # unreadable now is neither a beat nor a missed one: look again next time
-            log.debug("%s: %s: %s", self.storage.describe(name), type(e).__name__, e)
+            log.debug("%s: %s: %s", self.storage.uri_of(name), type(e).__name__, e)
             return _UNREADABLE
 
 

@@ -172,7 +172,7 @@ class LocalStorage(Storage):
         """A temp file renamed into place, no fsync: seen whole, not necessarily after a crash."""
         path = self.path(rel)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with full_disk_named(self.describe(rel)):
+        with full_disk_named(self.uri_of(rel)):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 with open(tmp, "wb") as f:
