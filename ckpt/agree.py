@@ -33,6 +33,15 @@ def _class(name: str) -> type[BaseException]:
     return cls if isinstance(cls, type) and issubclass(cls, Exception) else CheckpointError
 
 
+def rebuilt(rec: Record) -> BaseException:
+    """The error one rank's record describes, raised on a rank that only received it: the same type
+    where it is built from a message (``CheckpointError`` otherwise)."""
+    try:
+        return _class(rec["type"])(rec["message"])
+    except TypeError:  # a class whose constructor takes more than a message
+        return CheckpointError(rec["message"])
+
+
 def combined(records: list[Record | None], what: str) -> BaseException | None:
     """The error every rank raises for the gathered ``records`` (None if all succeeded).
 

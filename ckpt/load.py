@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import agree, refs, share, structure
+from . import agree, readonce, refs, share, structure
 from .describe import Flat, LeafRef, TensorEntry, describe_tensor, flatten
 from .errors import CheckpointNotFoundError, CorruptChunkError, StateDictMismatchError
 from .fetch import Fetcher, check_holds, target_view
@@ -63,9 +63,10 @@ def load(
     tensors on the target's device. ``uri`` may be a run root: its ``latest`` loads.
     Keys: ``strict`` (default) wants the same keys on both sides; ``partial`` wants
     every target key in the checkpoint and skips the rest; ``strict=False`` takes what
-    matches. Under torch.distributed every rank raises if any rank fails (one small
-    collective), and bytes several ranks hold (replicas) are read once between them and
-    broadcast (``LoadOptions.share_replicas``; one more small gather to agree on it), so every
+    matches. Under torch.distributed rank 0 alone reads the manifest and broadcasts it (two
+    broadcasts), every rank raises if any rank fails (one small collective), and bytes
+    several ranks hold (replicas) are read once between them and broadcast
+    (``LoadOptions.share_replicas``; one more small gather to agree on it), so every
     rank must call ``load``. Returns the manifest with ``missing_keys`` / ``unexpected_keys``.
     A checkpoint in another format (``ckpt.interop``: DCP, DeepSpeed, Megatron
     ``torch_dist``, ByteCheckpoint, safetensors, ``torch.save``) is read in place
@@ -99,7 +100,7 @@ def _load(state_dict: dict, uri: str, options: LoadOptions, group: Any) -> LoadR
     matched, units, error = None, None, None
     sharing = options.share_replicas is not False and agree.distributed(group)
     try:
-        matched = _match(state_dict, uri, options)
+        matched = _match(state_dict, uri, options, group)
         if sharing and isinstance(matched, _Matched):
             units = share.find_units(matched.targets, matched.manifest, group)
     except Exception as e:  # raised after the agreement below, which every rank must join
@@ -120,10 +121,14 @@ def _load(state_dict: dict, uri: str, options: LoadOptions, group: Any) -> LoadR
     return matched.result
 
 
-def _match(state_dict: dict, uri: str, options: LoadOptions) -> _Matched | LoadResult:
-    """Open the checkpoint and match the state dict to it (or read a foreign checkpoint in place)."""
+def _match(state_dict: dict, uri: str, options: LoadOptions, group: Any) -> _Matched | LoadResult:
+    """Open the checkpoint (its manifest read by one rank of a distributed load and broadcast) and
+    match the state dict to it (or read a foreign checkpoint in place)."""
     try:
-        storage, manifest = open_checkpoint(uri, options.storage_options)
+        if agree.distributed(group) and readonce.can_broadcast(group):
+            storage, manifest = readonce.open_checkpoint_once(uri, options.storage_options, group)
+        else:
+            storage, manifest = open_checkpoint(uri, options.storage_options)
     except CheckpointNotFoundError:
         from .interop.load_source import load_foreign  # DCP, DeepSpeed, Megatron, HF... read in place
 

@@ -13,14 +13,17 @@ from .format import LATEST, MANIFEST, Manifest, is_contained
 from .storage import Storage, open_storage
 
 
-def read_manifest(storage: Storage) -> Manifest:
-    where = storage.uri_of(MANIFEST)
+def read_manifest_bytes(storage: Storage) -> bytes:
+    """The manifest's bytes as stored (unparsed, unverified); CheckpointNotFoundError without one."""
     try:
-        raw = storage.read_bytes(MANIFEST)
+        return storage.read_bytes(MANIFEST)
     except FileNotFoundError:
         hint = " (it holds uncommitted or partial data)" if storage.exists("") else ""
         raise CheckpointNotFoundError(f"{storage.uri}: no committed checkpoint{hint}") from None
-    return Manifest.from_json_bytes(raw, where, storage)
+
+
+def read_manifest(storage: Storage) -> Manifest:
+    return Manifest.from_json_bytes(read_manifest_bytes(storage), storage.uri_of(MANIFEST), storage)
 
 
 def read_latest(storage: Storage) -> dict[str, Any] | None:
@@ -46,16 +49,22 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
 
     A root without a marker is refused with the list of the checkpoints it holds.
     """
+    _, storage = resolve(uri, storage_options)
+    return storage, read_manifest(storage)
+
+
+def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, Storage]:
+    """Where the checkpoint at ``uri`` is, as a URI and its storage: ``uri`` itself, or at a run root
+    the checkpoint its ``latest`` marker names (which may hold no manifest: ``read_manifest`` says so)."""
     storage = open_storage(uri, **(storage_options or {})).confine()
     if storage.exists(MANIFEST) or not storage.exists(""):
-        return storage, read_manifest(storage)
+        return uri, storage
     if storage.exists(LATEST):
         marker = read_latest(storage)
         if marker is None:  # another library's marker (DeepSpeed's names a tag), or a damaged one
             raise CheckpointNotFoundError(f"{storage.uri}: its {LATEST} marker is not a ckpt run root's")
-        name = marker["name"]
-        child = open_storage(f"{uri.rstrip('/')}/{name}", **(storage_options or {})).confine()
-        return child, read_manifest(child)
+        child = f"{uri.rstrip('/')}/{marker['name']}"
+        return child, open_storage(child, **(storage_options or {})).confine()
     held = sorted(n for n in storage.listdir("") if storage.exists(f"{n}/{MANIFEST}"))
     if held:
         raise CheckpointNotFoundError(
@@ -64,4 +73,4 @@ def open_checkpoint(uri: str, storage_options: dict[str, Any] | None = None) -> 
             + (", ..." if len(held) > 20 else "")
             + "; pass one of them"
         )
-    return storage, read_manifest(storage)
+    return uri, storage

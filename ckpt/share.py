@@ -151,7 +151,7 @@ class Unit:
         return hashlib.blake2b(repr((self.ranks, self.device)).encode(), digest_size=8).hexdigest()
 
 
-def _backend_devices(group: Any) -> set[str]:
+def backend_devices(group: Any) -> set[str]:
     """Device types ``group``'s backend broadcasts (gloo: CPU; nccl: CUDA; "cpu:gloo,cuda:nccl": both)."""
     import torch.distributed as dist
 
@@ -196,7 +196,7 @@ def find_units(targets: dict[str, TensorEntry], manifest: Manifest, group: Any) 
             continue
         ranks, sub = found
         device = entry.local.device.type
-        if device not in _backend_devices(sub):
+        if device not in backend_devices(sub):
             continue
         unit = units.setdefault((ranks, device), Unit(ranks, sub, device))
         unit.keys.append(key)

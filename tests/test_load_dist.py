@@ -120,3 +120,70 @@ def _errors_by_type(rank: int, world: int, root: str) -> list[str]:
 def test_same_error_types_as_in_one_process(tmp_path):
     results = run_ranks(_errors_by_type, 2, str(tmp_path), start_method="forkserver", timeout=120)
     assert results == [["CheckpointExistsError", "CheckpointNotFoundError: rank 1"]] * 2
+
+
+def _count_manifest_reads(fail_on_rank0: bool = False) -> list[int]:
+    """Count this process's storage reads of manifest.json; rank 0's fail, if asked, as a store would."""
+    from ckpt.errors import StorageOperationError
+    from ckpt.storage.local import LocalStorage
+
+    counted, real = [0], LocalStorage.read_bytes
+
+    def read_bytes(self, rel: str) -> bytes:
+        if rel == "manifest.json":
+            counted[0] += 1
+            if fail_on_rank0 and dist.get_rank() == 0:
+                raise StorageOperationError(f"read of {self.uri_of(rel)} failed for good", "read", rel)
+        return real(self, rel)
+
+    LocalStorage.read_bytes = read_bytes  # this rank's process only
+    return counted
+
+
+def _load_from_a_run_root(rank: int, world: int, root: str) -> dict:
+    full = {"w": torch.arange(12.0).reshape(3, 4), "step": 7}
+    ckpt.save(full, f"{root}/step-7")
+    if rank == 0:
+        with open(f"{root}/latest", "w") as f:
+            f.write('{"name": "step-7", "step": 7}')
+    dist.barrier()
+    counted = _count_manifest_reads()
+    target = {"w": torch.zeros(3, 4), "step": 0}
+    result = ckpt.load(target, root)
+    assert torch.equal(target["w"], full["w"]) and target["step"] == 7 and result.step is None
+    return {"reads": counted[0], "uri": result.uri}
+
+
+def test_one_rank_reads_the_manifest_and_the_others_receive_it(tmp_path):
+    results = run_ranks(_load_from_a_run_root, 3, str(tmp_path), start_method="forkserver", timeout=120)
+    assert [r["reads"] for r in results] == [1, 0, 0]
+    assert len({r["uri"] for r in results}) == 1 and results[0]["uri"].endswith("step-7")
+
+
+def _load_when_rank0_cannot_read(rank: int, world: int, root: str, damage: bool) -> str:
+    ckpt.save({"w": torch.ones(4)}, f"{root}/c")
+    dist.barrier()
+    if damage and rank == 0:  # one byte of the manifest rots before the load
+        path = f"{root}/c/manifest.json"
+        raw = bytearray(open(path, "rb").read())
+        raw[raw.index(b'"shape":[4]') + 9] = ord("5")
+        open(path, "wb").write(bytes(raw))
+    dist.barrier()
+    counted = _count_manifest_reads(fail_on_rank0=not damage)
+    try:
+        ckpt.load({"w": torch.zeros(4)}, f"{root}/c")
+    except ckpt.CheckpointError as e:
+        return f"{type(e).__name__} {counted[0]}: {e}"
+    return "loaded"
+
+
+@pytest.mark.parametrize("damage", [False, True], ids=["read_fails", "bytes_damaged"])
+def test_every_rank_raises_the_error_of_rank_0s_manifest_read(tmp_path, damage):
+    """A failed read on rank 0 reaches every rank as the same typed error, and damaged bytes fail the
+    digest check on every rank that received them; nothing hangs."""
+    results = run_ranks(_load_when_rank0_cannot_read, 2, str(tmp_path), damage, start_method="forkserver", timeout=120)
+    kind = "CheckpointFormatError" if damage else "StorageOperationError"
+    reason = "manifest digest mismatch" if damage else "manifest.json failed for good"
+    for rank, text in enumerate(results):
+        assert text.startswith(f"{kind} {1 - rank}: load of {tmp_path / 'c'} failed on rank(s) 0, 1"), text
+        assert reason in text
