@@ -259,9 +259,19 @@ def assemble(storage: Storage, save_id: str, names: list[str]) -> Manifest:
     refs: dict[str, dict[str, int]] = {}
     written = [0] * len(names)
     merged = None
+    values: dict[str, Any] = {}  # key -> encoded value, from the lowest rank holding it
+    differ: dict[str, list[int]] = {}  # key -> higher ranks holding another value
 
     def fold(idx: dict[str, Any]) -> None:
         nonlocal merged
+        new = False
+        for key, value in (idx.get("values") or {}).items():
+            if key not in values:
+                values[key], new = value, True
+            elif values[key] != value:
+                differ.setdefault(key, []).append(int(idx["rank"]))
+        if new and "value_structure" in idx:
+            merged = structure.merge(merged, idx["value_structure"])
         objects.update(idx["objects"])
         indexes.update(idx.get("indexes", {}))
         for sibling, objs in (idx.get("refs") or {}).items():
@@ -287,7 +297,13 @@ def assemble(storage: Storage, save_id: str, names: list[str]) -> Manifest:
             meta.get("layout", ""),
             rule,
         )
-    values = {k: decode(v) for k, v in head["values"].items()}
+    if differ:
+        _warn_values_differ(storage, differ)
+    clash = sorted(set(values) & set(tensors))
+    if clash:  # a tensor on some rank, a value on another: the tensor is saved
+        log.warning("%s: key(s) %s are tensors on some ranks and values on others; the values are not saved",
+                    storage.uri, ", ".join(map(repr, clash[:10])))
+    values = {k: decode(v) for k, v in values.items() if k not in tensors}
     return Manifest(
         save_id=save_id,
         tensors=tensors,
@@ -305,6 +321,19 @@ def assemble(storage: Storage, save_id: str, names: list[str]) -> Manifest:
         rank_objects=head.get("rank_objects", "") if any(t.rule for t in tensors.values()) else "",
         indexes=indexes,
         refs=refs,
+    )
+
+
+def _warn_values_differ(storage: Storage, differ: dict[str, list[int]]) -> None:
+    """One warning per save naming the values ranks disagree on: the lowest rank's is kept."""
+    keys = sorted(differ)
+    shown = ", ".join(f"{k!r} (ranks {', '.join(map(str, differ[k][:5]))}{', ...' if len(differ[k]) > 5 else ''})"
+                      for k in keys[:10])
+    more = f" and {len(keys) - 10} more" if len(keys) > 10 else ""
+    log.warning(
+        "%s: %d value key(s) differ between ranks; the lowest rank's value is saved, the others' are not: %s%s "
+        "(a per-rank value, such as an RNG state, needs a key of its own on each rank)",
+        storage.uri, len(keys), shown, more,
     )
 
 

@@ -283,7 +283,9 @@ def _start(
     assert flat is not None
     tensors = flat.tensors
     # Rank 0's head carries what the manifest needs; the first rank of each class of ranks adds
-    # its structure (classes hold different keys), which the committer merges. Values are
+    # its structure (classes hold different keys), which the committer merges. Every other rank
+    # with values adds them too (pipeline stages hold different keys), with its structure for the
+    # committer to merge should they hold a key no rank before had (``commit.assemble``). Values are
     # encoded into new JSON objects (a copy): after async_save returns the caller may mutate its
     # lists and dicts (a scheduler's learning rates), and the committer must still write what was
     # passed. ``index_keys``: the rule tensors whose chunk records go to the object's index (none
@@ -296,6 +298,10 @@ def _start(
     if rank == 0:
         head.update(_head(plan, flat.values, step, metrics, metadata, options, world, rules))
         head["rank_objects"] = object_pattern(save_id, world)
+    elif flat.values:
+        head["values"] = {k: encode_checked(v, k) for k, v in flat.values.items()}
+        if not plan.leader:
+            head["value_structure"] = flat.structure
     head["heartbeat_s"] = interval_for(storage, options.heartbeat_s)  # for a daemon's own heartbeat
     persister = persister_for(options)
     handle = SaveHandle(uri, save_id, timings)
