@@ -171,7 +171,8 @@ def commit(
         missing = [n for n in names if n not in present]
         if not missing:
             break
-        lost = watch.lost(_rank_of(n) for n in missing)
+        # Only heartbeats the listing shows are read: a rank that never beat is not judged.
+        lost = watch.lost(_rank_of(n) for n in missing if f"{n[: -len('.json')]}.alive" in present)
         if lost:
             _abort(storage, save_id, *lost)
         if time.monotonic() > deadline:
