@@ -5,8 +5,9 @@ records (the manifest's chunk-record JSON) of its chunks of rule tensors; the ma
 ``indexes`` table names it with its xxh3 digest and ``objects`` with its size. A loading rank
 computes from a rule which objects hold the cells it needs (ckpt/rules.py) and fetches only
 their indexes, in parallel, each verified (size, digest) before use. An index holds the records
-of every tensor its rank wrote, but a loading rank needs a few of them: records become ``Chunk``
-objects, checked against the manifest and the rule, only when a region asks for them. So what a
+of every tensor its rank wrote, one line per tensor, but a loading rank needs a few of them: a
+line is parsed, and its records become ``Chunk`` objects checked against the manifest and the
+rule, only when a region asks for them. So what a
 rank reads and parses at load grows with what it loads, not with the world size.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import xxhash
 
 from .errors import CheckpointFormatError
-from .format import Chunk, Manifest, _reason, _typed, rank_object
+from .format import Chunk, Manifest, _reason, _show, _typed, rank_object
 from .regions import Box
 from .rules import rule_chunks
 
@@ -28,8 +29,11 @@ FORMAT = "ckpt-index"
 
 
 def encode_index(save_id: str, obj: str, records: dict[str, list[dict[str, Any]]]) -> bytes:
-    doc = {"format": FORMAT, "save_id": save_id, "object": obj, "chunks": records}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    """JSON lines: a head naming the keys, then one line per key with its chunk records, so a
+    reader parses the lines of the keys it loads (compact JSON holds no raw newline)."""
+    head = {"format": FORMAT, "save_id": save_id, "object": obj, "keys": list(records)}
+    lines = [head, *records.values()]
+    return "\n".join(json.dumps(line, separators=(",", ":")) for line in lines).encode()
 
 
 def digest(data: bytes) -> str:
@@ -37,13 +41,33 @@ def digest(data: bytes) -> str:
 
 
 class ObjectIndex:
-    """One verified index: its records kept as parsed JSON, each turned into a checked ``Chunk``
-    on first lookup, since a loading rank uses a few of the records an index holds."""
+    """One verified index: each key's line of records parsed, and each record turned into a checked
+    ``Chunk``, on first lookup, since a loading rank uses a few of the records an index holds."""
 
-    def __init__(self, where: str, obj: str, manifest: Manifest, records: dict[str, Any]) -> None:
+    def __init__(self, where: str, obj: str, manifest: Manifest, lines: dict[str, bytes]) -> None:
         self.where, self.obj, self.manifest = where, obj, manifest
-        self._records = records  # key -> list of chunk-record JSON, as stored
+        self._lines = lines  # key -> its line of chunk-record JSON, unparsed
         self._by_offsets: dict[str, dict[tuple[int, ...], Any]] = {}  # key -> offsets -> JSON, then Chunk
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str, obj: str, manifest: Manifest) -> ObjectIndex:
+        """The index of ``obj`` from its bytes (size and digest already checked): its head is parsed
+        and checked now, each key's line when a load first needs that key."""
+        lines = raw.split(b"\n")
+        try:
+            head = _typed(json.loads(lines[0]), dict, "the index head")
+            if head.get("format") != FORMAT or head.get("object") != obj:
+                raise ValueError(f"not the index of {obj}")
+            keys = _typed(head["keys"], list, "keys")
+            if len(keys) != len(lines) - 1 or len(set(keys)) != len(keys):
+                raise ValueError(f"{len(keys)} keys listed, {len(lines) - 1} lines of records")
+            for key in keys:
+                rec = manifest.tensors.get(key) if isinstance(key, str) else None
+                if rec is None or rec.rule is None:
+                    raise ValueError(f"{_show(key)} is not a rule tensor of the manifest")
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{where}: malformed index ({_reason(e)})") from None
+        return cls(where, obj, manifest, dict(zip(keys, lines[1:])))
 
     def find(self, key: str, box: Box) -> Chunk:
         """The record of ``key``'s chunk ``box`` (computed from the rule), checked (FORMAT.md, rule 9)."""
@@ -60,9 +84,10 @@ class ObjectIndex:
         return found
 
     def _locate(self, key: str) -> dict[tuple[int, ...], Any]:
-        recs = self._records.get(key, [])
+        line = self._lines.get(key)
         try:
-            return {tuple(_typed(r, dict, "a chunk record")["offsets"]): r for r in _typed(recs, list, key)}
+            recs = [] if line is None else _typed(json.loads(line), list, key)
+            return {tuple(_typed(r, dict, "a chunk record")["offsets"]): r for r in recs}
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointFormatError(f"{self.where}: malformed index ({_reason(e)})") from None
 
@@ -133,15 +158,4 @@ class IndexSource:
         raw = self.storage.read_bytes(name)
         if len(raw) != m.objects[name] or digest(raw) != entry["digest"]:
             raise CheckpointFormatError(f"{where}: the index does not match the size and digest the manifest records")
-        try:
-            doc = json.loads(raw)
-            if doc.get("format") != FORMAT or doc.get("object") != obj:
-                raise ValueError(f"not the index of {obj}")
-            records = _typed(doc["chunks"], dict, "chunks")
-            for key in records:
-                rec = m.tensors.get(key)
-                if rec is None or rec.rule is None:
-                    raise ValueError(f"{key} is not a rule tensor of the manifest")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointFormatError(f"{where}: malformed index ({_reason(e)})") from None
-        return ObjectIndex(where, obj, m, records)
+        return ObjectIndex.from_bytes(raw, where, obj, m)

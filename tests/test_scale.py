@@ -265,15 +265,15 @@ def test_a_waiting_rank_of_a_large_job_waits_for_its_spread_index(tmp_path) -> N
 
 
 def test_an_index_checks_the_records_a_load_uses_and_only_those() -> None:
-    """A rank reads an index holding every tensor its writer saved but uses a few records: those
-    are checked against the manifest (a bad one names the index, key and chunk); the others are
-    not parsed into chunks, so they cost nothing."""
+    """A rank reads an index holding every tensor its writer saved but uses a few records: the lines
+    of those keys are parsed and their records checked against the manifest (a bad one names the
+    index, key and chunk); the other lines are never parsed, so they cost nothing."""
     from ckpt.format import Chunk, LazyChunks, Manifest, Mesh, Rule, TensorRecord
-    from ckpt.indexes import ObjectIndex
+    from ckpt.indexes import ObjectIndex, encode_index
 
     obj = "data/s-r00000.safetensors"
     rule = Rule((0,), ("S0",), 1 << 20)
-    tensors = {k: TensorRecord((4, 2), "float32", LazyChunks(k), "DTensor", rule) for k in ("a", "b", "c")}
+    tensors = {k: TensorRecord((4, 2), "float32", LazyChunks(k), "DTensor", rule) for k in "abcd"}
     manifest = Manifest(
         save_id="s", tensors=tensors, values={}, objects={obj: 4096}, block_bytes=64,
         meshes=[Mesh((1,), (0,))], rank_objects="data/s-r{rank}.safetensors",
@@ -284,12 +284,20 @@ def test_an_index_checks_the_records_a_load_uses_and_only_those() -> None:
         "a": [good],
         "b": [{**good, "offset": 4090}],  # past the end of the object
         "c": [{**good, "checksums": "not a list"}],
+        "d": [good],
     }
-    index = ObjectIndex("idx.json", obj, manifest, records)
-    assert index.find("a", box) == Chunk.from_json(good)
+    line_of_a = json.dumps([good], separators=(",", ":")).encode()  # a's line comes first, d's last
+    raw = encode_index("s", obj, records).replace(line_of_a, b"[{not json", 1)
+    index = ObjectIndex.from_bytes(raw, "idx.json", obj, manifest)
+    assert index.find("d", box) == Chunk.from_json(good)
     with pytest.raises(CheckpointFormatError, match=r"idx\.json.*b chunk .*outside object"):
         index.find("b", box)
     with pytest.raises(CheckpointFormatError, match=r"idx\.json.*c: checksums must be a JSON list"):
         index.find("c", box)
-    with pytest.raises(CheckpointFormatError, match=r"idx\.json: no record of a chunk"):
-        index.find("a", Box((0, 0), (2, 2)))
+    with pytest.raises(CheckpointFormatError, match=r"idx\.json: no record of d chunk"):
+        index.find("d", Box((0, 0), (2, 2)))
+    with pytest.raises(CheckpointFormatError, match=r"idx\.json: malformed index"):
+        index.find("a", box)  # its line was damaged; finding d did not parse it
+    for bad in (raw.replace(b'"keys":["a"', b'"keys":["x"'), raw.rsplit(b"\n", 1)[0]):
+        with pytest.raises(CheckpointFormatError, match=r"idx\.json: malformed index"):
+            ObjectIndex.from_bytes(bad, "idx.json", obj, manifest)
