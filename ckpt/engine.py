@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -372,9 +372,12 @@ def write_rank(
     extra: dict[str, Any] | None = None,
     timings: Timings | None = None,
     world: int = 1,
+    before_index: Callable[[], None] | None = None,
 ) -> None:
     """Persist this rank's chunks, then the object's index (the chunk records of the rule
-    tensors ``extra["index_keys"]`` lists), then the rank's staging index (the durability marker).
+    tensors ``extra["index_keys"]`` lists), then the rank's staging index (the durability marker);
+    ``before_index`` runs just before that (a worker stops its heartbeat: no beat may land after
+    the committer, seeing the index, has cleaned up).
 
     With ``extra["encoding"]`` (:class:`Encoding`), digests come first: chunks identical
     to the base checkpoint's are referenced (declared in staging before anything relies on
@@ -407,6 +410,8 @@ def write_rank(
         index["chunks"].setdefault(chunks[i].spec.key, []).append(rec.to_json())
         index["bytes"] += rec.length
     index.update(extra)
+    if before_index is not None:
+        before_index()
     write_rank_index(storage, save_id, rank, index, world)
 
 
@@ -438,7 +443,10 @@ def persist_rank(job: PersistJob, timings: Timings) -> None:
     stop = beat.stop if beat is not None else None
     try:
         try:
-            write_rank(job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, head, timings, job.world_size)
+            write_rank(
+                job.storage, job.save_id, job.rank, job.chunks, job.block_bytes, head, timings, job.world_size,
+                before_index=stop if job.rank != 0 else None,  # durable: nothing waits on a worker any more
+            )
         except BaseException as e:
             report_failure(job.storage, job.save_id, job.rank, e)
             raise
@@ -446,8 +454,6 @@ def persist_rank(job: PersistJob, timings: Timings) -> None:
             if job.rank == 0:
                 commit(job.storage, job.save_id, job.world_size, job.commit_timeout_s, committed=stop)
             else:
-                if stop is not None:  # durable: nothing waits on this rank any more
-                    stop()
                 wait_committed(job.storage, job.save_id, job.rank, job.commit_timeout_s, job.world_size)
     finally:
         if stop is not None:

@@ -280,6 +280,11 @@ def test_two_ranks_save_and_reshard_load(s3_server, s3_bucket):
     opts = s3_server.storage_options()
     run_ranks(_save_then_reshard_load, 2, uri, opts, s3_server.env())
     assert s3_server.open_uploads(s3_bucket) == []
+    from ckpt.storage import open_storage
+
+    st = open_storage(uri, **opts)
+    left = {d: st.listdir(f"_staging/{d}") for d in st.listdir("_staging")}
+    assert left == {}, left  # indexes and heartbeats cleaned up
     torch.manual_seed(0)
     full = torch.randn(64, 33)
     one = {"w": torch.zeros(64, 33)}  # and on one process, whole
