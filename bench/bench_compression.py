@@ -89,7 +89,7 @@ def codec_figures(tensors: dict[str, torch.Tensor], block: int) -> dict[str, flo
     t0 = time.perf_counter()
     list(codec.pool().map(lambda fk: codec.encode_frame(fk[0], fk[1], 1, fk[1] > 1), frames))
     pooled = time.perf_counter() - t0
-    c = codec.Codec(codec.ZSTD, codec.BYTEGROUP, block, ())
+    c = codec.Codec(codec.ZSTD, codec.BYTEPLANES, block, ())
     out = memoryview(bytearray(block))
     t0 = time.thread_time()
     for (f, k), g in zip(frames, grouped):

@@ -1,15 +1,17 @@
-"""Chunk encodings: byte grouping + zstd in independent frames, and the content digest of a chunk.
+"""Chunk encodings: byte planes + zstd in independent frames, and the content digest of a chunk.
 
 A compressed chunk is cut into frames of ``block_bytes`` uncompressed bytes (the
-checksum blocks), each compressed on its own, so a ranged read fetches and
-decompresses only the frames it needs. Byte grouping stores a frame's bytes as
+checksum blocks), each encoded on its own, so a ranged read fetches and
+decodes only the frames it needs. Byte grouping splits a frame's bytes into
 planes (every element's byte 0, then every byte 1, ...): the sign/exponent bytes
 of floating-point values repeat far more than their mantissa bytes, which zstd
-alone does not see. A frame that shrinks by less than 1/64 is stored raw (its stored
-length then equals its uncompressed length, which a compressed frame never has).
-Frames are compressed and digests computed on a thread pool: zstd, blake3 and
-numpy's copies release the GIL. docs/FORMAT.md ("Version 2: compression") is the
-byte-level description.
+alone does not see. Each plane is stored raw or as one zstd frame, decided per
+plane per frame from a 64 KiB sample, so zstd spends its time (on save and on
+load) only on the planes that shrink. A frame that shrinks by less than 1/64 is
+stored raw (its stored length then equals its uncompressed length, which an
+encoded frame never has). Frames are compressed and digests computed on a
+thread pool: zstd, blake3 and numpy's copies release the GIL.
+docs/FORMAT.md ("Compressed chunks") is the byte-level description.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ if TYPE_CHECKING:  # imported where used: the manifest reader (Codec) needs none
     import zstandard
 
 ZSTD = "zstd"
-BYTEGROUP = "bytegroup"
+BYTEGROUP = "bytegroup"  # one zstd frame of all planes (read; written before byteplanes)
+BYTEPLANES = "byteplanes"  # a plane table, then each plane raw or one zstd frame
+SAMPLE_BYTES = 64 << 10
 DIGEST = "blake3"  # content digests: "blake3:" + 32 hex digits (the first 128 bits)
 
 _tls = threading.local()
@@ -92,11 +96,11 @@ class Codec:
         """Why this codec cannot describe a chunk of ``length`` bytes, or None."""
         if self.name != ZSTD:
             return f"unknown codec {self.name!r}"
-        if self.transform not in (None, BYTEGROUP):
+        if self.transform not in (None, BYTEGROUP, BYTEPLANES):
             return f"unknown transform {self.transform!r}"
         if self.frame_bytes != block_bytes:
             return f"frame_bytes {self.frame_bytes} != block_bytes {block_bytes}"
-        if self.transform == BYTEGROUP and block_bytes % itemsize:
+        if self.transform in (BYTEGROUP, BYTEPLANES) and block_bytes % itemsize:
             return "frames do not hold whole elements"
         if len(self.frames) != max(1, -(-length // block_bytes)):
             return f"{len(self.frames)} frames for {length} bytes"
@@ -165,16 +169,51 @@ def _group(raw: memoryview, itemsize: int) -> memoryview:
     return memoryview(planes).cast("B")
 
 
-def encode_frame(raw: memoryview, itemsize: int, level: int, byte_group: bool) -> bytes | memoryview:
+def _squeezes(c: zstandard.ZstdCompressor, plane, n: int) -> bool:
+    """Whether a plane of ``n`` bytes is worth compressing, judged from 64 KiB of its middle
+    (mantissa planes are noise: zstd would only confirm it, at ~3 GB/s)."""
+    if n <= 2 * SAMPLE_BYTES:
+        return True
+    at = (n - SAMPLE_BYTES) // 2
+    return len(c.compress(plane[at : at + SAMPLE_BYTES])) * 64 <= SAMPLE_BYTES * 63
+
+
+def _encode_planes(raw: memoryview, itemsize: int, level: int) -> bytearray | memoryview:
+    """A ``byteplanes`` frame (docs/FORMAT.md): the plane table, then each plane raw or compressed."""
+    import numpy as np
+
+    n, c = len(raw) // itemsize, _compressor(level, True)
+    elements = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize)
+    out = bytearray(len(raw))  # the frame is stored raw unless the planes come to less than this
+    table = np.frombuffer(out, dtype="<u4", count=itemsize)
+    at = 4 * itemsize
+    for j in range(itemsize):
+        plane = np.ascontiguousarray(elements[:, j])
+        packed = c.compress(plane) if _squeezes(c, plane, n) else None
+        if packed is None or len(packed) * 64 > n * 63:
+            packed = plane  # stored raw: no zstd on load either
+        if at + len(packed) > len(raw) * 63 // 64:
+            return raw
+        out[at : at + len(packed)] = memoryview(packed).cast("B")
+        table[j] = len(packed)
+        at += len(packed)
+    del table
+    del out[at:]
+    return out
+
+
+def encode_frame(raw: memoryview, itemsize: int, level: int, byte_group: bool) -> bytes | bytearray | memoryview:
     """One frame's stored bytes: compressed, or ``raw`` itself if compression saves less than
-    1/64 of it (a reader then copies it instead of decompressing it)."""
-    data = _group(raw, itemsize) if byte_group else raw
-    out = _compressor(level, byte_group).compress(data)
+    1/64 of it (a reader then copies it instead of decompressing it). Byte-grouped (itemsize > 1):
+    a ``byteplanes`` frame."""
+    if byte_group and itemsize > 1:
+        return _encode_planes(raw, itemsize, level)
+    out = _compressor(level, False).compress(raw)
     return out if len(out) * 64 <= len(raw) * 63 else raw
 
 
 def transform_for(itemsize: int, byte_group: bool) -> str | None:
-    return BYTEGROUP if byte_group and itemsize > 1 else None
+    return BYTEPLANES if byte_group and itemsize > 1 else None
 
 
 def finish(frames: Sequence[bytes | memoryview], block_bytes: int, transform: str | None,
@@ -187,25 +226,45 @@ def finish(frames: Sequence[bytes | memoryview], block_bytes: int, transform: st
 def decode_frame(stored: memoryview, codec: Codec, i: int, itemsize: int, out: memoryview, where: str) -> None:
     """Decode frame ``i`` (its ``stored`` bytes) into ``out`` (exactly its raw size).
 
-    A frame that does not decompress to exactly ``len(out)`` bytes raises
-    CorruptChunkError naming ``where``."""
+    A frame that does not decode to exactly ``len(out)`` bytes (a plane table that does not
+    add up, a zstd frame that does not decompress to its plane) raises CorruptChunkError
+    naming ``where``."""
     import numpy as np
-    import zstandard
 
     if len(stored) == len(out):  # stored raw
         out[:] = stored
         return
-    try:
-        data = _decompressor().decompress(stored, max_output_size=len(out))
-    except zstandard.ZstdError as e:
-        raise CorruptChunkError(f"{where}: frame {i} does not decompress ({e})") from None
-    if len(data) != len(out):
-        raise CorruptChunkError(f"{where}: frame {i} decompresses to {len(data)} bytes, not {len(out)}")
-    if codec.transform == BYTEGROUP:
+    elements = np.frombuffer(out, dtype=np.uint8).reshape(-1, itemsize)
+    if codec.transform == BYTEPLANES:
+        n, head = len(out) // itemsize, 4 * itemsize
+        table = np.frombuffer(stored[:head], dtype="<u4").tolist() if len(stored) >= head else []
+        if len(table) != itemsize or not all(0 < s <= n for s in table) or head + sum(table) != len(stored):
+            raise CorruptChunkError(f"{where}: frame {i}: plane table {table} does not add up to {len(stored)} "
+                                    f"stored bytes of {itemsize} planes of {n}")
+        at = head
+        for j, size in enumerate(table):  # plane by plane: long strided runs (a k-wide inner loop is ~8x slower)
+            piece = stored[at : at + size]
+            elements[:, j] = np.frombuffer(piece if size == n else _inflate(piece, n, f"{where}: frame {i} plane {j}"),
+                                           dtype=np.uint8)
+            at += size
+        return
+    data = _inflate(stored, len(out), f"{where}: frame {i}")
+    if codec.transform == BYTEGROUP:  # written by ckpt before byteplanes: one zstd frame of all planes
         planes = np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1)
-        elements = np.frombuffer(out, dtype=np.uint8).reshape(-1, itemsize)
-        for j in range(itemsize):  # plane by plane: long strided runs (a k-wide inner loop is ~8x slower)
+        for j in range(itemsize):
             elements[:, j] = planes[j]
     else:
         out[:] = data
 
+
+def _inflate(stored: memoryview, size: int, where: str) -> bytes:
+    """One zstd frame that decompresses to exactly ``size`` bytes."""
+    import zstandard
+
+    try:
+        data = _decompressor().decompress(stored, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise CorruptChunkError(f"{where} does not decompress ({e})") from None
+    if len(data) != size:
+        raise CorruptChunkError(f"{where} decompresses to {len(data)} bytes, not {size}")
+    return data

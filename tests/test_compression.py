@@ -50,7 +50,7 @@ def test_round_trip_is_bitwise_and_floats_are_stored_compressed(tmp_path):
     by_key = {k: r.chunks for k, r in m.tensors.items()}
     for key in ("bf16", "fp16", "fp32", "fp64"):
         (c,) = by_key[key]
-        assert c.codec is not None and c.codec.transform == "bytegroup", key
+        assert c.codec is not None and c.codec.transform == "byteplanes", key
         assert c.stored < c.length and len(c.codec.frames) == len(c.checksums) == -(-c.length // BLOCK)
     assert all(c.codec is None for key in ("ints", "bytes", "empty", "scalar") for c in by_key[key])
     out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
@@ -226,3 +226,76 @@ def test_a_compressor_failing_mid_save_leaves_no_object_and_no_checkpoint(tmp_pa
     assert not os.path.exists(os.path.join(uri, "manifest.json"))
     data = os.path.join(uri, "data")
     assert not os.path.isdir(data) or not [n for n in os.listdir(data) if n.endswith(".safetensors")]
+
+
+def _plane_table(uri: str, c, frame: int, itemsize: int) -> list[int]:
+    """The plane table of a stored ``byteplanes`` frame: each plane's stored size."""
+    with open(os.path.join(uri, c.object), "rb") as f:
+        f.seek(c.offset + c.codec.frame_start(frame))
+        return [int.from_bytes(f.read(4), "little") for _ in range(itemsize)]
+
+
+def test_mantissa_planes_are_stored_raw_and_exponent_planes_compressed_bitwise(tmp_path):
+    uri = str(tmp_path / "c")
+    w = _weights(torch.float32, (512, 256))  # 512 KiB: 4 frames of 128 KiB, planes of 32 KiB
+    m = _save({"w": w}, uri, block_bytes=128 << 10)
+    (c,) = m.tensors["w"].chunks
+    assert c.codec.transform == "byteplanes" and len(c.codec.frames) == 4
+    plane = (128 << 10) // 4
+    for f in range(4):
+        table = _plane_table(uri, c, f, 4)
+        assert table[0] == table[1] == plane and table[3] < plane // 2, table  # low mantissa raw, exponent zstd
+        assert 16 + sum(table) == c.codec.frames[f]
+    out = {"w": torch.zeros_like(w)}
+    ckpt.load(out, uri)
+    assert torch.equal(out["w"].view(torch.int32), w.view(torch.int32))
+    assert torch.equal(CheckpointReader(uri).read("w", Box((130, 7), (200, 100))), w[130:330, 7:107])
+
+
+def test_a_damaged_raw_plane_is_named_by_object_and_frame_byte_range(tmp_path):
+    uri = str(tmp_path / "c")
+    w = _weights(torch.float32, (512, 256))
+    m = _save({"w": w}, uri, block_bytes=128 << 10)
+    (c,) = m.tensors["w"].chunks
+    lo = c.offset + c.codec.frame_start(2)
+    assert _plane_table(uri, c, 2, 4)[1] == (128 << 10) // 4
+    at = lo + 16 + (128 << 10) // 4 + 100  # inside plane 1, stored raw
+    with open(os.path.join(uri, c.object), "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptChunkError) as e:
+        ckpt.load({"w": torch.zeros_like(w)}, uri)
+    message = str(e.value)
+    assert c.object in message and f"[{lo}, {lo + c.codec.frames[2]})" in message and "w chunk" in message
+
+
+def test_a_plane_table_that_does_not_add_up_is_refused_even_unverified(tmp_path):
+    uri = str(tmp_path / "c")
+    w = _weights(torch.float32, (512, 256))
+    m = _save({"w": w}, uri, block_bytes=128 << 10)
+    (c,) = m.tensors["w"].chunks
+    lo = c.offset + c.codec.frame_start(1)
+    with open(os.path.join(uri, c.object), "r+b") as f:
+        f.seek(lo)
+        f.write((1 << 30).to_bytes(4, "little"))
+    with pytest.raises(CorruptChunkError, match=r"frame 1: plane table \[1073741824"):
+        ckpt.load({"w": torch.zeros_like(w)}, uri, options=ckpt.LoadOptions(verify=False))
+
+
+def test_frames_of_the_earlier_bytegroup_encoding_still_decode():
+    # before byteplanes, a grouped frame was one zstd frame of all its planes (checkpoints of that
+    # encoding say "transform": "bytegroup" and must keep loading)
+    import zstandard
+
+    from ckpt import codec
+
+    raw = _weights(torch.bfloat16, (64, 64)).view(torch.uint8).reshape(-1).numpy()
+    stored = zstandard.ZstdCompressor(level=1).compress(raw.reshape(-1, 2).T.copy())
+    out = bytearray(len(raw))
+    frame = codec.Codec("zstd", "bytegroup", len(raw), (len(stored),))
+    codec.decode_frame(memoryview(stored), frame, 0, 2, memoryview(out), "legacy")
+    assert bytes(out) == raw.tobytes()
+    with pytest.raises(CorruptChunkError, match="legacy: frame 0 does not decompress"):
+        codec.decode_frame(memoryview(stored[:-8]), frame, 0, 2, memoryview(out), "legacy")
