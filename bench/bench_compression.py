@@ -10,7 +10,9 @@ Part 1 (codec alone, per group): ratio with and without byte grouping, compress 
 throughput per core (bytes per second of this thread's CPU time, robust to a busy machine) and
 compress throughput on the codec pool (wall). Part 2 (end to end, same state, same run): median
 of ``--repeats`` saves and loads per system, wall and process CPU seconds; every load is checked
-bitwise.
+bitwise. With ``--link-mbs R`` each checkpoint is also loaded through ``slowfs://`` (tests/slowfs.py:
+the same files behind a read link of R MB/s, as from a bandwidth-limited store), where the bytes
+not stored are bytes not read.
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ def codec_figures(tensors: dict[str, torch.Tensor], block: int) -> dict[str, flo
     t0 = time.perf_counter()
     list(codec.pool().map(lambda fk: codec.encode_frame(fk[0], fk[1], 1, fk[1] > 1), frames))
     pooled = time.perf_counter() - t0
-    c = codec.Codec(codec.ZSTD, codec.BYTEPLANES, block, ())
     out = memoryview(bytearray(block))
     t0 = time.thread_time()
     for (f, k), g in zip(frames, grouped):
+        c = codec.Codec(codec.ZSTD, codec.transform_for(k, True), block, ())
         codec.decode_frame(memoryview(g), c, 0, k, out[: len(f)], "bench")
     dec = time.thread_time() - t0
     digest_t0 = time.thread_time()
@@ -114,22 +116,40 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def end_to_end(state: dict[str, torch.Tensor], where: str, repeats: int) -> list[dict]:
+def end_to_end(state: dict[str, torch.Tensor], where: str, repeats: int, link_bps: float = 0.0) -> list[dict]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._extension import ZStandard
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     import ckpt
     from ckpt.options import Compression, SaveOptions
 
+    link = {"rate": link_bps, "state": os.path.join(where, "link")}
+    if link_bps:
+        import slowfs  # tests/slowfs.py (common.py puts tests/ on the path); registers slowfs://
+
+        slowfs.reset(link["state"])
+
     def ckpt_sys(compress: bool):
         opts = SaveOptions(compression=Compression() if compress else None)
-        return (lambda sd, p: ckpt.save(sd, p, options=opts)), (lambda sd, p: ckpt.load(sd, p))
+
+        def load(sd, p, slow=False):
+            if slow:
+                ckpt.load(sd, f"slowfs://{p}", options=ckpt.LoadOptions(storage_options=link))
+            else:
+                ckpt.load(sd, p)
+
+        return (lambda sd, p: ckpt.save(sd, p, options=opts)), load
 
     def dcp_sys(zstd: bool):
         def save(sd, p):
             dcp.save(sd, storage_writer=dcp.FileSystemWriter(p, _extensions=[ZStandard()] if zstd else None))
 
-        return save, (lambda sd, p: dcp.load(sd, storage_reader=dcp.FileSystemReader(p)))
+        def load(sd, p, slow=False):
+            reader = FsspecReader(f"slowfs://{p}", **link) if slow else dcp.FileSystemReader(p)
+            dcp.load(sd, storage_reader=reader)
+
+        return save, load
 
     systems = {
         "ckpt raw": ckpt_sys(False),
@@ -138,32 +158,44 @@ def end_to_end(state: dict[str, torch.Tensor], where: str, repeats: int) -> list
         "dcp zstd (_extension.ZStandard)": dcp_sys(True),
     }
     raw = sum(t.numel() * t.element_size() for t in state.values())
-    rows = []
-    for name, (save, load) in systems.items():
-        saves, loads, save_cpu, load_cpu, size = [], [], [], [], 0
-        for r in range(-1, repeats):  # run -1 warms up (plans, allocations, imports), not measured
-            path = os.path.join(where, f"{name.split()[0]}-{len(rows)}-{r + 1}")
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in systems}
+    sizes: dict[str, int] = {}
+    # Systems take turns within each repeat (in alternating order), so a load that drifts on a shared
+    # machine hits all of them alike; the ratios to ckpt raw are medians of same-repeat ratios.
+    for r in range(-1, repeats):  # run -1 warms up (plans, allocations, imports), not measured
+        for name in list(systems) if r % 2 == 0 else list(systems)[::-1]:
+            save, load = systems[name]
+            path = os.path.join(where, f"{name.split()[0]}-{list(systems).index(name)}-{r + 1}")
+            got: dict[str, float] = {}
             c0, t0 = cpu_seconds(), time.perf_counter()
             save(state, path)
-            saves.append(time.perf_counter() - t0)
-            save_cpu.append(cpu_seconds() - c0)
-            size = dir_bytes(path)
+            got["save_s"], got["save_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
+            sizes[name] = dir_bytes(path)
             out = {k: torch.empty_like(v) for k, v in state.items()}
             c0, t0 = cpu_seconds(), time.perf_counter()
             load(out, path)
-            loads.append(time.perf_counter() - t0)
-            load_cpu.append(cpu_seconds() - c0)
+            got["load_s"], got["load_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
             assert all(torch.equal(out[k].view(torch.uint8), state[k].view(torch.uint8)) for k in state), name
+            if link_bps:
+                out = {k: torch.empty_like(v) for k, v in state.items()}
+                t0 = time.perf_counter()
+                load(out, path, slow=True)
+                got["link_load_s"] = time.perf_counter() - t0
+                assert all(torch.equal(out[k].view(torch.uint8), state[k].view(torch.uint8)) for k in state), name
             shutil.rmtree(path)
-            if r < 0:
-                saves, loads, save_cpu, load_cpu = [], [], [], []
-        rows.append({"system": name, "MB": raw / 1e6, "stored_MB": size / 1e6, "ratio": raw / size,
-                     "save_s": median(saves), "load_s": median(loads), "save_cpu_s": median(save_cpu),
-                     "load_cpu_s": median(load_cpu)})
-    base = rows[0]
-    for row in rows:
-        row["save_vs_ckpt_raw"] = row["save_s"] / base["save_s"]
-        row["load_vs_ckpt_raw"] = row["load_s"] / base["load_s"]
+            if r >= 0:
+                for k, v in got.items():
+                    runs[name].setdefault(k, []).append(v)
+    base = runs["ckpt raw"]
+    rows = []
+    for name, got in runs.items():
+        row = {"system": name, "MB": raw / 1e6, "stored_MB": sizes[name] / 1e6, "ratio": raw / sizes[name]}
+        row.update({k: median(v) for k, v in got.items()})
+        for k in [k for k in got if not k.endswith("cpu_s")]:
+            row[f"{k[:-2]}_vs_ckpt_raw"] = median([a / b for a, b in zip(got[k], base[k])])
+            row[f"{k[:-2]}_vs_raw_spread"] = f"{min(a / b for a, b in zip(got[k], base[k])):.2f}-" \
+                                             f"{max(a / b for a, b in zip(got[k], base[k])):.2f}"
+        rows.append(row)
     return rows
 
 
@@ -174,6 +206,8 @@ def main() -> None:
     ap.add_argument("--block-bytes", type=int, default=4 << 20, help="frame size = checksum block (default 4 MiB)")
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default="bench/out/compression.json")
+    ap.add_argument("--link-mbs", type=float, default=0.0,
+                    help="also load each checkpoint through a read link of this many MB/s (slowfs; 0: not)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = groups(args.steps)
@@ -184,7 +218,7 @@ def main() -> None:
     state = {f"{gname}/{k}": v.contiguous() for gname, ts in g.items() for k, v in ts.items()}
     where = tempfile.mkdtemp(prefix="bench-compression-", dir=args.dir)
     try:
-        rows = end_to_end(state, where, args.repeats)
+        rows = end_to_end(state, where, args.repeats, args.link_mbs * 1e6)
     finally:
         shutil.rmtree(where, ignore_errors=True)
     print()

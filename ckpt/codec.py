@@ -178,31 +178,29 @@ def _squeezes(c: zstandard.ZstdCompressor, plane, n: int) -> bool:
     return len(c.compress(plane[at : at + SAMPLE_BYTES])) * 64 <= SAMPLE_BYTES * 63
 
 
-def _encode_planes(raw: memoryview, itemsize: int, level: int) -> bytearray | memoryview:
-    """A ``byteplanes`` frame (docs/FORMAT.md): the plane table, then each plane raw or compressed."""
+def _encode_planes(raw: memoryview, itemsize: int, level: int) -> bytes | memoryview:
+    """A ``byteplanes`` frame (docs/FORMAT.md): the plane table, then each plane raw or compressed.
+    The planes are gathered into this thread's scratch (reused: a fresh buffer per frame costs
+    its page faults), and the frame is joined from the table and the planes' stored bytes."""
     import numpy as np
 
     n, c = len(raw) // itemsize, _compressor(level, True)
-    elements = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize)
-    out = bytearray(len(raw))  # the frame is stored raw unless the planes come to less than this
-    table = np.frombuffer(out, dtype="<u4", count=itemsize)
-    at = 4 * itemsize
-    for j in range(itemsize):
-        plane = np.ascontiguousarray(elements[:, j])
+    scratch = getattr(_tls, "planes", None)
+    if scratch is None or scratch.size < len(raw):
+        scratch = _tls.planes = np.empty(len(raw), dtype=np.uint8)
+    planes = scratch[: len(raw)].reshape(itemsize, n)
+    np.copyto(planes, np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T)
+    stored: list = []
+    for plane in planes:
         packed = c.compress(plane) if _squeezes(c, plane, n) else None
-        if packed is None or len(packed) * 64 > n * 63:
-            packed = plane  # stored raw: no zstd on load either
-        if at + len(packed) > len(raw) * 63 // 64:
-            return raw
-        out[at : at + len(packed)] = memoryview(packed).cast("B")
-        table[j] = len(packed)
-        at += len(packed)
-    del table
-    del out[at:]
-    return out
+        stored.append(plane if packed is None or len(packed) * 64 > n * 63 else packed)  # raw: no zstd on load
+    sizes = [len(p) for p in stored]
+    if (4 * itemsize + sum(sizes)) * 64 > len(raw) * 63:
+        return raw
+    return b"".join([np.array(sizes, dtype="<u4").tobytes(), *stored])
 
 
-def encode_frame(raw: memoryview, itemsize: int, level: int, byte_group: bool) -> bytes | bytearray | memoryview:
+def encode_frame(raw: memoryview, itemsize: int, level: int, byte_group: bool) -> bytes | memoryview:
     """One frame's stored bytes: compressed, or ``raw`` itself if compression saves less than
     1/64 of it (a reader then copies it instead of decompressing it). Byte-grouped (itemsize > 1):
     a ``byteplanes`` frame."""
