@@ -73,6 +73,11 @@ class Entry:
         d["created"] = _iso(self.created)
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Entry:
+        """The entry ``to_json`` wrote (a listing sent to other ranks)."""
+        return cls(**{**d, "status": EntryStatus(d["status"]), "created": _parse_time(d["created"] or "")})
+
 
 def _finite_number(v: Any) -> bool:
     """Whether a stored metric can rank checkpoints (a version 2 metric may be any value)."""

@@ -35,6 +35,7 @@ from .lease import LEASE_S, RootLease
 from .load import load
 from .locate import read_latest
 from .options import LoadOptions, RetentionPolicy, SaveOptions
+from .readonce import can_broadcast, scan_once
 from .retention import order_key
 from .save import SaveHandle, async_save
 from .storage import open_storage
@@ -229,7 +230,7 @@ class Manager:
         has no committed checkpoint, or does not load, raises too. Checkpoints newer than the
         one loaded are kept by retention until this job commits a newer step.
         """
-        entries = sorted(self.checkpoints(), key=lambda e: order_key(e.info()), reverse=True)
+        entries = sorted(self._checkpoints_once(), key=lambda e: order_key(e.info()), reverse=True)
         if step is not None:
             found = [e for e in entries if e.step == step and e.status is EntryStatus.COMPLETE]
             if not found:
@@ -297,6 +298,13 @@ class Manager:
             return scan(self.root, self.storage.options)
         except FileNotFoundError:
             return []
+
+    def _checkpoints_once(self) -> list[Entry]:
+        """``checkpoints()`` as rank 0 lists them, on every rank: one listing (and one manifest read
+        per checkpoint) for the whole job instead of one per rank, and one view that all judge."""
+        if self.world > 1 and can_broadcast(self.process_group):
+            return scan_once(self.root, self.storage.options, self.process_group)
+        return self.checkpoints()
 
     # -- background -------------------------------------------------------------------------------
     def _finish_saves(self) -> None:

@@ -1,4 +1,5 @@
-"""A distributed load's manifest read once: rank 0 fetches its bytes, the other ranks receive them by broadcast.
+"""What a distributed load reads from storage, read once: rank 0 fetches the manifest (or lists a
+run root), the other ranks receive it by broadcast.
 
 At thousands of ranks, every rank fetching ``manifest.json`` (and resolving a run root's
 ``latest``) is thousands of requests on one key at the same instant; a broadcast over the
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from . import agree
+from .catalog import Entry, scan
 from .format import MANIFEST, Manifest
 from .locate import open_checkpoint, read_manifest_bytes, resolve
 from .share import backend_devices
@@ -58,6 +60,30 @@ def open_checkpoint_once(
     if storage is None:
         storage = open_storage(head["uri"], **(storage_options or {})).confine()
     return storage, Manifest.from_json_bytes(raw, storage.uri_of(MANIFEST), storage)
+
+
+def scan_once(root: str, storage_options: dict[str, Any] | None, group: Any) -> list[Entry]:
+    """``catalog.scan(root)`` on rank 0 (one manifest read per checkpoint for the whole job), its
+    entries on every rank of ``group``, so that all ranks also judge the same listing. Every rank
+    must call it; each raises the error rank 0 met. A root that does not exist lists as empty."""
+    import torch.distributed as dist
+
+    head: dict[str, Any] = {}
+    error = None
+    if dist.get_rank(group) == 0:
+        try:
+            head["entries"] = [e.to_json() for e in scan(root, storage_options)]
+        except FileNotFoundError:
+            head["entries"] = []
+        except Exception as e:  # sent to every rank: all raise it, none waits on a broadcast
+            error, head["error"] = e, agree.record(e)
+    sent, _ = _broadcast(json.dumps(head).encode(), b"", group)
+    if error is not None:
+        raise error
+    head = json.loads(sent)
+    if "error" in head:
+        raise agree.rebuilt(head["error"])
+    return [Entry.from_json(d) for d in head["entries"]]
 
 
 def _broadcast(head: bytes, raw: bytes, group: Any) -> tuple[bytes, bytes]:

@@ -187,3 +187,23 @@ def test_every_rank_raises_the_error_of_rank_0s_manifest_read(tmp_path, damage):
     for rank, text in enumerate(results):
         assert text.startswith(f"{kind} {1 - rank}: load of {tmp_path / 'c'} failed on rank(s) 0, 1"), text
         assert reason in text
+
+
+def _restore_from_a_run_root(rank: int, world: int, root: str) -> dict:
+    for step in (1, 2, 3):
+        ckpt.save({"w": torch.full((4,), float(step)), "step": step}, f"{root}/step-{step:08d}", step=step)
+    dist.barrier()
+    counted = _count_manifest_reads()
+    mgr = ckpt.Manager(root)
+    target = {"w": torch.zeros(4), "step": 0}
+    resume_at = mgr.restore(target)
+    mgr.close()
+    return {"reads": counted[0], "resume_at": resume_at, "w": target["w"].tolist()}
+
+
+def test_manager_restore_lists_the_run_root_on_one_rank(tmp_path):
+    """Manager.restore's listing (one manifest read per checkpoint) happens on rank 0 alone; the
+    other ranks receive its entries and the chosen checkpoint's manifest by broadcast."""
+    results = run_ranks(_restore_from_a_run_root, 3, str(tmp_path), start_method="forkserver", timeout=120)
+    assert [r["reads"] for r in results] == [3 + 1, 0, 0]
+    assert all(r["resume_at"] == 4 and r["w"] == [3.0] * 4 for r in results)
