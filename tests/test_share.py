@@ -41,7 +41,7 @@ def _blocks_read(parts: list[Part], chunks: list[Chunk], itemsize: int, block: i
         needs.extend(got)
     reads = plan_reads(needs, ReadSettings(block, True, gap, 64 * MIB), lambda n: True)
     nbytes = sum(s.stop - s.start for r in reads for s in r.segments)
-    blocks = {(c.offset, b) for r in reads for s in r.segments for (_, b), c in s.blocks.items()}
+    blocks = {(c.offset, b) for r in reads for s in r.segments for (_, b, _), c in s.blocks.items()}
     return nbytes, blocks
 
 
