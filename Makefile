@@ -26,8 +26,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Spread over the cores, temp files in RAM, rewritten test modules cached (this machine's
+# environment sets PYTHONDONTWRITEBYTECODE, which would make pytest rewrite them every run).
 test-fast: setup
-	$(PY) -m pytest -q -m "$(FAST)"
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n auto -m "$(FAST)" \
+		$(if $(wildcard /dev/shm),--basetemp=/dev/shm/ckpt-test-fast-$(shell id -u))
 
 lint: setup
 	$(PY) -m ruff check ckpt tests bench server

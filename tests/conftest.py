@@ -1,7 +1,9 @@
 """What every test module shares: this folder on sys.path, a checkpoint location on each
 local backend, the S3 server fixtures, and the rule that an unmarked test starts no process."""
 
+import ast
 import contextlib
+import itertools
 import multiprocessing.process
 import os
 import subprocess
@@ -12,6 +14,7 @@ from unittest import mock
 
 import fsspec
 import pytest
+from _pytest.mark.expression import Expression
 
 # Tests import their rank functions from this folder (tests/dist.py, helpers) in spawned processes.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -84,3 +87,38 @@ def pytest_runtest_setup(item: pytest.Item):
 def pytest_runtest_call(item: pytest.Item):
     with _processes_refused(item):
         return (yield)
+
+
+def _marks_in(path) -> tuple[frozenset[str], frozenset[str]]:
+    """(marks of the module's ``pytestmark``, every ``pytest.mark.NAME`` the file names), read
+    from its source: the module is not imported."""
+    tree = ast.parse(path.read_bytes())
+    names = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "mark"
+    }
+    module: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            module |= {n.attr for n in ast.walk(node.value) if isinstance(n, ast.Attribute) and n.attr in names}
+    return frozenset(module), frozenset(names - module)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Skip importing a test module no test of which the ``-m`` expression can select (its
+    ``pytestmark`` alone rules it out whatever marks its tests add): transformers, deepspeed
+    and lightning suites cost seconds to import, which `make test-fast` would pay for nothing."""
+    expr = config.getoption("markexpr")
+    if not expr or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    module, extra = _marks_in(collection_path)
+    if not module:
+        return None
+    compiled = Expression.compile(expr)
+    for k in range(len(extra) + 1):
+        for added in itertools.combinations(sorted(extra), k):
+            marks = module | set(added)
+            if compiled.evaluate(lambda name, marks=marks: name in marks):
+                return None
+    return True
