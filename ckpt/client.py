@@ -13,7 +13,6 @@ import json
 import os
 import threading
 from concurrent.futures import Future
-from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 import grpc
@@ -23,6 +22,7 @@ from .commit import rank_index_name, report_failure
 from .engine import PersistJob, Timings
 from .errors import SaveAbortedError
 from .format import MANIFEST, dtype_name
+from .persist import PendingFutures
 from .stage import HostBuffer
 
 # Largest gRPC message either side accepts (the server sets the same limit). A streamed part
@@ -257,35 +257,11 @@ def _parts(request: ckpt_pb2.PersistRequest, buf: HostBuffer):
         yield ckpt_pb2.PersistPart(data=bytes(view[at : at + STREAM_PART_BYTES]))
 
 
-class _PendingStreams:
-    """Snapshots still streaming to a daemon. At interpreter exit they are finished (up to
-    EXIT_STREAM_TIMEOUT_S) before threads are torn down: a script that ends right after
-    ``async_save`` returned must not lose the save it handed over."""
-
-    def __init__(self) -> None:
-        self._pending: set[Future] = set()
-        self._lock = threading.Lock()
-        threading._register_atexit(self.finish)  # runs before interpreter shutdown, unlike atexit
-
-    def track(self, handoff: Future) -> None:
-        if handoff.done():
-            return
-        with self._lock:
-            self._pending.add(handoff)
-        handoff.add_done_callback(self._forget)
-
-    def _forget(self, handoff: Future) -> None:
-        with self._lock:
-            self._pending.discard(handoff)
-
-    def finish(self) -> None:
-        with self._lock:
-            pending = list(self._pending)
-        futures_wait(pending, timeout=EXIT_STREAM_TIMEOUT_S)
-
-
 EXIT_STREAM_TIMEOUT_S = 600.0
-_streams = _PendingStreams()
+# Snapshots still streaming to a daemon (TCP): finished at interpreter exit, before threads are
+# torn down (threading's exit hooks run before shutdown, unlike atexit's).
+_streams = PendingFutures()
+threading._register_atexit(lambda: _streams.finish(EXIT_STREAM_TIMEOUT_S))
 
 
 def daemon_persister(address: str) -> DaemonPersister:

@@ -39,6 +39,30 @@ class Persister(Protocol):
         ...
 
 
+class PendingFutures:
+    """Work still running that must finish before the interpreter shuts down: a script that ends
+    right after ``async_save`` returned must not lose the save it started."""
+
+    def __init__(self) -> None:
+        self._pending: set[Future] = set()
+        self._lock = threading.Lock()
+
+    def track(self, future: Future) -> None:
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)  # at once if it is already done
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Wait for everything tracked so far (up to ``timeout`` seconds)."""
+        with self._lock:
+            pending = list(self._pending)
+        futures_wait(pending, timeout=timeout)
+
+
 class InProcessPersister:
     """Persists in one background thread: saves of this process complete in order.
 
@@ -52,8 +76,7 @@ class InProcessPersister:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
-        self._pending: set[Future] = set()
-        self._lock = threading.Lock()
+        self.pending = PendingFutures()
 
     def shm_path(self, tag: str) -> str:
         raise TypeError("in-process persistence stages into private memory")
@@ -74,23 +97,11 @@ class InProcessPersister:
                     release.release()
 
         future = self._pool.submit(run)
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._forget)
+        self.pending.track(future)
         if handoff is not None:  # this process persists: nothing is handed off before the commit
             future.add_done_callback(lambda f: _settle(handoff, f))
         return future
 
-
-    def _forget(self, future: Future) -> None:
-        with self._lock:
-            self._pending.discard(future)
-
-    def finish(self) -> None:
-        """Wait for every save submitted so far (see :func:`_finish_at_exit`)."""
-        with self._lock:
-            pending = list(self._pending)
-        futures_wait(pending)
 
 
 def _settle(target: Future, source: Future) -> None:
@@ -112,7 +123,7 @@ def _finish_at_exit() -> None:
     hashing and persisting threads it needs, and no ckpt thread is left inside torch while the
     interpreter tears it down."""
     if _in_process is not None:
-        _in_process.finish()
+        _in_process.pending.finish()
 
 
 threading._register_atexit(_finish_at_exit)
