@@ -6,16 +6,10 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from ..cli.common import positive_int
 from .model import ModelConfig
 from .report import report
 from .story import DemoConfig, run_demo
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def process_age() -> float:
@@ -40,25 +34,27 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dir", help="keep checkpoints, merge, events and daemon log under DIR (default: a temp dir)")
     ap.add_argument("--overwrite", action="store_true", help="replace what an earlier demo left in --dir")
     g = ap.add_argument_group("run")
-    g.add_argument("--steps", type=_positive, default=d.steps, help="total training steps (%(default)s)")
-    g.add_argument("--every", type=_positive, default=d.every, help="save every N steps (%(default)s)")
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="total training steps (%(default)s)")
+    g.add_argument("--every", type=positive_int, default=d.every, help="save every N steps (%(default)s)")
     g.add_argument(
-        "--kill-at", type=_positive, default=d.kill_at, help="SIGKILL right after this step's save (%(default)s)"
+        "--kill-at", type=positive_int, default=d.kill_at, help="SIGKILL right after this step's save (%(default)s)"
     )
-    g.add_argument("--train-world", type=_positive, default=d.train_world, help="ranks before the kill (%(default)s)")
-    g.add_argument("--resume-world", type=_positive, default=d.resume_world, help="ranks after it (%(default)s)")
-    g.add_argument("--keep-last", type=_positive, default=d.keep_last, help="checkpoints retained (%(default)s)")
-    g.add_argument("--merge-last", type=_positive, default=d.merge_last, help="checkpoints merged (%(default)s)")
+    g.add_argument(
+        "--train-world", type=positive_int, default=d.train_world, help="ranks before the kill (%(default)s)"
+    )
+    g.add_argument("--resume-world", type=positive_int, default=d.resume_world, help="ranks after it (%(default)s)")
+    g.add_argument("--keep-last", type=positive_int, default=d.keep_last, help="checkpoints retained (%(default)s)")
+    g.add_argument("--merge-last", type=positive_int, default=d.merge_last, help="checkpoints merged (%(default)s)")
     g.add_argument("--merge-method", choices=("mwa", "uniform"), default=d.merge_method, help="(%(default)s)")
     g.add_argument("--reference", action="store_true", help="also run uninterrupted and compare the losses")
     g = ap.add_argument_group("model")
-    g.add_argument("--layers", type=_positive, default=m.layers, help="transformer blocks (%(default)s)")
-    g.add_argument("--dim", type=_positive, default=m.dim, help="width; the MLP is 4x (%(default)s)")
-    g.add_argument("--heads", type=_positive, default=m.heads, help="attention heads (%(default)s)")
-    g.add_argument("--vocab", type=_positive, default=m.vocab, help="vocabulary (%(default)s)")
-    g.add_argument("--seq", type=_positive, default=m.seq, help="tokens per sequence (%(default)s)")
+    g.add_argument("--layers", type=positive_int, default=m.layers, help="transformer blocks (%(default)s)")
+    g.add_argument("--dim", type=positive_int, default=m.dim, help="width; the MLP is 4x (%(default)s)")
+    g.add_argument("--heads", type=positive_int, default=m.heads, help="attention heads (%(default)s)")
+    g.add_argument("--vocab", type=positive_int, default=m.vocab, help="vocabulary (%(default)s)")
+    g.add_argument("--seq", type=positive_int, default=m.seq, help="tokens per sequence (%(default)s)")
     g.add_argument(
-        "--batch", type=_positive, default=m.batch, help="sequences per step, split over ranks (%(default)s)"
+        "--batch", type=positive_int, default=m.batch, help="sequences per step, split over ranks (%(default)s)"
     )
     g.add_argument("--seed", type=int, default=m.seed, help="initial weights and data (%(default)s)")
     return ap

@@ -6,17 +6,10 @@ import os
 import statistics
 
 from ckpt.catalog import Entry
+from ckpt.sizes import format_size
 
 from .model import entropy, n_params
 from .story import EVAL_RTOL, DemoResult, Phase, checkpoint_name
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _ms(s: float) -> str:
@@ -35,7 +28,7 @@ def _listing(entries: list[Entry], marker: str | None) -> list[str]:
     out = []
     for e in entries:
         flag = "  <- latest marker" if e.name == marker else ""
-        out.append(f"          {e.name}  {e.status:<10} {size(e.size):>10}{flag}")
+        out.append(f"          {e.name}  {e.status:<10} {format_size(e.size):>10}{flag}")
     return out
 
 
@@ -65,7 +58,8 @@ def report(res: DemoResult) -> str:
         f"ckpt demo: a {m.layers}-layer transformer, {_count(n_params(m))} params (dim {m.dim}, vocab {m.vocab}), "
         f"{m.batch}x{m.seq} tokens/step, FSDP2 on CPU gloo ranks;",
         f"ckpt.Manager saves every {cfg.every} steps through a ckpt-server daemon; one checkpoint is "
-        f"{size(res.sizes['total'])} (model {size(res.sizes['model'])}, AdamW state {size(res.sizes['optim'])})",
+        f"{format_size(res.sizes['total'])} (model {format_size(res.sizes['model'])}, "
+        f"AdamW state {format_size(res.sizes['optim'])})",
         "",
         f"1. train   {cfg.train_world} ranks from step 1, {_median(res.train.step_seconds):.2f} s/step (median)",
     ]
@@ -93,10 +87,11 @@ def report(res: DemoResult) -> str:
             *_listing(kill.checkpoints, kill.latest_marker),
         ]
         if kill.orphan_buffer_bytes:
-            lines.append(f"          ({size(kill.orphan_buffer_bytes)} of staging buffers left in /dev/shm removed)")
+            orphans = format_size(kill.orphan_buffer_bytes)
+            lines.append(f"          ({orphans} of staging buffers left in /dev/shm removed)")
     ram = r.get("ram_tier") or {}
     if ram.get("served"):
-        tier = f"{size(ram['bytes'])} of {size(ram['total'])} of tensor data from the daemon's RAM tier"
+        tier = f"{format_size(ram['bytes'])} of {format_size(ram['total'])} of tensor data from the daemon's RAM tier"
     else:
         tier = f"from storage ({ram.get('why', 'no daemon')})"
     want = res.latest_committed_step
