@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import ckpt
 from ckpt import SaveOptions, Sharded
+from ckpt.cli import main as cli_main
 from ckpt.cli.merge import register
 from ckpt.errors import CorruptChunkError
 from ckpt.merge import MergeError, SourceMismatchError, WeightError
@@ -335,11 +336,11 @@ def test_cli_handler(mixed_sources, tmp_path, capsys):
     assert args.func(args) == 0
     assert torch.equal(read_all(str(tmp_path / "g"))["x"], torch.full((3,), 0.75))
 
-    args = _cli(["merge", *mixed_sources, "-o", str(tmp_path / "e"), "--method", "explicit", "--weights", "1,2"])
-    assert args.func(args) == 2
+    # exit codes: what `ckpt merge` returns through the CLI's entry point
+    explicit = ["--method", "explicit", "--weights", "1,2"]
+    assert cli_main(["merge", *mixed_sources, "-o", str(tmp_path / "e"), *explicit]) == 2
     assert "2 weights for 4 sources" in capsys.readouterr().err
-    args = _cli(["merge", mixed_sources[0], str(tmp_path / "glob0"), "-o", str(tmp_path / "e")])
-    assert args.func(args) == 1
+    assert cli_main(["merge", mixed_sources[0], str(tmp_path / "glob0"), "-o", str(tmp_path / "e")]) == 1
     assert "does not have it" in capsys.readouterr().err
 
     hf = tmp_path / "hfcli"
@@ -358,12 +359,11 @@ def test_cli_handler(mixed_sources, tmp_path, capsys):
 
 @pytest.mark.dist
 def test_cli_exit_codes_for_missing_sources_and_existing_outputs(mixed_sources, tmp_path, capsys):
-    args = _cli(["merge", mixed_sources[0], str(tmp_path / "nope"), "-o", str(tmp_path / "x")])
-    assert args.func(args) == 2
+    assert cli_main(["merge", mixed_sources[0], str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
     assert "no committed checkpoint" in capsys.readouterr().err
-    args = _cli(["merge", *mixed_sources, "-o", mixed_sources[0] + "-copy"])
-    assert args.func(args) == 0
-    assert args.func(args) == 2  # the output exists now
+    argv = ["merge", *mixed_sources, "-o", mixed_sources[0] + "-copy"]
+    assert cli_main(argv) == 0
+    assert cli_main(argv) == 2  # the output exists now
     assert "committed checkpoint exists" in capsys.readouterr().err
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import sys
 from typing import Any
 
-from ..errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from ..errors import CheckpointError
 from ..sizes import parse_size
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, LazyChoices, add_command
+from .common import EXIT_OK, LazyChoices, UsageError, add_command
 
 
 def _method_names() -> list[str]:
@@ -126,9 +125,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``ckpt merge``: 0 on success, 2 on a usage error (bad options or weights,
-    a missing source, an existing output), 1 on any other failure (mismatched or damaged
-    sources, a failing evaluation, I/O)."""
+    """Handler of ``ckpt merge``. Failures raise, and the CLI's entry point gives the exit code
+    as for every command: 2 for a usage error (bad options or weights, a missing source, an
+    existing output), 1 for any other (mismatched or damaged sources, a failing evaluation, I/O)."""
     from ..merge.driver import merge
 
     try:
@@ -151,12 +150,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not (args.no_progress or args.quiet),
             **_method_options(args),
         )
-    except (TypeError, ValueError, CheckpointNotFoundError, CheckpointExistsError, FileNotFoundError) as e:
-        print(f"ckpt merge: error: {e}", file=sys.stderr)  # how it was asked: usage
-        return EXIT_USAGE
-    except (CheckpointError, OSError) as e:
-        print(f"ckpt merge: error: {e}", file=sys.stderr)  # what the sources hold, I/O, evaluation
-        return EXIT_FAIL
+    except (TypeError, ValueError) as e:  # bad options or weights: how it was asked
+        raise UsageError(str(e)) from e
     if args.quiet:
         return EXIT_OK
     width = max(len(u) for u in result.weights)
