@@ -15,6 +15,7 @@ from ckpt.options import Compression, SaveOptions
 from ckpt.reader import CheckpointReader
 from ckpt.regions import Box
 from ckpt.storage.local import LocalStorage
+from tests.damage import flip_bits
 from tests.helpers import edit_manifest
 
 BLOCK = 4096
@@ -260,11 +261,7 @@ def test_a_damaged_raw_plane_is_named_by_object_and_frame_byte_range(tmp_path):
     lo = c.offset + c.codec.frame_start(2)
     assert _plane_table(uri, c, 2, 4)[1] == (128 << 10) // 4
     at = lo + 16 + (128 << 10) // 4 + 100  # inside plane 1, stored raw
-    with open(os.path.join(uri, c.object), "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bits(os.path.join(uri, c.object), at, 0x01)
     with pytest.raises(CorruptChunkError) as e:
         ckpt.load({"w": torch.zeros_like(w)}, uri)
     message = str(e.value)
