@@ -11,6 +11,7 @@ identical chunks (:mod:`ckpt.refs`) and compression (:mod:`ckpt.codec`).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -25,10 +26,13 @@ import torch
 
 from . import codec, refs
 from .commit import add_records, commit, report_failure, wait_committed, write_object_index, write_rank_index
+from .errors import StorageFullError
 from .format import Chunk, dtype_name, object_name
 from .framing import ChunkSpec, as_bytes, block_checksums, checksum, frame_order, object_header, write_all
 from .liveness import Heartbeat, start_heartbeat
 from .storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 class Timings(dict):
@@ -398,21 +402,35 @@ def write_rank(
         if held:
             index["refs"] = held
     fresh = [i for i in range(len(chunks)) if i not in reused]
-    if fresh:
-        rel = object_name(save_id, rank, world)
-        specs, records = write_chunks(
-            storage, rel, [chunks[i] for i in fresh], [digests[i] for i in fresh], save_id, block_bytes, enc, timings
-        )
-        add_records(index, rel, specs, records, index_keys)
-        if index_keys:
-            write_object_index(storage, save_id, rel, index)
-    for i, rec in sorted(reused.items()):
-        index["chunks"].setdefault(chunks[i].spec.key, []).append(rec.to_json())
-        index["bytes"] += rec.length
-    index.update(extra)
-    if before_index is not None:
-        before_index()
-    write_rank_index(storage, save_id, rank, index, world)
+    try:
+        if fresh:
+            rel = object_name(save_id, rank, world)
+            to_write, their_digests = [chunks[i] for i in fresh], [digests[i] for i in fresh]
+            specs, records = write_chunks(storage, rel, to_write, their_digests, save_id, block_bytes, enc, timings)
+            add_records(index, rel, specs, records, index_keys)
+            if index_keys:
+                write_object_index(storage, save_id, rel, index)
+        for i, rec in sorted(reused.items()):
+            index["chunks"].setdefault(chunks[i].spec.key, []).append(rec.to_json())
+            index["bytes"] += rec.length
+        index.update(extra)
+        if before_index is not None:
+            before_index()
+        write_rank_index(storage, save_id, rank, index, world)
+    except StorageFullError:
+        _give_space_back(storage, index["objects"])
+        raise
+
+
+def _give_space_back(storage: Storage, written: Iterable[str]) -> None:
+    """A full disk failed this rank's save before its staging index (the only thing the
+    committer reads) was published, so nothing can reference what it wrote: delete it, so that
+    the full disk gets its space back now rather than at the next ``ckpt gc``."""
+    for rel in written:
+        try:
+            storage.delete(rel)
+        except OSError as e:
+            log.warning("%s: could not delete %s of a save that failed (left for `ckpt gc`): %s", storage.uri, rel, e)
 
 
 @dataclass

@@ -216,3 +216,28 @@ def test_a_full_disk_names_the_object_and_leaves_no_partial_file(tmp_path, monke
     monkeypatch.undo()
     assert len(open_storage(uri).listdir("data")) == 1  # the partial object was removed
     _assert_holds(uri, 1)
+
+
+def test_a_full_disk_at_the_staging_index_gives_back_the_written_data_object(tmp_path, monkeypatch):
+    """The data just fit, its staging index did not: nothing can reference the data object any
+    more, so the failed save deletes it (the disk gets its space back before any gc)."""
+    import errno
+
+    from ckpt.storage import local
+
+    uri = str(tmp_path / "c")
+    ckpt.save(_state(1), uri, step=1)
+    before = set(open_storage(uri).listdir("data"))
+    real = local.LocalStorage.put_atomic
+
+    def put_atomic(self, rel, data):
+        if rel.endswith(".json") and "/rank-" in f"/{rel}":
+            raise ckpt.StorageFullError(errno.ENOSPC, f"{self.uri_of(rel)}: no space left on the device (injected)")
+        real(self, rel, data)
+
+    monkeypatch.setattr(local.LocalStorage, "put_atomic", put_atomic)
+    with pytest.raises(ckpt.StorageFullError, match=r"rank-00000\.json: no space left"):
+        ckpt.save(_state(2), uri, step=2, options=ckpt.SaveOptions(overwrite=True))
+    monkeypatch.undo()
+    assert set(open_storage(uri).listdir("data")) == before
+    _assert_holds(uri, 1)
