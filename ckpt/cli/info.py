@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             return _info_ckpt(args, read_manifest(storage))
     from ..interop import detect_format, open_source
 
-    with open_source(args.ckpt, args.format or detect_format(args.ckpt)) as src:
+    # what the files hold: an HF model directory's tied weights are not listed twice, which would import transformers
+    with open_source(args.ckpt, args.format or detect_format(args.ckpt), tied=False) as src:
         return _info_foreign(args, src)
 
 

@@ -101,8 +101,9 @@ _UNKNOWN = (
 )
 
 
-def open_source(uri: str, fmt: str | None = None) -> Source:
-    """Open ``uri`` for reading, detecting its format unless ``fmt`` names it."""
+def open_source(uri: str, fmt: str | None = None, tied: bool = True) -> Source:
+    """Open ``uri`` for reading, detecting its format unless ``fmt`` names it. ``tied=False``: an HF
+    model directory's tied weights are not served under their second name (no transformers import)."""
     fmt = fmt or detect_format(uri)
     if fmt == "ckpt":
         return CkptSource(uri)
@@ -115,7 +116,7 @@ def open_source(uri: str, fmt: str | None = None) -> Source:
     if fmt == "bytecheckpoint":
         return ByteCheckpointSource(uri)
     if fmt == "safetensors":
-        return SafetensorsSource(uri)
+        return SafetensorsSource(uri, tied=tied)
     if fmt == "torch":
         return TorchSaveSource(uri)
     raise UnknownFormatError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")

@@ -9,7 +9,8 @@ writes the index last.
 
 A model directory whose ``config.json`` ties weights (``lm_head.weight`` to
 ``model.embed_tokens.weight``) stores the tie's source only; its target is served
-too, as the same bytes, so a model's state dict, which names both, loads strictly.
+too, as the same bytes, so a model's state dict, which names both, loads strictly (not for
+``ckpt info``, which lists what the files hold without importing transformers).
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ class _File:
 
 
 class SafetensorsSource(Source):
-    """A safetensors file, or a directory of shards listed by an index."""
+    """A safetensors file, or a directory of shards listed by an index. ``tied=False`` lists what
+    the files hold and leaves a model directory's tied weights unresolved: resolving them asks
+    transformers (seconds of import), which describing the files (``ckpt info``) does not need."""
 
     format = "safetensors"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, tied: bool = True) -> None:
         super().__init__(uri)
         storage = open_storage(uri)
         self._files: dict[str, _File] = {}
@@ -121,7 +124,7 @@ class SafetensorsSource(Source):
             self._where = {k: f for k in f.entries}
             self._values = _parse_values(f.metadata.get(VALUES_KEY), storage.uri_of(files[0]))
         local = storage.local_path("")
-        if CONFIG in names and local is not None:
+        if tied and CONFIG in names and local is not None:
             for target, src in tied_for_reading(local).items():
                 if src in self._where and target not in self._where:
                     self._where[target], self._stored[target] = self._where[src], src
