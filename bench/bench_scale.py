@@ -51,6 +51,7 @@ from ckpt import commit as commit_mod  # noqa: E402
 from ckpt.describe import TensorEntry, dtensor_pieces, placement_json  # noqa: E402
 from ckpt.format import MANIFEST, Chunk, index_name, object_name, object_pattern  # noqa: E402
 from ckpt.indexes import digest, encode_index  # noqa: E402
+from ckpt.liveness import REMOTE_INTERVAL_S, heartbeat_name  # noqa: E402
 from ckpt.locate import read_manifest  # noqa: E402
 from ckpt.plan import fingerprint, make_save_plan, rank_descriptor  # noqa: E402
 from ckpt.readplan import ReadSettings, intersect_chunks, plan_reads  # noqa: E402
@@ -410,7 +411,24 @@ def waiting_ranks(world: int, save_id: str, commit_end: float, window: float, se
     return log
 
 
-def bench_world(name: str, world: int, latency: float, window: float) -> dict:
+def heartbeats(world: int, save_id: str, upload_s: float, commit_end: float, window: float, seed: int = 0) -> list:
+    """Every rank's heartbeat PUTs (``ckpt.liveness``: one per ``REMOTE_INTERVAL_S`` on an object
+    store, from the plan until the rank's index is written, the committer's until the commit),
+    at their real keys; the plan at ``-upload_s`` (the ranks upload their data that long), the
+    indexes at the same random times as ``waiting_ranks``'."""
+    rng = random.Random(seed)
+    ends = [commit_end] + [rng.uniform(0, window) for _ in range(1, world)]
+    log = []
+    for rank, end in enumerate(ends):
+        prefix = heartbeat_name(save_id, rank, world).rsplit("/", 1)[0]
+        t = -upload_s
+        while t < end:
+            log.append((t, "w", prefix))
+            t += REMOTE_INTERVAL_S
+    return log
+
+
+def bench_world(name: str, world: int, latency: float, window: float, upload_s: float) -> dict:
     state = State(name, world)
     samples = sorted({0, world // 2})
     row: dict[str, Any] = {"layout": name, "world": world}
@@ -435,8 +453,14 @@ def bench_world(name: str, world: int, latency: float, window: float) -> dict:
     with measured(out, "commit", True):
         commit_mod.commit(staged_again, save_id, world, 600)
     del staged_again
-    log = committer_log + waiting_ranks(world, save_id, window + out["commit_wall_s"], window)
-    row["commit"] = {**out, **rates(log), "manifest_mb": manifest_bytes / 1e6, **sizes}
+    commit_end = window + out["commit_wall_s"]
+    log = committer_log + waiting_ranks(world, save_id, commit_end, window)
+    beats = heartbeats(world, save_id, upload_s, commit_end, window)
+    beat_rates = rates(beats)
+    row["commit"] = {
+        **out, **rates(log + beats), "manifest_mb": manifest_bytes / 1e6, **sizes,
+        "heartbeat_puts": len(beats), "heartbeat_max_writes_per_prefix_s": beat_rates["max_writes_per_s"],
+    }
     # Load planning on sample ranks, at the same world size and resharded to half of it.
     for label, st in (("same", state), ("half", half)):
         for r in sorted({0, st.world // 2}):
@@ -525,6 +549,7 @@ def table(rows: list[dict], dcp: dict[tuple[str, int], dict]) -> str:
             + (f" [DCP .metadata {tag}{fmt(d['metadata_mb'])}MB]" if d else "")
             + f" | commit {fmt(c['commit_wall_s'])}s wall {fmt(c['commit_cpu_s'])}s cpu {fmt(c['commit_mb'])}MB"
             f" max/prefix/s r{c['max_reads_per_s']} w{c['max_writes_per_s']}"
+            f" (heartbeats: {c['heartbeat_puts']} PUTs, w{c['heartbeat_max_writes_per_prefix_s']})"
             f" | load read {fmt(max(x['load_read_mb'] for x in ls + lh))}MB"
             f" cpu {fmt(max(x['load_cpu_s'] for x in ls))}s (W/2: {fmt(max(x['load_cpu_s'] for x in lh))}s)"
             f" wall {fmt(max(x['load_wall_s'] for x in ls + lh))}s {fmt(max(x['load_mb'] for x in ls + lh))}MB"
@@ -539,6 +564,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="fsdp,tp8")
     ap.add_argument("--latency", type=float, default=0.02, help="seconds per simulated storage request")
     ap.add_argument("--window", type=float, default=1.0, help="ranks write their staging indexes within this many s")
+    ap.add_argument("--upload-s", type=float, default=30.0, help="ranks upload their data this long (heartbeats)")
     ap.add_argument("--dcp-max-world", type=int, default=256, help="measure DCP up to this W, extrapolate above")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
@@ -549,7 +575,7 @@ def main() -> None:
         for w in map(int, args.worlds.split(",")):
             if name == "tp8" and w < 16:
                 continue
-            rows.append(bench_world(name, w, args.latency, args.window))
+            rows.append(bench_world(name, w, args.latency, args.window, args.upload_s))
             if w <= args.dcp_max_world:
                 measured_dcp[w] = dcp[(name, w)] = dcp_world(name, w)
             elif measured_dcp:
