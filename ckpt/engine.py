@@ -286,21 +286,25 @@ def _encode_frame(raw: memoryview, itemsize: int, level: int, group: bool) -> tu
     return frame, checksum(memoryview(frame))
 
 
+def submit_frames(buf: memoryview, itemsize: int, block_bytes: int, enc: Encoding) -> list[futures.Future]:
+    """Compress one chunk's frames (``block_bytes`` of ``buf`` each) on the codec threads; each
+    future gives the frame's stored bytes (possibly a view of ``buf``) and their checksum."""
+    group = codec.transform_for(itemsize, enc.byte_group) is not None
+    return [
+        codec.pool().submit(_encode_frame, buf[at : at + block_bytes], itemsize, enc.level, group)
+        for at in range(0, len(buf), block_bytes)
+    ]
+
+
 def _submit_frames(chunks: list[StagedChunk], selected: list[int], block_bytes: int,
                    enc: Encoding) -> dict[int, list[futures.Future]]:
     """Compress the frames of each selected chunk on the codec threads, in the order given."""
-    jobs = {}
-    for i in selected:
-        buf, size = as_bytes(chunks[i].data), chunks[i].spec.dtype.itemsize
-        group = codec.transform_for(size, enc.byte_group) is not None
-        jobs[i] = [
-            codec.pool().submit(_encode_frame, buf[at : at + block_bytes], size, enc.level, group)
-            for at in range(0, len(buf), block_bytes)
-        ]
-    return jobs
+    return {i: submit_frames(as_bytes(chunks[i].data), chunks[i].spec.dtype.itemsize, block_bytes, enc)
+            for i in selected}
 
 
-def _results(fs: list[futures.Future], timings: Timings) -> Iterator[tuple[bytes | memoryview, str]]:
+def frame_results(fs: list[futures.Future], timings: Timings) -> Iterator[tuple[bytes | memoryview, str]]:
+    """The frames of :func:`submit_frames` in order, as each is ready."""
     for f in fs:
         with timings.phase("serialize"):  # the compression the writes did not hide
             r = f.result()
@@ -342,11 +346,11 @@ def write_chunks(
                     w.add(chunks[i].data, digests[i])
                 for i in selected:
                     transform = codec.transform_for(chunks[i].spec.dtype.itemsize, enc.byte_group)
-                    w.add_frames(_results(jobs[i], timings), transform, digests[i])
+                    w.add_frames(frame_results(jobs[i], timings), transform, digests[i])
                 return w.specs, w.records
             encoded = {}
             for i in selected:
-                frames = list(_results(jobs[i], timings))
+                frames = list(frame_results(jobs[i], timings))
                 if sum(len(f) for f, _ in frames) * 64 <= chunks[i].spec.nbytes * 63:
                     transform = codec.transform_for(chunks[i].spec.dtype.itemsize, enc.byte_group)
                     encoded[i] = codec.finish([f for f, _ in frames], block_bytes, transform, [c for _, c in frames])

@@ -110,8 +110,8 @@ class SaveOptions:
         collective. If the layout can change on some ranks only (explicit ``Sharded`` boxes
         moving between saves), set this: each save then costs one tiny all-gather.
     compression: a :class:`Compression` to compress chunks of the dtypes it names; None stores
-        every chunk raw. (``ckpt.save`` / ``async_save`` / ``Manager``; the offline
-        ``CheckpointWriter`` refuses it, as it does ``incremental``.)
+        every chunk raw. (``ckpt.save`` / ``async_save`` / ``Manager`` and the offline
+        ``CheckpointWriter``, which refuses only ``incremental``.)
     incremental: record each chunk's content digest (blake3), so that a later incremental
         save can reference it. Implied by ``incremental_from``.
     incremental_from: an earlier committed checkpoint under the same run root (a sibling

@@ -3,14 +3,15 @@
 Conversions, merges and offline resharding produce checkpoints tensor by
 tensor. Small tensors are packed into shared objects; a large tensor is
 streamed chunk by chunk into an object of its own, so nothing needs the whole
-model in memory. The commit is the same storage protocol as ``ckpt.save``.
+model in memory. The commit is the same storage protocol as ``ckpt.save``, and
+``SaveOptions.compression`` the same stored form (``ckpt.engine``, ``ckpt.encstream``).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from ._version import __version__
 from .commit import add_records, commit, write_rank_index
 from .describe import check_json_value
-from .engine import ObjectWriter, write_object
+from .encstream import EncodedObjectStream
+from .engine import Encoding, ObjectWriter, StagedChunk, Timings, write_chunks
 from .errors import CheckpointExistsError
 from .format import DATA_DIR, MANIFEST, Manifest, dtype_from_name, dtype_name
 from .framing import ChunkSpec
@@ -32,14 +34,20 @@ class CheckpointWriter:
     """Build a checkpoint tensor by tensor; nothing is visible until :meth:`commit`.
 
     Use as a context manager: leaving the block by an exception commits nothing.
+
+    Memory: the pending small tensors (``pack_bytes``) and one chunk of a streamed one. With
+    ``SaveOptions(compression=...)`` chunks are stored as ``ckpt.save`` stores them; on an object
+    store (which cannot write an object's header last, and the header lists every stored size)
+    an object's compressed bytes are held until its last chunk: for a streamed tensor, at most
+    the tensor's size. Incremental saves (``incremental`` / ``incremental_from``) are refused.
     """
 
     def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 64 << 20) -> None:
         self.options = options or SaveOptions()
-        if self.options.compression is not None or self.options.incremental:
-            # it streams chunks in bounded memory; an encoded object's header needs every stored size first
-            raise ValueError("CheckpointWriter writes raw chunks: compression and incremental saves are "
-                             "options of ckpt.save / ckpt.async_save")
+        if self.options.incremental:
+            raise ValueError("CheckpointWriter does not write incremental checkpoints: SaveOptions.incremental / "
+                             "incremental_from are options of ckpt.save / ckpt.async_save")
+        self._enc = Encoding.from_json(self.options.encoding())
         self.storage = open_storage(uri, **self.options.storage_options)
         if self.storage.exists(MANIFEST) and not self.options.overwrite:
             raise CheckpointExistsError(f"{uri}: a committed checkpoint exists; pass SaveOptions(overwrite=True)")
@@ -73,8 +81,9 @@ class CheckpointWriter:
         self._declare(key, tuple(t.shape), t.dtype, layout)
         chunks = split_into_chunks(Box.full(t.shape), t.dtype.itemsize, self.options.chunk_bytes)
         if t.numel() * t.dtype.itemsize >= self.pack_bytes:
-            specs = [ChunkSpec(key, b, t.dtype) for b in chunks]
-            self._write(specs, (_host_bytes(t[b.slices()]) for b in chunks))
+            with self._object([ChunkSpec(key, b, t.dtype) for b in chunks]) as w:
+                for b in chunks:
+                    w.add(_host_bytes(t[b.slices()]))
             return
         for b in chunks:
             self._pending.append((ChunkSpec(key, b, t.dtype), _host_bytes(t[b.slices()])))
@@ -90,11 +99,8 @@ class CheckpointWriter:
         in order, call ``stream.send(data)``. Memory: one chunk at a time."""
         self._declare(key, tuple(shape), dtype, layout)
         boxes = split_into_chunks(Box.full(shape), dtype.itemsize, self.options.chunk_bytes)
-        specs = [ChunkSpec(key, b, dtype) for b in boxes]
-        rel = self._next_object()
-        with ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes) as w:
+        with self._object([ChunkSpec(key, b, dtype) for b in boxes]) as w:
             yield ChunkStream(boxes, w)
-        add_records(self._index, rel, specs, w.records)
 
     def declare(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layout: str = "") -> None:
         """Declare a tensor whose chunks the caller places itself with :meth:`object_stream`."""
@@ -108,10 +114,8 @@ class CheckpointWriter:
         across all calls the chunks of each declared tensor must cover it exactly once
         (the commit refuses a tensor with elements missing)."""
         specs = [ChunkSpec(key, box, dtype_from_name(self._tensors[key]["dtype"])) for key, box in chunks]
-        rel = self._next_object()
-        with ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes) as w:
+        with self._object(specs) as w:
             yield ChunkStream([b for _, b in chunks], w)
-        add_records(self._index, rel, specs, w.records)
 
     def set_value(self, key: str, value: Any) -> None:
         check_json_value(key, value)
@@ -119,15 +123,27 @@ class CheckpointWriter:
             raise ValueError(f"{key}: written twice")
         self._values[key] = value
 
-    def _write(self, specs: list[ChunkSpec], datas) -> None:
+    @contextmanager
+    def _object(self, specs: list[ChunkSpec]) -> Iterator[ObjectWriter | EncodedObjectStream]:
+        """A new data object taking ``specs``' chunks in order (``add``), raw or as the options
+        compress them; entered into the index once complete."""
         rel = self._next_object()
-        records = write_object(self.storage, rel, specs, datas, self.save_id, self.options.block_bytes)
-        add_records(self._index, rel, specs, records)
+        w: AbstractContextManager[ObjectWriter | EncodedObjectStream]
+        if any(self._enc.compresses(s) for s in specs):
+            w = EncodedObjectStream(self.storage, rel, specs, self.save_id, self.options.block_bytes, self._enc)
+        else:
+            w = ObjectWriter(self.storage, rel, specs, self.save_id, self.options.block_bytes)
+        with w as sink:
+            yield sink
+        add_records(self._index, rel, sink.specs, sink.records)
 
     def _flush(self) -> None:
         if self._pending:
-            pending = sorted(self._pending, key=lambda p: -p[0].dtype.itemsize)
-            self._write([s for s, _ in pending], (d for _, d in pending))
+            rel = self._next_object()
+            chunks = [StagedChunk(s, d) for s, d in self._pending]  # write_chunks orders them
+            specs, records = write_chunks(self.storage, rel, chunks, [None] * len(chunks), self.save_id,
+                                          self.options.block_bytes, self._enc, Timings())
+            add_records(self._index, rel, specs, records)
         self._pending, self._pending_bytes = [], 0
 
     def commit(
@@ -160,18 +176,20 @@ class CheckpointWriter:
 class ChunkStream:
     """The caller's side of :meth:`CheckpointWriter.tensor_stream`."""
 
-    def __init__(self, boxes: list[Box], writer: ObjectWriter) -> None:
+    def __init__(self, boxes: list[Box], writer: ObjectWriter | EncodedObjectStream) -> None:
         self.boxes = boxes
         self._writer = writer
+        self._sent = 0
 
     def send(self, data: torch.Tensor) -> None:
         """Write the next box's data (any device; its shape must be the box's)."""
-        i = len(self._writer.records)
+        i = self._sent
         if i == len(self.boxes):
             raise ValueError("more chunks sent than the tensor has")
         if tuple(data.shape) != self.boxes[i].sizes:
             raise ValueError(f"chunk {self.boxes[i]}: got shape {tuple(data.shape)}")
         self._writer.add(_host_bytes(data))
+        self._sent += 1
 
 
 def _host_bytes(t: torch.Tensor) -> torch.Tensor:
