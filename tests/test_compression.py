@@ -172,14 +172,6 @@ def test_a_reader_refuses_a_codec_it_cannot_follow(tmp_path, change, problem):
         CheckpointReader(uri)
 
 
-def test_the_offline_writer_refuses_options_it_cannot_honour(tmp_path):
-    from ckpt.writer import CheckpointWriter
-
-    for opts in (SaveOptions(compression=Compression()), SaveOptions(incremental=True)):
-        with pytest.raises(ValueError, match="ckpt.save"):
-            CheckpointWriter(str(tmp_path / "c"), opts)
-
-
 def test_a_header_written_last_leaves_a_safetensors_file_whose_entries_are_the_stored_frames(tmp_path):
     from safetensors import safe_open
 

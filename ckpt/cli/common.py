@@ -80,18 +80,46 @@ def positive_int(text: str) -> int:
     return n
 
 
+def zstd_level(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= n <= 22:
+        raise argparse.ArgumentTypeError(f"{text!r}: zstd levels are 1 to 22")
+    return n
+
+
+def compression_options(sp: argparse.ArgumentParser) -> None:
+    """``--compress`` / ``--compress-level``: SaveOptions(compression=Compression(level=...))."""
+    sp.add_argument("--compress", action="store_true",
+                    help="store floating-point chunks byte-grouped and zstd-compressed (as ckpt.save's compression)")
+    sp.add_argument("--compress-level", type=zstd_level, metavar="N",
+                    help="zstd level, 1 (fastest, default) to 22; implies --compress")
+
+
+def compression(args: argparse.Namespace):
+    """The ``Compression`` that :func:`compression_options` asked for, or None."""
+    from ..options import Compression
+
+    if not (getattr(args, "compress", False) or getattr(args, "compress_level", None)):
+        return None
+    return Compression(level=args.compress_level or 1)
+
+
 def writing_options(sp: argparse.ArgumentParser) -> None:
     """The options of commands that write a ckpt checkpoint (convert, reshard)."""
     sp.add_argument("--chunk-bytes", type=parse_size, help="largest stored chunk (default 64MiB)")
     sp.add_argument("--block-bytes", type=parse_size, help="checksum block size (default 4MiB)")
     sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST (atomically)")
+    compression_options(sp)
 
 
 def save_options(args: argparse.Namespace):
     """The ``SaveOptions`` that :func:`writing_options` asked for."""
     from ..options import SaveOptions
 
-    kw: dict[str, Any] = {"overwrite": getattr(args, "overwrite", False)}
+    kw: dict[str, Any] = {"overwrite": getattr(args, "overwrite", False), "compression": compression(args)}
     if getattr(args, "chunk_bytes", None):
         kw["chunk_bytes"] = args.chunk_bytes
     if getattr(args, "block_bytes", None):

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..sizes import parse_size
-from .common import EXIT_OK, LazyChoices, UsageError, add_command
+from .common import EXIT_OK, LazyChoices, UsageError, add_command, compression, compression_options
 
 
 def _method_names() -> list[str]:
@@ -81,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", help="glob on flat keys to drop (repeatable)")
     p.add_argument("--chunk-size", type=parse_size, default=16 << 20, help="output chunk size (default 16MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    compression_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             exclude=args.exclude,
             overwrite=args.overwrite,
             chunk_bytes=args.chunk_size,
+            compression=compression(args),
             max_shard_bytes=args.max_shard_size,
             progress=not (args.no_progress or args.quiet),
             **_method_options(args),

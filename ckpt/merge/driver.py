@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..options import LoadOptions, SaveOptions
+from ..options import Compression, LoadOptions, SaveOptions
 from .combine import flat_start
 from .errors import MergeError, WeightError
 from .lcsc import SearchMethod
@@ -56,6 +56,7 @@ def merge(
     exclude: Sequence[str] | None = None,
     overwrite: bool = False,
     chunk_bytes: int = 16 << 20,
+    compression: Compression | None = None,
     max_shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
     load_options: LoadOptions | None = None,
@@ -78,6 +79,8 @@ def merge(
     base: which source (index in ``sources`` or URI) gives the non-floating tensors and the
       JSON values; default the latest (highest step, else the last given).
     include / exclude: glob patterns on flat keys; what is not selected is left out.
+    compression: compress the output's chunks as ``SaveOptions(compression=...)`` does
+      (``output_format="ckpt"`` only).
 
     Memory stays at a few ``work_bytes`` ranges per source plus two output chunks
     (``chunk_bytes``), whatever the size of the models. See docs/MERGING.md.
@@ -88,6 +91,8 @@ def merge(
     for name, v in (("work_bytes", work_bytes), ("prefetch_bytes", prefetch_bytes), ("chunk_bytes", chunk_bytes)):
         if v <= 0:
             raise ValueError(f"{name} must be positive")
+    if compression is not None and output_format != "ckpt":
+        raise ValueError(f"compression: output_format={output_format!r} stores raw tensors; only 'ckpt' compresses")
     m = make_method(method, **method_options)
     srcs = open_sources(sources, load_options or LoadOptions(io_threads=1, storage_options=storage_options or {}))
     _check_output_is_new(srcs, output, storage_options or {})
@@ -97,7 +102,8 @@ def merge(
     plans, values = plan_tensors(srcs, base_src, include, exclude, parse_dtype(dtype))
     sink: Sink
     if output_format == "ckpt":
-        opts = SaveOptions(chunk_bytes=chunk_bytes, overwrite=overwrite, storage_options=storage_options or {})
+        opts = SaveOptions(chunk_bytes=chunk_bytes, overwrite=overwrite, storage_options=storage_options or {},
+                           compression=compression)
         sink = CkptSink(output, opts)
     else:
         sink = HFSink(output, max_shard_bytes, chunk_bytes, overwrite, storage_options)
