@@ -38,8 +38,9 @@ class CheckpointWriter:
     Memory: the pending small tensors (``pack_bytes``) and one chunk of a streamed one. With
     ``SaveOptions(compression=...)`` chunks are stored as ``ckpt.save`` stores them; on an object
     store (which cannot write an object's header last, and the header lists every stored size)
-    an object's compressed bytes are held until its last chunk: for a streamed tensor, at most
-    the tensor's size. Incremental saves (``incremental`` / ``incremental_from``) are refused.
+    a streamed object's chunks are held, compressed, until its last one: for a streamed tensor
+    at most the tensor's size, for :meth:`object_stream` the chunks given. Incremental saves
+    (``incremental`` / ``incremental_from``) are refused.
     """
 
     def __init__(self, uri: str, options: SaveOptions | None = None, pack_bytes: int = 64 << 20) -> None:
