@@ -1,16 +1,23 @@
 """HF Trainer and accelerate save through ckpt and resume bitwise: a tiny Llama (from a config, with
 dropout, so the RNG states matter) trains, checkpoints mid-epoch, and a fresh model resumed from that
 checkpoint continues with losses and final weights identical, bit for bit, to the run that went on.
+The Trainer's saves are asynchronous: what they write equals a synchronous save's, rotation never
+deletes the last committed checkpoint for one still in flight, and a run killed mid-save resumes
+from a committed checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
 import torch
-from helpers import same_bits
+from helpers import read_all, same_bits
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -74,7 +81,7 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
 # --- HF Trainer ---------------------------------------------------------------------------------
 
 
-def trainer(output_dir: str, model_seed: int, **extra: Any) -> transformers.Trainer:
+def trainer(output_dir: str, model_seed: int, async_save: bool = True, **extra: Any) -> transformers.Trainer:
     class Recording(ckpt_hf.CkptTrainer):
         losses: list[torch.Tensor]
 
@@ -100,7 +107,7 @@ def trainer(output_dir: str, model_seed: int, **extra: Any) -> transformers.Trai
         **extra,
     )
     t = Recording(model=tiny_llama(model_seed), args=args, train_dataset=Rows())
-    t.losses = []
+    t.losses, t.ckpt_async_save = [], async_save
     return t
 
 
@@ -113,10 +120,10 @@ def straight(tmp_path_factory):
     return t
 
 
-def same_run(straight, resumed) -> None:
-    assert resumed.state.global_step == 10 and len(resumed.losses) == 6
-    for i, (a, b) in enumerate(zip(straight.losses[4:], resumed.losses)):
-        assert same_bits(a, b), f"step {i + 5}: {a.item()} != {b.item()}"
+def same_run(straight, resumed, start: int = 4) -> None:
+    assert resumed.state.global_step == 10 and len(resumed.losses) == 10 - start
+    for i, (a, b) in enumerate(zip(straight.losses[start:], resumed.losses)):
+        assert same_bits(a, b), f"step {i + start + 1}: {a.item()} != {b.item()}"
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert same_bits(a, b), name
 
@@ -134,6 +141,117 @@ def test_trainer_checkpoints_are_ckpt_and_resume_bitwise(straight, tmp_path):
     assert not same_bits(resumed.model.model.embed_tokens.weight, straight.model.model.embed_tokens.weight)
     resumed.train(resume_from_checkpoint=folder)
     same_run(straight, resumed)
+
+
+def complete(folder: str) -> bool:
+    """A Trainer checkpoint folder resume can use: committed ckpt data and its trainer_state.json."""
+    return os.path.exists(os.path.join(folder, "ckpt", "manifest.json")) and os.path.exists(
+        os.path.join(folder, "trainer_state.json")
+    )
+
+
+def test_async_saves_write_what_sync_saves_write(straight, tmp_path):
+    """Training goes on while a save persists, yet each checkpoint holds the state of its step: the
+    async run's checkpoints equal, bit for bit, a synchronous run's, and so do the two runs' losses."""
+    sync = trainer(str(tmp_path / "sync"), model_seed=0, async_save=False)
+    sync.train()
+    assert all(same_bits(a, b) for a, b in zip(sync.losses, straight.losses))
+    for step in (4, 8, 10):
+        name = f"checkpoint-{step}"
+        assert complete(os.path.join(straight.args.output_dir, name))
+        want, got = (read_all(os.path.join(r, name, "ckpt")) for r in (sync.args.output_dir, straight.args.output_dir))
+        assert want.keys() == got.keys() and any(k.startswith("optimizer.") for k in want)
+        assert all(same_bits(want[k], got[k]) for k in want), step
+    assert sorted(os.listdir(straight.args.output_dir)) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+
+
+def slow_commits(monkeypatch, seconds: float) -> None:
+    """Every ckpt commit waits ``seconds`` first: the Trainer's next steps run while a save is in flight."""
+    import ckpt.engine
+
+    real = ckpt.engine.commit
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.engine, "commit", slow)
+
+
+class Watch(transformers.TrainerCallback):
+    """What output_dir shows right after each save was started."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[str]] = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.seen[state.global_step] = sorted(os.listdir(args.output_dir))
+        for name in self.seen[state.global_step]:
+            assert name == "ckpt-pending" or complete(os.path.join(args.output_dir, name)), name
+
+
+def test_async_save_racing_rotation_loses_nothing(monkeypatch, tmp_path):
+    """save_total_limit=1 with commits slower than training steps: the committed checkpoint stays
+    until the next one has committed; a half-written one is never visible as checkpoint-<step>."""
+    slow_commits(monkeypatch, 0.5)
+    t = trainer(str(tmp_path / "a"), model_seed=0, save_total_limit=1)
+    watch = Watch()
+    t.add_callback(watch)
+    t.train()
+    assert watch.seen[4] == ["ckpt-pending"]  # step 4 in flight; nothing claims it yet
+    assert watch.seen[8] == ["checkpoint-4", "ckpt-pending"]  # not rotated away for step 8, not committed
+    assert sorted(os.listdir(t.args.output_dir)) == ["checkpoint-10"]  # train() waited, published, rotated
+    assert ckpt.read(os.path.join(t.args.output_dir, "checkpoint-10", "ckpt"))["scheduler"]["last_epoch"] == 10
+
+
+KILLED_RUN = """
+import os, signal, sys, time
+import transformers
+import ckpt.engine
+import test_integrations_hf as t
+
+out, mode = sys.argv[1:]
+if mode == "uncommitted":  # step 8's save never commits: the process dies with it half-written
+    real = ckpt.engine.commit
+
+    def stall(storage, *args, **kwargs):
+        if "checkpoint-8" in storage.uri_of(""):
+            time.sleep(3600)
+        return real(storage, *args, **kwargs)
+
+    ckpt.engine.commit = stall
+
+
+class KillAtSave(transformers.TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 8:
+            if mode == "committed":  # committed, but killed before the Trainer publishes the folder
+                run._ckpt_pending.handle.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+run = t.trainer(out, model_seed=0)
+run.add_callback(KillAtSave())
+run.train()
+"""
+
+
+@pytest.mark.dist  # a fresh interpreter, killed
+@pytest.mark.parametrize("mode, resumed_at", [("uncommitted", 4), ("committed", 8)])
+def test_trainer_sigkilled_mid_async_save_resumes_from_a_committed_checkpoint(straight, tmp_path, mode, resumed_at):
+    """SIGKILL right after the step-8 save started: resume_from_checkpoint=True continues from
+    step 4 (step 8's save never committed) or from step 8 (it had), bitwise as the straight run."""
+    out = str(tmp_path / "a")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", KILLED_RUN, out, mode], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "ckpt-pending"]  # what get_last_checkpoint sees: step 4
+    assert os.listdir(os.path.join(out, "ckpt-pending")) == ["checkpoint-8"]
+    again = trainer(out, model_seed=1)
+    again.train(resume_from_checkpoint=True)
+    same_run(straight, again, start=resumed_at)
+    assert "ckpt-pending" not in os.listdir(out)
 
 
 class Killed(Exception):

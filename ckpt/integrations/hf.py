@@ -11,6 +11,16 @@ save their own shards and resume under another world size). Under DeepSpeed the 
 checkpointing runs unchanged (ckpt reads those in place). ``trainer.save_model()`` outside
 checkpoints still writes transformers' own files, for ``from_pretrained``.
 
+Trainer saves are asynchronous (``ckpt_async_save = False`` keeps them synchronous): training
+stalls only while the state is snapshotted into host memory. Until the save commits, the whole
+checkpoint (ckpt data, ``trainer_state.json``, whatever else the Trainer writes) sits in
+``<output_dir>/ckpt-pending/checkpoint-<step>``, which neither ``resume_from_checkpoint=True`` nor
+``save_total_limit`` rotation looks at; once committed it is renamed to ``checkpoint-<step>`` and
+rotation runs. The pending save is waited for before the next save, a resume, loading the best
+model and the end of ``train()``. A run killed mid-save resumes from the previous checkpoint; one
+killed after the commit but before the rename has that checkpoint moved into place when
+``train()`` starts again.
+
 **accelerate.** Its ``save_state`` pickles optimizer, scheduler, sampler, RNG and custom states
 (its pre-hooks see only the model weights), so :func:`save_state` / :func:`load_state` replace
 the pair: every prepared model, optimizer, scheduler and data loader, the grad scaler, objects
@@ -25,9 +35,12 @@ transformers and accelerate are imported here only, so ``import ckpt`` needs nei
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..format import MANIFEST
 from ..load import load
 from ..options import LoadOptions, SaveOptions
-from ..save import save
+from ..save import SaveHandle, async_save, save
 
 # CkptTrainer is built by the module __getattr__ on first use (it subclasses transformers.Trainer)
 __all__ = ["CKPT_DIR", "CkptTrainer", "CkptTrainerMixin", "load_state", "save_state"]  # noqa: F822
@@ -49,6 +62,8 @@ __all__ = ["CKPT_DIR", "CkptTrainer", "CkptTrainerMixin", "load_state", "save_st
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "ckpt"  # the ckpt checkpoint inside a Trainer's checkpoint-<step> folder
+PENDING_DIR = "ckpt-pending"  # in output_dir: checkpoints whose async save has not committed (no "checkpoint-*")
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
 
 
 # --- what both share: RNG states, model and optimizer state dicts ----------------------------
@@ -132,29 +147,160 @@ def _ckpt_in(folder: str | None) -> str | None:
     return uri if os.path.exists(os.path.join(uri, MANIFEST)) else None
 
 
+@dataclass
+class _Pending:
+    """A Trainer checkpoint whose async save has not been settled: where it is staged, where it goes."""
+
+    handle: SaveHandle
+    staged: str  # <run_dir>/ckpt-pending/checkpoint-<step>
+    run_dir: str
+
+
+def _publish(staged: str, run_dir: str) -> str:
+    """Move a committed staged checkpoint folder to ``run_dir`` (its ``trainer_state.json``'s best
+    checkpoint, if staged too, renamed with it); return its new path."""
+    final = os.path.join(run_dir, os.path.basename(staged))
+    state_file = os.path.join(staged, TRAINER_STATE)
+    if os.path.exists(state_file):
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+        best = state.get("best_model_checkpoint")
+        if best is not None and os.path.dirname(best) == os.path.dirname(staged):
+            state["best_model_checkpoint"] = os.path.join(run_dir, os.path.basename(best))
+            with open(state_file + ".tmp", "w", encoding="utf-8") as f:
+                f.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
+            os.replace(state_file + ".tmp", state_file)
+    if os.path.exists(final):  # the step saved again: the Trainer overwrites its folder
+        shutil.rmtree(final)
+    os.rename(staged, final)
+    try:
+        os.rmdir(os.path.dirname(staged))  # the pending folder, once nothing else is staged
+    except OSError:
+        pass
+    return final
+
+
+def settle_staged(run_dir: str) -> list[str]:
+    """Publish the committed checkpoints a killed run left in ``run_dir/ckpt-pending`` (ckpt data
+    and ``trainer_state.json`` both there) and delete the rest; return those published."""
+    pending = os.path.join(run_dir, PENDING_DIR)
+    if not os.path.isdir(pending):
+        return []
+    published = []
+    for name in sorted(os.listdir(pending)):
+        staged = os.path.join(pending, name)
+        if _ckpt_in(staged) is not None and os.path.exists(os.path.join(staged, TRAINER_STATE)):
+            published.append(_publish(staged, run_dir))
+        else:
+            log.warning("%s: deleting a checkpoint whose save never committed", staged)
+            shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(pending, ignore_errors=True)
+    return published
+
+
 class CkptTrainerMixin:
     """Mix into a ``transformers.Trainer`` (before it: ``class T(CkptTrainerMixin, Seq2SeqTrainer)``)
     so that its checkpoints are ckpt checkpoints; see the module docstring.
 
     ``ckpt_save_options`` / ``ckpt_load_options`` are ckpt's options (``overwrite`` defaults to
-    True: the Trainer reuses a step's folder when it saves that step again)."""
+    True: the Trainer reuses a step's folder when it saves that step again). ``ckpt_async_save``
+    (class or instance attribute): False saves synchronously, as does ``push_to_hub`` (it uploads
+    the folder as soon as it is written)."""
 
     ckpt_save_options: SaveOptions = SaveOptions(overwrite=True)
     ckpt_load_options: LoadOptions = LoadOptions()
+    ckpt_async_save: bool = True
     _ckpt_saving = False
+    _ckpt_stage_dir: str | None = None  # while an async checkpoint save runs: where the Trainer writes it
+    _ckpt_handle: SaveHandle | None = None
+    _ckpt_pending: _Pending | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._ckpt_settle()
+        # before the Trainer looks for the last checkpoint: publish what a killed run committed
+        with self.args.main_process_first(local=not self.args.save_on_each_node, desc="ckpt: staged checkpoints"):
+            if self.args.should_save:
+                settle_staged(self.args.output_dir)
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            try:  # the snapshot taken is consistent: commit it, but raise what stopped training
+                self._ckpt_settle(publish=self.args.world_size == 1)
+            except Exception:
+                log.exception("the checkpoint save in flight when training stopped failed")
+            raise
+        finally:
+            self._ckpt_settle()
+
+    def _ckpt_settle(self, block: bool = True, publish: bool = True) -> None:
+        """Wait for the pending async save (``block=False``: only if already done), then publish
+        its folder and rotate (the process that saves), as the Trainer does after a save.
+
+        With several processes only at points they all reach (``block``), and after a barrier:
+        the others still poll the staged folder for the commit until they are done. Without one
+        (``publish=False``: a process stopped by an exception) the folder stays staged, for the
+        next ``train()`` to publish."""
+        pending, distributed = self._ckpt_pending, self.args.world_size > 1
+        if pending is None or not (block or (pending.handle.done() and not distributed)):
+            return
+        self._ckpt_pending = None
+        try:
+            pending.handle.wait()  # committed on every rank, or raises why not
+        except BaseException:
+            if self.args.should_save and not distributed:
+                shutil.rmtree(pending.staged, ignore_errors=True)
+            raise
+        if not publish:
+            return
+        if distributed:
+            self.accelerator.wait_for_everyone()
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.dirname(best) == os.path.dirname(pending.staged):
+            self.state.best_model_checkpoint = os.path.join(pending.run_dir, os.path.basename(best))
+        if self.args.should_save:
+            _publish(pending.staged, pending.run_dir)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(
+                output_dir=pending.run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        self._ckpt_settle(block=False)  # each step's end: publish a save that has committed meanwhile
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        self._ckpt_settle()  # before the best model is loaded and save_total_limit=1 deletes
+        return super()._finalize_training(*args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._ckpt_stage_dir or super()._get_output_dir(trial)
 
     # Saving: the Trainer calls save_model, then the optimizer/scaler/RNG savers, then writes
     # trainer_state.json and rotates. Within its checkpoint save, the first writes everything.
+    # Asynchronously, all of it goes to the pending folder (its rotation there finds nothing
+    # else to delete); _ckpt_settle publishes it once committed.
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.is_deepspeed_enabled:  # its engine checkpoints itself (ckpt reads those: ckpt.load, ckpt convert)
             log.warning("DeepSpeed checkpoints are written by DeepSpeed itself, not through ckpt")
             return super()._save_checkpoint(model, trial)
+        self._ckpt_settle()
+        run_dir = super()._get_output_dir(trial)
+        if self.ckpt_async_save and not self.args.push_to_hub:
+            self._ckpt_stage_dir = os.path.join(run_dir, PENDING_DIR)
         self._ckpt_saving = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._ckpt_saving = False
+            self._ckpt_saving, self._ckpt_stage_dir = False, None
+            handle, self._ckpt_handle = self._ckpt_handle, None
+        if handle is not None:
+            staged = os.path.join(run_dir, PENDING_DIR, f"checkpoint-{self.state.global_step}")
+            self._ckpt_pending = _Pending(handle, staged, run_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self._ckpt_saving:
@@ -179,7 +325,12 @@ class CkptTrainerMixin:
         if not self.args.save_only_model:
             state.update(self._ckpt_training_state(model))
             state["rng"] = {str(self.args.process_index): rng_state()}
-        save(state, os.path.join(folder, CKPT_DIR), step=self.state.global_step, options=self.ckpt_save_options)
+        uri = os.path.join(folder, CKPT_DIR)
+        if self._ckpt_stage_dir is None:
+            save(state, uri, step=self.state.global_step, options=self.ckpt_save_options)
+            return
+        os.makedirs(folder, exist_ok=True)  # the Trainer writes trainer_state.json there next
+        self._ckpt_handle = async_save(state, uri, step=self.state.global_step, options=self.ckpt_save_options)
 
     def _ckpt_training_state(self, model: torch.nn.Module) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -196,12 +347,15 @@ class CkptTrainerMixin:
     # to transformers for a folder the Trainer wrote itself.
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        self._ckpt_settle()
         uri = _ckpt_in(resume_from_checkpoint)
         if uri is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._ckpt_load_model(model if model is not None else self.model, uri)
 
     def _load_best_model(self) -> None:
+        self._ckpt_settle()
+        self.accelerator.wait_for_everyone()  # the process that saves has published the folder
         uri = _ckpt_in(self.state.best_model_checkpoint)
         if uri is None:
             return super()._load_best_model()
