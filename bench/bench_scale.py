@@ -219,12 +219,23 @@ class SimStore(Storage):
         return names
 
     def delete(self, rel: str, recursive: bool = False) -> None:
-        gone = [k for k in self.objects if k == rel or (recursive and k.startswith(rel.rstrip("/") + "/"))]
+        with self._lock:
+            if not recursive:
+                gone = [rel] if rel in self.objects else []
+            else:
+                gone = [k for k in self.objects if k == rel or k.startswith(rel.rstrip("/") + "/")]
         for _ in range(max(1, math.ceil(len(gone) / 1000))):  # DeleteObjects takes 1000 keys a request
             self._req("w", rel)
         with self._lock:
             for k in gone:
-                del self.objects[k]
+                self.objects.pop(k, None)
+            if not recursive:  # one file out of the listings, without a rebuild (the committer deletes W of them)
+                key = rel if gone else ""
+                while key:  # an object store has no empty directories
+                    parent, _, name = key.rpartition("/")
+                    self._children[parent].discard(name)
+                    key = parent if not self._children[parent] else ""
+                return
             self._children = defaultdict(set)
             for k in self.objects:
                 parts = k.split("/")

@@ -230,8 +230,8 @@ def _clean_staging(storage: Storage, save_id: str) -> None:
         _delete_each(batch, lambda name: _best_effort(
             storage, f"delete {staging}/{name}", lambda: storage.delete(staging_name(save_id, name))
         ))
-    for spread in sorted({n.split("/", 1)[0] for n in present if "/" in n}):
-        storage.remove_empty_dir(f"{staging}/{spread}")
+    spreads = sorted({n.split("/", 1)[0] for n in present if "/" in n})
+    _delete_each(spreads, lambda spread: storage.remove_empty_dir(f"{staging}/{spread}"))
     storage.remove_empty_dir(staging)
     storage.remove_empty_dir(STAGING_DIR)
 
@@ -455,9 +455,9 @@ def _is_rank_index(name: str) -> bool:
 
 
 def _delete_each(names: list[str], delete: Callable[[str], None]) -> None:
-    """``delete`` each staging file, ``READ_THREADS`` at a time: one at a time, a committer of
-    16K ranks would spend minutes of 20 ms requests before its save returns (or, aborting,
-    before the waiting ranks learn why)."""
+    """``delete`` each staging file (or spread directory), ``READ_THREADS`` at a time: one at a
+    time, a committer of 16K ranks would spend minutes of 20 ms requests before its save returns
+    (or, aborting, before the waiting ranks learn why)."""
     if len(names) <= 1:
         for name in names:
             delete(name)

@@ -65,10 +65,10 @@ class Compression:
     byte_group: store each frame's bytes as planes (byte 0 of every element, then byte 1, ...)
     before zstd: exponent bytes repeat, so bf16 weights shrink about 1.4x instead of 1.3x.
     dtypes: the dtype names (``"bfloat16"``) or torch dtypes to compress; the rest is stored
-    raw, as are chunks under 4 KiB and frames that do not shrink. Byte-grouped frames use zstd parameters tuned for exponent planes at every level
-    (ckpt/codec.py ``PLANE_PARAMS``).
-    Frames are the checksum blocks (``SaveOptions.block_bytes``): a partial read
-    decompresses only the frames it needs.
+    raw, as are chunks under 4 KiB and frames that do not shrink. Byte-grouped frames use zstd
+    parameters tuned for exponent planes at every level (ckpt/codec.py ``PLANE_PARAMS``).
+    Frames are the checksum blocks (``SaveOptions.block_bytes``): a partial read decompresses
+    only the frames it needs.
     """
 
     codec: str = "zstd"
