@@ -458,12 +458,13 @@ def _delete_each(names: list[str], delete: Callable[[str], None]) -> None:
     """``delete`` each staging file (or spread directory), ``READ_THREADS`` at a time: one at a
     time, a committer of 16K ranks would spend minutes of 20 ms requests before its save returns
     (or, aborting, before the waiting ranks learn why)."""
-    if len(names) <= 1:
+    stripes = [names[i :: READ_THREADS] for i in range(min(READ_THREADS, len(names)))]  # a task each, not a name
+    if len(stripes) <= 1:
         for name in names:
             delete(name)
         return
-    with ThreadPoolExecutor(min(READ_THREADS, len(names)), thread_name_prefix="ckpt-commit") as pool:
-        list(pool.map(delete, names))
+    with ThreadPoolExecutor(len(stripes), thread_name_prefix="ckpt-commit") as pool:
+        list(pool.map(lambda stripe: [delete(name) for name in stripe], stripes))
 
 
 def _listing(storage: Storage, save_id: str) -> set[str]:
