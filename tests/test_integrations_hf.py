@@ -206,11 +206,13 @@ def test_async_save_racing_rotation_loses_nothing(monkeypatch, tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys, time
+import torch
 import transformers
 import ckpt.engine
 import test_integrations_hf as t
 
-out, mode = sys.argv[1:]
+out, mode, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))  # the straight run's: CPU kernels reduce in another order with another count
 if mode == "uncommitted":  # step 8's save never commits: the process dies with it half-written
     real = ckpt.engine.commit
 
@@ -243,8 +245,8 @@ def test_trainer_sigkilled_mid_async_save_resumes_from_a_committed_checkpoint(st
     step 4 (step 8's save never committed) or from step 8 (it had), bitwise as the straight run."""
     out = str(tmp_path / "a")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, out, mode], capture_output=True, text=True, env=env,
-                          timeout=600)
+    run = [sys.executable, "-c", KILLED_RUN, out, mode, str(torch.get_num_threads())]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["checkpoint-4", "ckpt-pending"]  # what get_last_checkpoint sees: step 4
     assert os.listdir(os.path.join(out, "ckpt-pending")) == ["checkpoint-8"]
