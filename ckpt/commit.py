@@ -225,7 +225,8 @@ def _clean_staging(storage: Storage, save_id: str) -> None:
     storage.invalidate()
     present = sorted(_listing(storage, save_id))
     waiting = [n for n in present if _is_rank_index(n)]
-    for batch in ([n for n in present if n not in waiting and not n.isdigit()], waiting):
+    rest = [n for n in present if not _is_rank_index(n) and not n.isdigit()]
+    for batch in (rest, waiting):
         # Each on its own: a file that will not go must not keep a waiting rank from its answer.
         _delete_each(batch, lambda name: _best_effort(
             storage, f"delete {staging}/{name}", lambda: storage.delete(staging_name(save_id, name))
